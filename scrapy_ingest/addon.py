@@ -1,0 +1,37 @@
+"""The add-on: one ``ADDONS`` line enables the whole stack.
+
+::
+
+    ADDONS = {"scrapy_ingest.IngestAddon": 300}
+
+It adds the item pipeline (900), the jobs extension (500) and the item source
+spider middleware (10), each only where the project has not placed or
+disabled that component itself: a project setting always wins. With
+``INGEST_ENABLED = False`` it adds nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from scrapy_ingest import settings as defaults
+from scrapy_ingest.extensions.jobs import IngestJobsExtension
+from scrapy_ingest.pipelines import IngestPipeline
+from scrapy_ingest.spidermiddlewares.itemsource import ItemSourceMiddleware
+
+if TYPE_CHECKING:
+    from scrapy.settings import BaseSettings
+
+COMPONENTS: tuple[tuple[str, type, int], ...] = (
+    ("ITEM_PIPELINES", IngestPipeline, 900),
+    ("EXTENSIONS", IngestJobsExtension, 500),
+    ("SPIDER_MIDDLEWARES", ItemSourceMiddleware, 10),
+)
+
+
+class IngestAddon:
+    def update_settings(self, settings: BaseSettings) -> None:
+        if not settings.getbool("INGEST_ENABLED", defaults.INGEST_ENABLED):
+            return
+        for setting, component, order in COMPONENTS:
+            settings.setdefault_in_component_priority_dict(setting, component, order)

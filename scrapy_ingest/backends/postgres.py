@@ -1,0 +1,268 @@
+"""PostgreSQL backend: psycopg 3, a psycopg_pool pool, ``COPY`` into JSONB.
+
+The first attempt at a batch is one plain ``COPY``. A batch that is written
+again after a failure whose outcome is unknown (the connection dropped during
+``COMMIT``) goes through a temporary staging table and
+``INSERT ... ON CONFLICT (id) DO NOTHING``, so no row is ever stored twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from scrapy_ingest._redact import redact_text, redact_url
+from scrapy_ingest.backends.base import Failure, Row
+from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
+from scrapy_ingest.records import TimestampFormatter, utc_from_epoch
+from scrapy_ingest.schema import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from scrapy_ingest.schema import ColumnKind, TableSpec
+
+logger = logging.getLogger(__name__)
+
+_TYPES: dict[ColumnKind, str] = {
+    "uuid": "uuid",
+    "text": "text",
+    "int": "integer",
+    "bigint": "bigint",
+    "bool": "boolean",
+    "timestamp": "timestamptz",
+    "json": "jsonb",
+}
+_CONNECT_TIMEOUT = 10
+_COPY_SPECIAL = re.compile(rb"[\\\t\n\r]")
+
+
+class PostgresBackend:
+    threads = 2
+
+    def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
+        # SQLAlchemy-style "postgresql+psycopg://" is accepted too
+        self._conninfo = re.sub(r"^[a-z]+(\+[a-z0-9_]+)?://", "postgresql://", url)
+        self.url = redact_url(url)
+        self._tables = {t.kind: t for t in tables}
+        self._create_tables = create_tables
+        self._pool: ConnectionPool | None = None
+        self._format_ts = TimestampFormatter()
+        self._formatters: dict[str, list[Callable[[Any], bytes]]] = {
+            t.kind: [self._formatter(c.kind) for c in t.columns] for t in tables
+        }
+
+    # lifecycle
+
+    def open(self) -> None:
+        try:
+            with psycopg.connect(self._conninfo, connect_timeout=_CONNECT_TIMEOUT) as conn:
+                self._prepare_schema(conn)
+        except psycopg.OperationalError as exc:
+            raise BackendUnavailable(
+                f"cannot connect to PostgreSQL at {self.url}: {redact_text(str(exc)).strip()}"
+            ) from None
+        self._pool = ConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=self.threads + 1,
+            kwargs={"connect_timeout": _CONNECT_TIMEOUT},
+            name="scrapy_ingest",
+            open=False,
+        )
+        self._pool.open(wait=True, timeout=_CONNECT_TIMEOUT)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _prepare_schema(self, conn: psycopg.Connection[Any]) -> None:
+        versions = self._tables["schema_version"]
+        with conn.transaction():
+            # one process creates the tables; the others wait here, then find them
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(versions.name)])
+            if self._create_tables:
+                for table in self._tables.values():
+                    conn.execute(_create_table(table))
+                    for columns in table.indexes:
+                        conn.execute(_create_index(table, columns))
+            found = conn.execute("SELECT to_regclass(%s)", [versions.name]).fetchone()
+            if not found or found[0] is None:
+                raise SchemaError(
+                    f"the table {versions.name} does not exist in {self.url}. Fix: set "
+                    "INGEST_CREATE_TABLES = True once, or create the tables as docs/tables.md shows."
+                )
+            row = conn.execute(
+                sql.SQL("SELECT max(version) FROM {}").format(sql.Identifier(versions.name))
+            ).fetchone()
+            current = row[0] if row else None
+            if current is not None and current > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"the tables in {self.url} have schema version {current}, newer than this "
+                    f"scrapy-ingestion knows ({SCHEMA_VERSION}). Fix: upgrade scrapy-ingestion."
+                )
+            if current is None:
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (version, applied_at) VALUES (%s, now())").format(
+                        sql.Identifier(versions.name)
+                    ),
+                    [SCHEMA_VERSION],
+                )
+
+    # writing
+
+    def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
+        assert self._pool is not None, "write() before open()"
+        payload = self._copy_payload(table, rows)
+        target = sql.Identifier(table.name)
+        columns = sql.SQL(", ").join(map(sql.Identifier, table.column_names))
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            if not idempotent:
+                with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(target, columns)) as copy:
+                    copy.write(payload)
+                return
+            stage = sql.Identifier(f"_stage_{table.name}")
+            cur.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS"
+                ).format(stage, target)
+            )
+            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, columns)) as copy:
+                copy.write(payload)
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING"
+                ).format(target, columns, columns, stage, sql.Identifier(table.primary_key))
+            )
+
+    def _copy_payload(self, table: TableSpec, rows: Sequence[Row]) -> bytes:
+        formatters = self._formatters[table.kind]
+        return b"".join(
+            [b"\t".join([f(v) for f, v in zip(formatters, row)]) + b"\n" for row in rows]
+        )
+
+    def _formatter(self, kind: ColumnKind) -> Callable[[Any], bytes]:
+        if kind == "json":
+            return _copy_json
+        if kind == "timestamp":
+            return lambda v: b"\\N" if v is None else self._format_ts(v).encode()
+        if kind == "bool":
+            return lambda v: b"\\N" if v is None else (b"t" if v else b"f")
+        if kind in ("int", "bigint"):
+            return lambda v: b"\\N" if v is None else str(int(v)).encode()
+        return _copy_text
+
+    def classify(self, exc: BaseException) -> Failure:
+        if isinstance(exc, psycopg.Error):
+            state = exc.sqlstate or ""
+            if state == "23505":  # unique_violation
+                return Failure.DUPLICATE
+            # data exceptions, integrity violations, program limits (value too large)
+            if state[:2] in ("22", "23", "54"):
+                return Failure.DATA
+        return Failure.TRANSIENT
+
+    # jobs
+
+    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
+        assert self._pool is not None, "insert_job() before open()"
+        names = list(row)
+        query = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO NOTHING").format(
+            sql.Identifier(table.name),
+            sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.SQL(", ").join(self._placeholder(table, n) for n in names),
+            sql.Identifier(table.primary_key),
+        )
+        with self._pool.connection() as conn:
+            cur = conn.execute(query, [self._param(table, n, row[n]) for n in names])
+            return cur.rowcount == 1
+
+    def update_job(
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+    ) -> None:
+        assert self._pool is not None, "update_job() before open()"
+        names = list(values)
+        query = sql.SQL("UPDATE {} SET {} WHERE job_id = %s{}").format(
+            sql.Identifier(table.name),
+            sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(n), self._placeholder(table, n))
+                for n in names
+            ),
+            sql.SQL(" AND status = 'running'" if only_running else ""),
+        )
+        with self._pool.connection() as conn:
+            conn.execute(query, [*(self._param(table, n, values[n]) for n in names), job_id])
+
+    @staticmethod
+    def _kind(table: TableSpec, name: str) -> ColumnKind:
+        return next(c.kind for c in table.columns if c.name == name)
+
+    def _placeholder(self, table: TableSpec, name: str) -> sql.Composable:
+        return sql.SQL("%s::jsonb" if self._kind(table, name) == "json" else "%s")
+
+    def _param(self, table: TableSpec, name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        kind = self._kind(table, name)
+        if kind == "timestamp":
+            return utc_from_epoch(value)
+        if kind == "json":
+            return value.decode()
+        return value
+
+
+def _copy_text(value: Any) -> bytes:
+    if value is None:
+        return b"\\N"
+    text = str(value)
+    if "\x00" in text:  # text columns cannot hold NUL
+        text = text.replace("\x00", "\ufffd")
+    data = text.encode("utf-8", "replace")
+    if _COPY_SPECIAL.search(data):
+        data = (
+            data.replace(b"\\", b"\\\\")
+            .replace(b"\t", b"\\t")
+            .replace(b"\n", b"\\n")
+            .replace(b"\r", b"\\r")
+        )
+    return data
+
+
+def _copy_json(value: bytes) -> bytes:
+    # orjson escapes control characters, so only backslashes need COPY escaping
+    return value.replace(b"\\", b"\\\\")
+
+
+def _create_table(table: TableSpec) -> sql.Composed:
+    columns = [
+        sql.SQL("{} {}{}").format(
+            sql.Identifier(c.name),
+            sql.SQL(_TYPES[c.kind]),
+            sql.SQL("" if c.nullable else " NOT NULL"),
+        )
+        for c in table.columns
+    ]
+    columns.append(sql.SQL("PRIMARY KEY ({})").format(sql.Identifier(table.primary_key)))
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+        sql.Identifier(table.name), sql.SQL(", ").join(columns)
+    )
+
+
+def _create_index(table: TableSpec, columns: tuple[str, ...]) -> sql.Composed:
+    return sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+        sql.Identifier(table.index_name(columns)),
+        sql.Identifier(table.name),
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+    )
+
+
+def _lock_key(name: str) -> int:
+    digest = hashlib.blake2b(f"scrapy_ingest:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)

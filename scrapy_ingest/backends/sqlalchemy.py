@@ -1,0 +1,221 @@
+"""SQLAlchemy Core backend: SQLite by default (any SQLAlchemy URL on a best-effort basis).
+
+SQLite gets WAL journaling and a busy timeout, so several crawl processes can
+share one file, and ``INSERT ... ON CONFLICT DO NOTHING``, so a batch written
+twice stores its rows once. JSON is stored as text (``json_extract`` reads
+it); timestamps as ISO 8601 text in UTC, which SQLite's date functions read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from scrapy_ingest._redact import redact_text, redact_url
+from scrapy_ingest.backends.base import Failure, Row
+from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
+from scrapy_ingest.records import TimestampFormatter, utc_from_epoch
+from scrapy_ingest.schema import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from scrapy_ingest.schema import ColumnKind, TableSpec
+
+logger = logging.getLogger(__name__)
+
+_BUSY_TIMEOUT_MS = 30_000
+
+
+def _sa_type(kind: ColumnKind) -> sa.types.TypeEngine[Any]:
+    types: dict[ColumnKind, sa.types.TypeEngine[Any]] = {
+        "uuid": sa.String(36),
+        "text": sa.Text(),
+        "int": sa.Integer(),
+        "bigint": sa.BigInteger(),
+        "bool": sa.Boolean(),
+        # text in SQLite, so that the offset is kept and date functions read it
+        "timestamp": sa.DateTime(timezone=True).with_variant(sa.String(32), "sqlite"),
+        "json": sa.Text(),
+    }
+    return types[kind]
+
+
+class SqlAlchemyBackend:
+    threads = 1  # SQLite takes one writer at a time anyway
+
+    def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
+        self._url = url
+        self.url = redact_url(url)
+        self._specs = {t.kind: t for t in tables}
+        self._create_tables = create_tables
+        self._metadata = sa.MetaData()
+        self._tables = {t.kind: self._sa_table(t) for t in tables}
+        self._engine: sa.Engine | None = None
+        self._format_ts = TimestampFormatter()
+        self._converters: dict[str, list[Callable[[Any], Any]]] = {}
+
+    def _sa_table(self, spec: TableSpec) -> sa.Table:
+        table = sa.Table(
+            spec.name,
+            self._metadata,
+            *(
+                sa.Column(
+                    c.name,
+                    _sa_type(c.kind),
+                    primary_key=c.name == spec.primary_key,
+                    nullable=c.nullable,
+                    autoincrement=False,
+                )
+                for c in spec.columns
+            ),
+        )
+        for columns in spec.indexes:
+            sa.Index(spec.index_name(columns), *(table.c[name] for name in columns))
+        return table
+
+    # lifecycle
+
+    def open(self) -> None:
+        is_sqlite = self._url.startswith("sqlite")
+        engine = sa.create_engine(
+            self._url,
+            connect_args={"check_same_thread": False} if is_sqlite else {},
+            pool_pre_ping=not is_sqlite,
+        )
+        if is_sqlite:
+            event.listen(engine, "connect", _sqlite_pragmas)
+        self._engine = engine
+        self._converters = {
+            kind: [self._converter(c.kind, engine.dialect.name) for c in spec.columns]
+            for kind, spec in self._specs.items()
+        }
+        try:
+            with engine.begin() as conn:
+                self._prepare_schema(conn)
+        except sa.exc.OperationalError as exc:
+            raise BackendUnavailable(
+                f"cannot open the database at {self.url}: {redact_text(str(exc.orig))}"
+            ) from None
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def _prepare_schema(self, conn: sa.Connection) -> None:
+        versions = self._tables["schema_version"]
+        if self._create_tables:
+            for table in self._tables.values():
+                conn.execute(CreateTable(table, if_not_exists=True))
+                for index in sorted(table.indexes, key=lambda i: str(i.name)):
+                    conn.execute(CreateIndex(index, if_not_exists=True))
+        elif not sa.inspect(conn).has_table(versions.name):
+            raise SchemaError(
+                f"the table {versions.name} does not exist in {self.url}. Fix: set "
+                "INGEST_CREATE_TABLES = True once, or create the tables as docs/tables.md shows."
+            )
+        current = conn.execute(sa.select(sa.func.max(versions.c.version))).scalar()
+        if current is not None and current > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the tables in {self.url} have schema version {current}, newer than this "
+                f"scrapy-ingestion knows ({SCHEMA_VERSION}). Fix: upgrade scrapy-ingestion."
+            )
+        if current is None:
+            row = self._convert_values(
+                self._specs["schema_version"],
+                {"version": SCHEMA_VERSION, "applied_at": time.time()},
+            )
+            conn.execute(self._insert_ignoring_duplicates(versions, conn.dialect.name), [row])
+
+    # writing
+
+    def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
+        assert self._engine is not None, "write() before open()"
+        sa_table = self._tables[table.kind]
+        names = table.column_names
+        converters = self._converters[table.kind]
+        params = [
+            {n: conv(v) for n, conv, v in zip(names, converters, row)} for row in rows
+        ]
+        dialect = self._engine.dialect.name
+        with self._engine.begin() as conn:
+            if dialect in ("sqlite", "mysql", "mariadb") or not idempotent:
+                conn.execute(self._insert_ignoring_duplicates(sa_table, dialect), params)
+                return
+            # no portable "skip existing": insert row by row, skipping ids that exist
+            for param in params:
+                with conn.begin_nested():
+                    try:
+                        conn.execute(sa_table.insert(), [param])
+                    except sa.exc.IntegrityError:
+                        pass
+
+    @staticmethod
+    def _insert_ignoring_duplicates(table: sa.Table, dialect: str) -> sa.Insert:
+        if dialect == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing()
+        if dialect in ("mysql", "mariadb"):
+            return table.insert().prefix_with("IGNORE")
+        return table.insert()
+
+    def _converter(self, kind: ColumnKind, dialect: str) -> Callable[[Any], Any]:
+        if kind == "json":
+            return lambda v: None if v is None else v.decode()
+        if kind == "timestamp":
+            fmt = self._format_ts if dialect == "sqlite" else utc_from_epoch
+            return lambda v: None if v is None else fmt(v)
+        return _identity
+
+    def _convert_values(self, table: TableSpec, values: Mapping[str, Any]) -> dict[str, Any]:
+        converters = dict(zip(table.column_names, self._converters[table.kind]))
+        return {name: converters[name](value) for name, value in values.items()}
+
+    def classify(self, exc: BaseException) -> Failure:
+        if isinstance(exc, sa.exc.IntegrityError):
+            return Failure.DUPLICATE if "UNIQUE" in str(exc.orig) else Failure.DATA
+        if isinstance(exc, sa.exc.OperationalError):
+            return Failure.TRANSIENT
+        if isinstance(exc, (sa.exc.DataError, sa.exc.StatementError, ValueError, OverflowError)):
+            return Failure.DATA
+        return Failure.TRANSIENT
+
+    # jobs
+
+    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
+        assert self._engine is not None, "insert_job() before open()"
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(self._tables[table.kind].insert(), [self._convert_values(table, row)])
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    def update_job(
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+    ) -> None:
+        assert self._engine is not None, "update_job() before open()"
+        jobs = self._tables[table.kind]
+        stmt = jobs.update().where(jobs.c.job_id == job_id)
+        if only_running:
+            stmt = stmt.where(jobs.c.status == "running")
+        with self._engine.begin() as conn:
+            conn.execute(stmt.values(self._convert_values(table, values)))
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

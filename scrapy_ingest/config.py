@@ -1,0 +1,141 @@
+"""The validated view of a crawler's ``INGEST_*`` settings.
+
+:meth:`IngestConfig.from_settings` is called once per crawler. A wrong value
+fails the crawl at start with a message that names the setting, the value,
+the rule and the fix, e.g.::
+
+    INGEST_BATCH_ROWS (-1) is invalid: it must be a positive integer.
+    Fix: set INGEST_BATCH_ROWS to a number of rows, such as 2000.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from scrapy_ingest import settings as defaults
+from scrapy_ingest._redact import redact_url
+from scrapy_ingest.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from scrapy.settings import BaseSettings
+
+_PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]*\Z")
+_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+# setting suffix -> (rule, fix) used in error messages
+_RULES: dict[str, tuple[str, str]] = {
+    "enabled": ("it must be a boolean", "set {name} to True or False"),
+    "database_url": (
+        f"it must be a database URL whose scheme is one of {', '.join(_SCHEMES)}",
+        "set {name} to e.g. 'sqlite:///ingest.sqlite3' or 'postgresql://user:password@host/dbname'",
+    ),
+    "table_prefix": (
+        "it must match [a-z_][a-z0-9_]* (lower-case letters, digits and underscores, "
+        "not starting with a digit), at most 40 characters",
+        "set {name} to e.g. 'ingest_' or 'shop_'",
+    ),
+    "create_tables": ("it must be a boolean", "set {name} to True or False"),
+    "batch_rows": ("it must be a positive integer", "set {name} to a number of rows, such as 2000"),
+    "batch_bytes": (
+        "it must be a positive integer",
+        "set {name} to a number of bytes, such as 4194304 (4 MiB)",
+    ),
+    "flush_interval": (
+        "it must be a positive number of seconds",
+        "set {name} to e.g. 1.0",
+    ),
+    "max_buffer_bytes": (
+        "it must be a positive integer, at least INGEST_BATCH_BYTES",
+        "set {name} to a number of bytes, such as 67108864 (64 MiB)",
+    ),
+    "job_id": (
+        "it must be a non-empty string of at most 200 characters, or None",
+        "leave {name} unset for a fresh UUID per crawl, or set a unique string",
+    ),
+    "crawl_id": (
+        "it must be a non-empty string of at most 200 characters, or None",
+        "leave {name} unset (the job id is used) or set a string shared by all processes",
+    ),
+    "job_heartbeat": (
+        "it must be a positive number of seconds",
+        "set {name} to e.g. 10.0",
+    ),
+    "retry_timeout": (
+        "it must be a number of seconds, 0 or more",
+        "set {name} to e.g. 60.0",
+    ),
+}
+
+_Id = Field(default=None, min_length=1, max_length=200)
+
+
+class IngestConfig(BaseModel):
+    """Validated ``INGEST_*`` settings of one crawler (field ``x`` is ``INGEST_X``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool
+    database_url: str
+    table_prefix: str
+    create_tables: bool
+    batch_rows: int = Field(gt=0)
+    batch_bytes: int = Field(gt=0)
+    flush_interval: float = Field(gt=0)
+    max_buffer_bytes: int = Field(gt=0)
+    job_id: str | None = _Id
+    crawl_id: str | None = _Id
+    job_heartbeat: float = Field(gt=0)
+    retry_timeout: float = Field(ge=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0].split("+", 1)[0].lower()
+        if "://" not in value or scheme not in _SCHEMES:
+            raise ValueError("unsupported scheme")
+        return value
+
+    @field_validator("table_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _PREFIX_RE.match(value) or len(value) > 40:
+            raise ValueError("bad prefix")
+        return value
+
+    @classmethod
+    def from_settings(cls, settings: BaseSettings) -> IngestConfig:
+        """Build the config from *settings*; raise :class:`ConfigError` on bad values."""
+        raw = {
+            name: settings.get(setting_name(name), getattr(defaults, setting_name(name)))
+            for name in cls.model_fields
+        }
+        try:
+            config = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, raw)) from None
+        if config.max_buffer_bytes < config.batch_bytes:
+            raise ConfigError(
+                _message("max_buffer_bytes", config.max_buffer_bytes)
+                + f" (INGEST_BATCH_BYTES is {config.batch_bytes})"
+            )
+        return config
+
+
+def setting_name(field: str) -> str:
+    """``batch_rows`` -> ``INGEST_BATCH_ROWS``."""
+    return f"INGEST_{field.upper()}"
+
+
+def _message(field: str, value: Any) -> str:
+    rule, fix = _RULES[field]
+    shown = redact_url(value) if field == "database_url" and isinstance(value, str) else value
+    name = setting_name(field)
+    return f"{name} ({shown!r}) is invalid: {rule}. Fix: {fix.format(name=name)}."
+
+
+def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
+    fields = dict.fromkeys(str(err["loc"][0]) for err in exc.errors() if err["loc"])
+    return "\n".join(_message(field, raw.get(field)) for field in fields)

@@ -1,0 +1,31 @@
+"""Exceptions raised by scrapy_ingest.
+
+Every error of ours derives from :class:`IngestError`, so a caller can catch
+them all at once. Bare :class:`scrapy.exceptions.NotConfigured` is kept for
+its Scrapy meaning, "switched off on purpose".
+"""
+
+from __future__ import annotations
+
+
+class IngestError(Exception):
+    """Base class of every scrapy_ingest error."""
+
+
+class ConfigError(IngestError, ValueError):
+    """An ``INGEST_*`` setting has a value that cannot work.
+
+    The message names the setting, the value, the rule and the fix.
+    """
+
+
+class BackendUnavailable(IngestError):
+    """The database could not be reached or refused the connection."""
+
+
+class SchemaError(IngestError):
+    """The tables could not be created, or exist in a shape we cannot use."""
+
+
+class JobIdConflict(IngestError):
+    """A job row with this ``job_id`` exists already: two crawls would merge."""

@@ -1,0 +1,72 @@
+"""The jobs extension: a live row per crawl in the ``jobs`` table.
+
+The job row is inserted when the crawl opens (``status`` ``running``), is
+refreshed every ``INGEST_JOB_HEARTBEAT`` seconds with the current Scrapy stats
+and item count, and is closed (``finished``, with the close reason and final
+stats) when the spider closes. Enabled by the add-on; alone::
+
+    EXTENSIONS = {"scrapy_ingest.IngestJobsExtension": 500}
+
+Settings: ``INGEST_JOB_ID``, ``INGEST_CRAWL_ID``, ``INGEST_JOB_HEARTBEAT`` and
+the database settings. Stats: ``ingest/jobs/heartbeats``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from scrapy import signals
+from scrapy.utils.defer import deferred_from_coro
+from twisted.internet.task import LoopingCall
+
+from scrapy_ingest._compat import close_spider
+from scrapy_ingest._stats import stat_key
+from scrapy_ingest.exceptions import IngestError
+from scrapy_ingest.runtime import IngestRuntime
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+    from twisted.internet.defer import Deferred
+    from typing_extensions import Self
+
+logger = logging.getLogger(__name__)
+
+
+class IngestJobsExtension:
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        self._runtime = IngestRuntime.of(crawler)
+        self._heartbeat: LoopingCall | None = None
+        crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
+        crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    async def _spider_opened(self) -> None:
+        try:
+            await self._runtime.open()
+        except IngestError as exc:
+            logger.error("Closing the spider: %s", exc)
+            await close_spider(self.crawler, "ingest_error")
+            return
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.start(self._runtime.config.job_heartbeat, now=False)
+
+    def _beat(self) -> Deferred[None]:
+        return deferred_from_coro(self._refresh())
+
+    async def _refresh(self) -> None:
+        try:
+            await self._runtime.update_job()
+        except Exception as exc:
+            # a missed heartbeat is not worth stopping the crawl; the next one may pass
+            logger.warning("Could not refresh the job row: %s", exc)
+        else:
+            self.crawler.stats.inc_value(stat_key("jobs", "heartbeats"))  # type: ignore[union-attr]
+
+    def _spider_closed(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()

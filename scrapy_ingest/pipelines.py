@@ -1,0 +1,103 @@
+"""The item pipeline: every item, as JSON, in the ``items`` table.
+
+Settings: all ``INGEST_*`` settings of :mod:`scrapy_ingest.settings` (database,
+batching, buffer). Enable it with the add-on, or alone::
+
+    ITEM_PIPELINES = {"scrapy_ingest.IngestPipeline": 900}
+
+A late position (900) stores items as the project's own pipelines left them.
+
+Stats:
+
+* ``ingest/items/queued``: items captured for storage
+* ``ingest/items/stored``: items the database holds
+* ``ingest/items/dead_letter``: items stored in the dead-letter table instead
+* ``ingest/items/lost``: items given up on after ``INGEST_RETRY_TIMEOUT``
+* ``ingest/buffer/waits``: times an item waited for buffer room (backpressure)
+* ``ingest/values/<kind>``: values converted to a stored form (``decimal``...)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from scrapy.utils.defer import maybe_deferred_to_future
+
+from scrapy_ingest._stats import stat_key
+from scrapy_ingest.records import EncodeError
+from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from scrapy import Spider
+    from scrapy.crawler import Crawler
+    from typing_extensions import Self
+
+_QUEUED = stat_key("items", "queued")
+_WAITS = stat_key("buffer", "waits")
+
+
+class IngestPipeline:
+    """Store each item in the ``items`` table, batched and off the reactor thread."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        self._runtime = IngestRuntime.of(crawler)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    # "spider" stays optional: Scrapy 2.13 passes it, later versions do not
+    async def open_spider(self, spider: Spider | None = None) -> None:
+        runtime = self._runtime
+        await runtime.open()
+        assert runtime.job is not None
+        self._writer = runtime.writer("items")
+        self._job_id = runtime.job.job_id
+        self._spider_name = runtime.job.spider
+
+    async def close_spider(self, spider: Spider | None = None) -> None:
+        await maybe_deferred_to_future(self._writer.drain())
+
+    def process_item(self, item: Any, spider: Spider | None = None) -> Any:
+        runtime = self._runtime
+        url = runtime.item_sources.pop(id(item), None)
+        try:
+            data = runtime.encoder.encode_item(item)
+        except EncodeError as exc:
+            runtime.dead_letter("items", f"the item cannot be encoded: {exc}", _safe_repr(item))
+            return item
+        row = (
+            runtime.new_id(),
+            self._job_id,
+            self._spider_name,
+            type(item).__name__,
+            url,
+            time.time(),
+            data,
+        )
+        self._writer.add(row, len(data) + ROW_OVERHEAD)
+        runtime.stats.inc_value(_QUEUED)
+        if runtime.budget.full:
+            return self._wait_for_room(item)
+        return item
+
+    def _wait_for_room(self, item: Any) -> Coroutine[Any, Any, Any]:
+        self._runtime.stats.inc_value(_WAITS)
+        waiting = self._runtime.budget.wait()
+
+        async def wait() -> Any:
+            await maybe_deferred_to_future(waiting)
+            return item
+
+        return wait()
+
+
+def _safe_repr(item: Any) -> str:
+    try:
+        return repr(item)
+    except Exception as exc:  # a broken __repr__ must not lose the dead letter
+        return f"<{type(item).__qualname__}: repr() failed: {exc!r}>"

@@ -1,0 +1,331 @@
+"""What scrapy_ingest holds for one crawler: config, backend, writers and the job row.
+
+Components (the pipeline, the jobs extension, the spider middleware) share it
+through :meth:`IngestRuntime.of`, which keeps it on the crawler, so two
+crawlers in one process never share state. It opens on the first component's
+request and closes on ``spider_closed``, after the pipeline has drained its
+items: every writer is drained, the job row is closed with the reason, then
+connections are released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from scrapy import signals
+from scrapy.exceptions import NotConfigured
+from scrapy.utils.defer import maybe_deferred_to_future
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+
+from scrapy_ingest import settings as defaults
+from scrapy_ingest._redact import redact_value
+from scrapy_ingest._stats import stat_key
+from scrapy_ingest.backends import create_backend
+from scrapy_ingest.batching import BatchWriter, BufferBudget, WriteOutcome, run_in_thread
+from scrapy_ingest.config import IngestConfig
+from scrapy_ingest.exceptions import JobIdConflict
+from scrapy_ingest.records import IdFactory, RecordEncoder
+from scrapy_ingest.schema import all_tables
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+    from scrapy.settings import BaseSettings
+
+    from scrapy_ingest.backends import Backend, Row
+    from scrapy_ingest.schema import TableSpec
+
+logger = logging.getLogger(__name__)
+
+#: largest dead-letter payload kept, in characters
+DEAD_LETTER_PAYLOAD_MAX = 1_000_000
+#: rough per-row overhead (ids, tuple, strings) added to the JSON size for the buffer budget
+ROW_OVERHEAD = 256
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    crawl_id: str
+    spider: str
+    hostname: str
+    pid: int
+    started_at: float
+
+
+class IngestRuntime:
+    """Per-crawler state shared by scrapy_ingest's components."""
+
+    _ATTRIBUTE = "_scrapy_ingest_runtime"
+
+    @classmethod
+    def of(cls, crawler: Crawler) -> IngestRuntime:
+        """Return the crawler's runtime, creating it on first use.
+
+        Raise NotConfigured when ``INGEST_ENABLED`` is false and ConfigError
+        when a setting is invalid.
+        """
+        runtime: IngestRuntime | None = crawler.__dict__.get(cls._ATTRIBUTE)
+        if runtime is None:
+            runtime = cls(crawler)
+            setattr(crawler, cls._ATTRIBUTE, runtime)
+        return runtime
+
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        self.config = config = IngestConfig.from_settings(crawler.settings)
+        if not config.enabled:
+            raise NotConfigured("INGEST_ENABLED is False")
+        assert crawler.stats is not None
+        self.stats = crawler.stats
+        self.tables = {t.kind: t for t in all_tables(config.table_prefix)}
+        self.backend: Backend = create_backend(
+            config.database_url, list(self.tables.values()), create_tables=config.create_tables
+        )
+        self.budget = BufferBudget(config.max_buffer_bytes)
+        self.new_id = IdFactory()
+        self.encoder = RecordEncoder(on_value=self._count_value)
+        # for our own job rows, whose conversions are not the spider's values to count
+        self._job_encoder = RecordEncoder()
+        #: id(item) -> URL of the response it came from, filled by ItemSourceMiddleware
+        self.item_sources: dict[int, str] = {}
+        self.job: JobInfo | None = None
+        self.items_stored = 0
+        self._writers: dict[str, BatchWriter] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._state = "new"  # new -> opening -> open -> closed (or failed)
+        self._open_error: BaseException | None = None
+        self._open_waiters: list[Deferred[None]] = []
+        self._flush_loop: LoopingCall | None = None
+        crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
+        crawler.signals.connect(self._forget_item, signal=signals.item_dropped)
+        crawler.signals.connect(self._forget_item, signal=signals.item_error)
+
+    # opening
+
+    async def open(self) -> None:
+        """Connect, prepare the tables and insert the job row; once, however often called."""
+        if self._state == "open":
+            return
+        if self._state in ("opening", "failed", "closed"):
+            if self._state == "opening":
+                waiter: Deferred[None] = Deferred()
+                self._open_waiters.append(waiter)
+                await maybe_deferred_to_future(waiter)
+            if self._open_error is not None:
+                raise self._open_error
+            return
+        self._state = "opening"
+        try:
+            await self._open()
+        except BaseException as exc:
+            self._state, self._open_error = "failed", exc
+            self._shutdown_executor()
+            raise
+        else:
+            self._state = "open"
+        finally:
+            waiters, self._open_waiters = self._open_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    async def _open(self) -> None:
+        self.job = self._make_job()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.backend.threads, thread_name_prefix="scrapy_ingest"
+        )
+        await self.in_thread(self.backend.open)
+        row = {
+            "job_id": self.job.job_id,
+            "crawl_id": self.job.crawl_id,
+            "spider": self.job.spider,
+            "hostname": self.job.hostname,
+            "pid": self.job.pid,
+            "status": "running",
+            "started_at": self.job.started_at,
+            "updated_at": self.job.started_at,
+            "items_count": 0,
+            "settings": self._job_encoder.encode(settings_snapshot(self.crawler.settings)),
+        }
+        if not await self.in_thread(self.backend.insert_job, self.tables["jobs"], row):
+            raise JobIdConflict(
+                f"a job with job_id {self.job.job_id!r} exists already in "
+                f"{self.tables['jobs'].name} at {self.backend.url}: storing this crawl under "
+                "it would merge two crawls. Fix: leave INGEST_JOB_ID unset (a fresh id per "
+                "crawl), or give each crawl its own INGEST_JOB_ID; use INGEST_CRAWL_ID to group "
+                "the jobs of one crawl."
+            )
+        logger.info(
+            "Storing crawl data in %s (job_id %s)", self.backend.url, self.job.job_id
+        )
+        self._flush_loop = LoopingCall(self._flush_old)
+        self._flush_loop.start(self.config.flush_interval / 4, now=False)
+
+    def _make_job(self) -> JobInfo:
+        spider = self.crawler.spider
+        assert spider is not None
+        # scrapyd passes its job id as SCRAPY_JOB and as the _job spider argument
+        job_id = (
+            self.config.job_id
+            or os.environ.get("SCRAPY_JOB")
+            or getattr(spider, "_job", None)
+            or self.new_id()
+        )
+        return JobInfo(
+            job_id=str(job_id),
+            crawl_id=self.config.crawl_id or str(job_id),
+            spider=spider.name,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=time.time(),
+        )
+
+    # writing
+
+    def in_thread(self, fn: Any, *args: Any) -> Any:
+        """Await ``fn(*args)`` run in a writer thread."""
+        assert self._executor is not None, "the runtime is not open"
+        return maybe_deferred_to_future(run_in_thread(self._executor, fn, *args))
+
+    def writer(self, kind: str) -> BatchWriter:
+        """Return the writer of the *kind* table (``items``, ``dead_letters``...)."""
+        writer = self._writers.get(kind)
+        if writer is None:
+            assert self._executor is not None, "the runtime is not open"
+            config = self.config
+            writer = self._writers[kind] = BatchWriter(
+                self.backend,
+                self.tables[kind],
+                executor=self._executor,
+                budget=self.budget,
+                batch_rows=config.batch_rows,
+                batch_bytes=config.batch_bytes,
+                retry_timeout=config.retry_timeout,
+                on_outcome=self._count_outcome,
+            )
+        return writer
+
+    def dead_letter(self, kind: str, reason: str, payload: str | None) -> None:
+        """Store a record that cannot be stored where it belongs, with the reason."""
+        assert self.job is not None
+        if payload is not None and len(payload) > DEAD_LETTER_PAYLOAD_MAX:
+            payload = payload[:DEAD_LETTER_PAYLOAD_MAX] + "...[truncated]"
+        row = (self.new_id(), self.job.job_id, kind, reason, payload, time.time())
+        self.writer("dead_letters").add(row, len(payload or "") + ROW_OVERHEAD)
+        self.stats.inc_value(stat_key(kind, "dead_letter"))
+        logger.warning("A record of kind %s went to the dead-letter table: %s", kind, reason)
+
+    def _count_outcome(self, table: TableSpec, outcome: WriteOutcome) -> None:
+        stats, kind = self.stats, table.kind
+        if outcome.written:
+            stats.inc_value(stat_key(kind, "stored"), outcome.written)
+            stats.inc_value(stat_key("batches", "written"))
+            if kind == "items":
+                self.items_stored += outcome.written
+        if outcome.retries:
+            stats.inc_value(stat_key("batches", "retries"), outcome.retries)
+        if outcome.lost:
+            stats.inc_value(stat_key(kind, "lost"), outcome.lost)
+        for row, reason in outcome.dead:
+            if kind == "dead_letters":
+                stats.inc_value(stat_key(kind, "lost"))
+                logger.error("A dead-letter record was refused too (%s); it is lost", reason)
+            else:
+                self.dead_letter(kind, f"the database refused it: {reason}", _row_payload(row))
+
+    def _count_value(self, kind: str) -> None:
+        self.stats.inc_value(stat_key("values", kind))
+
+    def _flush_old(self) -> None:
+        for writer in self._writers.values():
+            writer.flush_older_than(self.config.flush_interval)
+
+    def _forget_item(self, item: Any) -> None:
+        self.item_sources.pop(id(item), None)
+
+    # the job row
+
+    async def update_job(self, *, reason: str | None = None) -> None:
+        """Refresh the job row; with *reason*, close it (status ``finished``)."""
+        assert self.job is not None
+        now = time.time()
+        values: dict[str, Any] = {
+            "updated_at": now,
+            "items_count": self.items_stored,
+            "stats": self._job_encoder.encode(self.stats.get_stats()),
+        }
+        if reason is not None:
+            values.update(status="finished", close_reason=reason, finished_at=now)
+        # a late heartbeat must not overwrite the final row
+        update = partial(self.backend.update_job, only_running=reason is None)
+        await self.in_thread(update, self.tables["jobs"], self.job.job_id, values)
+
+    # closing
+
+    async def _spider_closed(self, reason: str) -> None:
+        if self._state != "open":
+            return
+        self._state = "closed"
+        if self._flush_loop is not None and self._flush_loop.running:
+            self._flush_loop.stop()
+        # dead letters last: draining the others can produce some
+        for kind in sorted(self._writers, key=lambda k: k == "dead_letters"):
+            await maybe_deferred_to_future(self._writers[kind].drain())
+        try:
+            await self.update_job(reason=reason)
+        except Exception:
+            logger.exception("Could not close the job row of %s", self.job)
+        try:
+            await self.in_thread(self.backend.close)
+        finally:
+            self._shutdown_executor()
+
+    def _shutdown_executor(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+
+def _row_payload(row: Row) -> str:
+    # items keep their JSON in the last column; anything else is shown as a tuple
+    last = row[-1]
+    if isinstance(last, bytes):
+        return last.decode("utf-8", "replace")
+    return repr(row)
+
+
+def settings_snapshot(settings: BaseSettings) -> dict[str, Any]:
+    """The settings a project changed (and all INGEST_* ones), credentials redacted."""
+    snapshot: dict[str, Any] = {}
+    for name in sorted(settings):
+        priority = settings.getpriority(name) or 0
+        if priority <= 0 and not name.startswith("INGEST_"):
+            continue
+        value = settings[name]
+        if hasattr(value, "copy_to_dict"):
+            value = value.copy_to_dict()
+        snapshot[name] = _jsonable(redact_value(name, value))
+    for name in dir(defaults):
+        if name.startswith("INGEST_") and name not in snapshot:
+            snapshot[name] = _jsonable(redact_value(name, getattr(defaults, name)))
+    return snapshot
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k if isinstance(k, str) else getattr(k, "__qualname__", k)): _jsonable(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return str(value)

@@ -1,0 +1,33 @@
+"""Default values of every ``INGEST_*`` setting.
+
+Like Scrapy's ``default_settings.py``, this module is the one place where
+defaults live. :class:`scrapy_ingest.config.IngestConfig` reads these names
+from a crawler's settings and validates them; the add-on writes them into the
+crawler's settings at ``addon`` priority so that ``scrapy settings --get``
+shows them.
+
+Why these numbers (see ``docs/performance.md`` for the measurements):
+
+* ``INGEST_BATCH_ROWS`` / ``INGEST_BATCH_BYTES``: one ``COPY`` of 2,000 rows
+  of ~800-byte items takes a few milliseconds; larger batches stopped paying
+  off and delay the first rows.
+* ``INGEST_FLUSH_INTERVAL``: a slow crawl still shows its items in SQL within
+  about a second.
+* ``INGEST_MAX_BUFFER_BYTES``: 64 MiB covers several batches in flight per
+  table, far more than a healthy database needs, and stays small next to
+  Scrapy's own memory use.
+"""
+
+INGEST_ENABLED = True
+
+INGEST_BATCH_BYTES = 4 * 1024 * 1024
+INGEST_BATCH_ROWS = 2000
+INGEST_CREATE_TABLES = True
+INGEST_CRAWL_ID = None
+INGEST_DATABASE_URL = "sqlite:///ingest.sqlite3"
+INGEST_FLUSH_INTERVAL = 1.0
+INGEST_JOB_HEARTBEAT = 10.0
+INGEST_JOB_ID = None
+INGEST_MAX_BUFFER_BYTES = 64 * 1024 * 1024
+INGEST_RETRY_TIMEOUT = 60.0
+INGEST_TABLE_PREFIX = "ingest_"
