@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from scrapy_ingest.addon import IngestAddon
-from scrapy_ingest.extensions.jobs import IngestJobsExtension
-from scrapy_ingest.pipelines import IngestPipeline
-from scrapy_ingest.spidermiddlewares.itemsource import ItemSourceMiddleware
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scrapy_ingest.addon import IngestAddon
+    from scrapy_ingest.extensions.jobs import IngestJobsExtension
+    from scrapy_ingest.pipelines import IngestPipeline
+    from scrapy_ingest.spidermiddlewares.itemsource import ItemSourceMiddleware
 
 __version__ = "0.1.0.dev0"
 
@@ -16,3 +20,19 @@ __all__ = [
     "ItemSourceMiddleware",
     "__version__",
 ]
+
+# Imported on first use, so that the writer process, which imports
+# scrapy_ingest.backends, does not pay for importing Scrapy.
+_EXPORTS = {
+    "IngestAddon": "scrapy_ingest.addon",
+    "IngestJobsExtension": "scrapy_ingest.extensions.jobs",
+    "IngestPipeline": "scrapy_ingest.pipelines",
+    "ItemSourceMiddleware": "scrapy_ingest.spidermiddlewares.itemsource",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'scrapy_ingest' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -4,9 +4,9 @@ A :class:`BatchWriter` serves one table of one backend. The reactor thread
 only appends rows to a list; a batch leaves when it reaches
 ``INGEST_BATCH_ROWS`` rows or ``INGEST_BATCH_BYTES`` bytes, when it is older
 than ``INGEST_FLUSH_INTERVAL``, or at close. Writing happens in the backend's
-thread pool, where a refused batch is retried with backoff (transient errors)
-or split until the bad record is found (data errors), so one bad value never
-costs the other rows of its batch.
+thread pool, which hands it to the backend's host (see
+:func:`scrapy_ingest.backends.base.store_batch` for retries and for how a
+batch with one bad record is split so that the others are stored).
 
 A :class:`BufferBudget` is shared by all writers of a crawler: while the bytes
 buffered or in flight exceed ``INGEST_MAX_BUFFER_BYTES``, producers wait.
@@ -15,29 +15,23 @@ buffered or in flight exceed ``INGEST_MAX_BUFFER_BYTES``, producers wait.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.python.failure import Failure as TwistedFailure
+from twisted.python.failure import Failure
 
-from scrapy_ingest._redact import redact_text
-from scrapy_ingest.backends.base import Failure
+from scrapy_ingest.backends.base import WriteOutcome
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from scrapy_ingest.backends.base import Backend, Row
+    from scrapy_ingest.backends.base import BackendHost, Row
     from scrapy_ingest.schema import TableSpec
 
 logger = logging.getLogger(__name__)
-
-_FIRST_RETRY_DELAY = 0.25
-_MAX_RETRY_DELAY = 10.0
 
 
 def run_in_thread(executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -58,7 +52,7 @@ def _fire(d: Deferred[Any], future: Future[Any]) -> None:
     if exc is None:
         d.callback(future.result())
     else:
-        d.errback(TwistedFailure(exc))
+        d.errback(Failure(exc))
 
 
 class BufferBudget:
@@ -85,40 +79,26 @@ class BufferBudget:
             self._waiters.popleft().callback(None)
 
 
-@dataclass
-class WriteOutcome:
-    """What became of one batch."""
-
-    written: int = 0
-    #: (row, reason) of each record the database refused
-    dead: list[tuple[Row, str]] = field(default_factory=list)
-    #: rows given up on when retries ran out
-    lost: int = 0
-    retries: int = 0
-
-
 class BatchWriter:
     """Buffer rows of one table and write them in batches, off the reactor thread."""
 
     def __init__(
         self,
-        backend: Backend,
+        host: BackendHost,
         table: TableSpec,
         *,
         executor: ThreadPoolExecutor,
         budget: BufferBudget,
         batch_rows: int,
         batch_bytes: int,
-        retry_timeout: float,
         on_outcome: Callable[[TableSpec, WriteOutcome], None],
     ) -> None:
-        self.backend = backend
+        self.host = host
         self.table = table
         self._executor = executor
         self._budget = budget
         self._batch_rows = batch_rows
         self._batch_bytes = batch_bytes
-        self._retry_timeout = retry_timeout
         self._on_outcome = on_outcome
         self._rows: list[Row] = []
         self._bytes = 0
@@ -142,7 +122,7 @@ class BatchWriter:
             return
         rows, size = self._rows, self._bytes
         self._rows, self._bytes = [], 0
-        d = run_in_thread(self._executor, self._store, rows)
+        d = run_in_thread(self._executor, self.host.store, self.table, rows)
         self._inflight.add(d)
         d.addBoth(self._stored, d, len(rows), size)
 
@@ -160,11 +140,11 @@ class BatchWriter:
         return DeferredList(list(self._inflight), consumeErrors=True)
 
     def _stored(
-        self, result: WriteOutcome | TwistedFailure, d: Deferred[Any], count: int, size: int
+        self, result: WriteOutcome | Failure, d: Deferred[Any], count: int, size: int
     ) -> None:
         self._inflight.discard(d)
         self._budget.release(size)
-        if isinstance(result, TwistedFailure):
+        if isinstance(result, Failure):
             logger.error(
                 "Writing %d rows to %s failed unexpectedly; the rows are lost",
                 count,
@@ -173,73 +153,3 @@ class BatchWriter:
             )
             result = WriteOutcome(lost=count)
         self._on_outcome(self.table, result)
-
-    # writer thread
-
-    def _store(self, rows: Sequence[Row]) -> WriteOutcome:
-        """Write *rows*: retry transient failures, split batches to isolate bad records."""
-        outcome = WriteOutcome()
-        pending: list[Sequence[Row]] = [rows]
-        idempotent = False
-        delay = _FIRST_RETRY_DELAY
-        deadline = time.monotonic() + self._retry_timeout
-        while pending:
-            chunk = pending.pop()
-            try:
-                self.backend.write(self.table, chunk, idempotent=idempotent)
-            except Exception as exc:
-                kind = self.backend.classify(exc)
-                if kind is Failure.DATA:
-                    self._split(chunk, exc, pending, outcome)
-                    continue
-                # the outcome of the failed transaction may be unknown from here on
-                idempotent = True
-                if kind is Failure.DUPLICATE:
-                    pending.append(chunk)
-                    continue
-                if time.monotonic() + delay > deadline:
-                    outcome.lost += len(chunk) + sum(map(len, pending))
-                    logger.error(
-                        "Giving up on %d rows for %s at %s after %.0f s of retries: %s",
-                        outcome.lost,
-                        self.table.name,
-                        self.backend.url,
-                        self._retry_timeout,
-                        _describe(exc),
-                    )
-                    return outcome
-                logger.warning(
-                    "Writing %d rows to %s at %s failed (%s); retrying in %.2f s",
-                    len(chunk),
-                    self.table.name,
-                    self.backend.url,
-                    _describe(exc),
-                    delay,
-                )
-                outcome.retries += 1
-                time.sleep(delay)
-                delay = min(delay * 2, _MAX_RETRY_DELAY) * random.uniform(0.8, 1.2)
-                pending.append(chunk)
-            else:
-                outcome.written += len(chunk)
-        return outcome
-
-    @staticmethod
-    def _split(
-        chunk: Sequence[Row],
-        exc: Exception,
-        pending: list[Sequence[Row]],
-        outcome: WriteOutcome,
-    ) -> None:
-        if len(chunk) == 1:
-            outcome.dead.append((chunk[0], _describe(exc)))
-            return
-        middle = len(chunk) // 2
-        # pending is a stack: push the second half first so rows keep their order
-        pending.append(chunk[middle:])
-        pending.append(chunk[:middle])
-
-
-def _describe(exc: BaseException) -> str:
-    text = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

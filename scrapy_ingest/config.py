@@ -63,6 +63,7 @@ _RULES: dict[str, tuple[str, str]] = {
         "it must be a positive number of seconds",
         "set {name} to e.g. 10.0",
     ),
+    "writer_process": ("it must be a boolean", "set {name} to True or False"),
     "retry_timeout": (
         "it must be a number of seconds, 0 or more",
         "set {name} to e.g. 60.0",
@@ -89,6 +90,7 @@ class IngestConfig(BaseModel):
     crawl_id: str | None = _Id
     job_heartbeat: float = Field(gt=0)
     retry_timeout: float = Field(ge=0)
+    writer_process: bool
 
     @field_validator("database_url")
     @classmethod

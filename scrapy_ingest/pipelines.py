@@ -45,6 +45,10 @@ class IngestPipeline:
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
         self._runtime = IngestRuntime.of(crawler)
+        # counted here and published to the stats on each runtime tick: the
+        # stats collector's attribute lookup is too slow for once per item
+        self._queued = 0
+        self._published = 0
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -58,9 +62,16 @@ class IngestPipeline:
         self._writer = runtime.writer("items")
         self._job_id = runtime.job.job_id
         self._spider_name = runtime.job.spider
+        runtime.on_tick(self._publish_stats)
 
     async def close_spider(self, spider: Spider | None = None) -> None:
+        self._publish_stats()
         await maybe_deferred_to_future(self._writer.drain())
+
+    def _publish_stats(self) -> None:
+        if self._queued != self._published:
+            self._runtime.stats.inc_value(_QUEUED, self._queued - self._published)
+            self._published = self._queued
 
     def process_item(self, item: Any, spider: Spider | None = None) -> Any:
         runtime = self._runtime
@@ -80,7 +91,7 @@ class IngestPipeline:
             data,
         )
         self._writer.add(row, len(data) + ROW_OVERHEAD)
-        runtime.stats.inc_value(_QUEUED)
+        self._queued += 1
         if runtime.budget.full:
             return self._wait_for_room(item)
         return item

@@ -28,7 +28,7 @@ from twisted.internet.task import LoopingCall
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._redact import redact_value
 from scrapy_ingest._stats import stat_key
-from scrapy_ingest.backends import create_backend
+from scrapy_ingest.backends import create_host
 from scrapy_ingest.batching import BatchWriter, BufferBudget, WriteOutcome, run_in_thread
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import JobIdConflict
@@ -36,10 +36,12 @@ from scrapy_ingest.records import IdFactory, RecordEncoder
 from scrapy_ingest.schema import all_tables
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
 
-    from scrapy_ingest.backends import Backend, Row
+    from scrapy_ingest.backends import BackendHost, Row
     from scrapy_ingest.schema import TableSpec
 
 logger = logging.getLogger(__name__)
@@ -86,8 +88,12 @@ class IngestRuntime:
         assert crawler.stats is not None
         self.stats = crawler.stats
         self.tables = {t.kind: t for t in all_tables(config.table_prefix)}
-        self.backend: Backend = create_backend(
-            config.database_url, list(self.tables.values()), create_tables=config.create_tables
+        self.host: BackendHost = create_host(
+            config.database_url,
+            list(self.tables.values()),
+            create_tables=config.create_tables,
+            retry_timeout=config.retry_timeout,
+            writer_process=config.writer_process,
         )
         self.budget = BufferBudget(config.max_buffer_bytes)
         self.new_id = IdFactory()
@@ -104,6 +110,7 @@ class IngestRuntime:
         self._open_error: BaseException | None = None
         self._open_waiters: list[Deferred[None]] = []
         self._flush_loop: LoopingCall | None = None
+        self._tickers: list[Callable[[], None]] = []
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
         crawler.signals.connect(self._forget_item, signal=signals.item_dropped)
         crawler.signals.connect(self._forget_item, signal=signals.item_error)
@@ -139,9 +146,9 @@ class IngestRuntime:
     async def _open(self) -> None:
         self.job = self._make_job()
         self._executor = ThreadPoolExecutor(
-            max_workers=self.backend.threads, thread_name_prefix="scrapy_ingest"
+            max_workers=self.host.threads, thread_name_prefix="scrapy_ingest"
         )
-        await self.in_thread(self.backend.open)
+        await self.in_thread(self.host.open)
         row = {
             "job_id": self.job.job_id,
             "crawl_id": self.job.crawl_id,
@@ -154,16 +161,16 @@ class IngestRuntime:
             "items_count": 0,
             "settings": self._job_encoder.encode(settings_snapshot(self.crawler.settings)),
         }
-        if not await self.in_thread(self.backend.insert_job, self.tables["jobs"], row):
+        if not await self.in_thread(self.host.insert_job, self.tables["jobs"], row):
             raise JobIdConflict(
                 f"a job with job_id {self.job.job_id!r} exists already in "
-                f"{self.tables['jobs'].name} at {self.backend.url}: storing this crawl under "
+                f"{self.tables['jobs'].name} at {self.host.url}: storing this crawl under "
                 "it would merge two crawls. Fix: leave INGEST_JOB_ID unset (a fresh id per "
                 "crawl), or give each crawl its own INGEST_JOB_ID; use INGEST_CRAWL_ID to group "
                 "the jobs of one crawl."
             )
         logger.info(
-            "Storing crawl data in %s (job_id %s)", self.backend.url, self.job.job_id
+            "Storing crawl data in %s (job_id %s)", self.host.url, self.job.job_id
         )
         self._flush_loop = LoopingCall(self._flush_old)
         self._flush_loop.start(self.config.flush_interval / 4, now=False)
@@ -201,13 +208,12 @@ class IngestRuntime:
             assert self._executor is not None, "the runtime is not open"
             config = self.config
             writer = self._writers[kind] = BatchWriter(
-                self.backend,
+                self.host,
                 self.tables[kind],
                 executor=self._executor,
                 budget=self.budget,
                 batch_rows=config.batch_rows,
                 batch_bytes=config.batch_bytes,
-                retry_timeout=config.retry_timeout,
                 on_outcome=self._count_outcome,
             )
         return writer
@@ -243,7 +249,16 @@ class IngestRuntime:
     def _count_value(self, kind: str) -> None:
         self.stats.inc_value(stat_key("values", kind))
 
+    def on_tick(self, callback: Callable[[], None]) -> None:
+        """Call *callback* a few times per ``INGEST_FLUSH_INTERVAL`` and before the job closes."""
+        self._tickers.append(callback)
+
+    def _tick(self) -> None:
+        for callback in self._tickers:
+            callback()
+
     def _flush_old(self) -> None:
+        self._tick()
         for writer in self._writers.values():
             writer.flush_older_than(self.config.flush_interval)
 
@@ -255,6 +270,7 @@ class IngestRuntime:
     async def update_job(self, *, reason: str | None = None) -> None:
         """Refresh the job row; with *reason*, close it (status ``finished``)."""
         assert self.job is not None
+        self._tick()
         now = time.time()
         values: dict[str, Any] = {
             "updated_at": now,
@@ -264,7 +280,7 @@ class IngestRuntime:
         if reason is not None:
             values.update(status="finished", close_reason=reason, finished_at=now)
         # a late heartbeat must not overwrite the final row
-        update = partial(self.backend.update_job, only_running=reason is None)
+        update = partial(self.host.update_job, only_running=reason is None)
         await self.in_thread(update, self.tables["jobs"], self.job.job_id, values)
 
     # closing
@@ -283,7 +299,7 @@ class IngestRuntime:
         except Exception:
             logger.exception("Could not close the job row of %s", self.job)
         try:
-            await self.in_thread(self.backend.close)
+            await self.in_thread(self.host.close)
         finally:
             self._shutdown_executor()
 

@@ -7,14 +7,25 @@ Its methods block. Rows follow the conventions of :mod:`scrapy_ingest.schema`.
 from __future__ import annotations
 
 import enum
+import logging
+import random
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from scrapy_ingest._redact import redact_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from scrapy_ingest.schema import TableSpec
 
+logger = logging.getLogger(__name__)
+
 Row = tuple[Any, ...]
+
+_FIRST_RETRY_DELAY = 0.25
+_MAX_RETRY_DELAY = 10.0
 
 
 class Failure(enum.Enum):
@@ -53,3 +64,138 @@ class Backend(Protocol):
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
     ) -> None:
         """Update columns of a job row (only while its status is ``running`` if asked)."""
+
+
+@dataclass
+class WriteOutcome:
+    """What became of one batch."""
+
+    written: int = 0
+    #: (row, reason) of each record the database refused
+    dead: list[tuple[Row, str]] = field(default_factory=list)
+    #: rows given up on when retries ran out
+    lost: int = 0
+    retries: int = 0
+
+
+def store_batch(
+    backend: Backend, table: TableSpec, rows: Sequence[Row], retry_timeout: float
+) -> WriteOutcome:
+    """Write *rows*: retry transient failures, split the batch to isolate refused records.
+
+    A transient failure (connection lost, server restarting) is retried with
+    randomised exponential backoff for up to *retry_timeout* seconds; after the
+    first one every write is idempotent, since the failed transaction may have
+    committed. A data failure splits the batch in two until the single refused
+    record is found; it is returned in ``dead`` with the reason, and every
+    other row is stored.
+    """
+    outcome = WriteOutcome()
+    pending: list[Sequence[Row]] = [rows]
+    idempotent = False
+    delay = _FIRST_RETRY_DELAY
+    deadline = time.monotonic() + retry_timeout
+    while pending:
+        chunk = pending.pop()
+        try:
+            backend.write(table, chunk, idempotent=idempotent)
+        except Exception as exc:
+            kind = backend.classify(exc)
+            if kind is Failure.DATA:
+                _split(chunk, exc, pending, outcome)
+                continue
+            idempotent = True
+            if kind is Failure.DUPLICATE:
+                pending.append(chunk)
+                continue
+            if time.monotonic() + delay > deadline:
+                outcome.lost += len(chunk) + sum(map(len, pending))
+                logger.error(
+                    "Giving up on %d rows for %s at %s after %.0f s of retries: %s",
+                    outcome.lost,
+                    table.name,
+                    backend.url,
+                    retry_timeout,
+                    describe_error(exc),
+                )
+                return outcome
+            logger.warning(
+                "Writing %d rows to %s at %s failed (%s); retrying in %.2f s",
+                len(chunk),
+                table.name,
+                backend.url,
+                describe_error(exc),
+                delay,
+            )
+            outcome.retries += 1
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_RETRY_DELAY) * random.uniform(0.8, 1.2)
+            pending.append(chunk)
+        else:
+            outcome.written += len(chunk)
+    return outcome
+
+
+def _split(
+    chunk: Sequence[Row], exc: Exception, pending: list[Sequence[Row]], outcome: WriteOutcome
+) -> None:
+    if len(chunk) == 1:
+        outcome.dead.append((chunk[0], describe_error(exc)))
+        return
+    middle = len(chunk) // 2
+    # pending is a stack: push the second half first so rows keep their order
+    pending.append(chunk[middle:])
+    pending.append(chunk[:middle])
+
+
+def describe_error(exc: BaseException) -> str:
+    """``ClassName: first line of the message``, credentials redacted."""
+    text = str(exc).strip()
+    first = redact_text(text.splitlines()[0]) if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class BackendHost(Protocol):
+    """Runs a backend's work, in this process or in a writer process. Methods block."""
+
+    url: str
+    threads: int
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def store(self, table: TableSpec, rows: Sequence[Row]) -> WriteOutcome: ...
+
+    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool: ...
+
+    def update_job(
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+    ) -> None: ...
+
+
+class LocalHost:
+    """Runs the backend in the calling (writer) thread."""
+
+    def __init__(self, backend: Backend, retry_timeout: float) -> None:
+        self.backend = backend
+        self.url = backend.url
+        self.threads = backend.threads
+        self._retry_timeout = retry_timeout
+
+    def open(self) -> None:
+        self.backend.open()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def store(self, table: TableSpec, rows: Sequence[Row]) -> WriteOutcome:
+        return store_batch(self.backend, table, rows, self._retry_timeout)
+
+    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
+        return self.backend.insert_job(table, row)
+
+    def update_job(
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+    ) -> None:
+        self.backend.update_job(table, job_id, values, only_running=only_running)

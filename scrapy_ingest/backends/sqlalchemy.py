@@ -20,7 +20,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from scrapy_ingest._redact import redact_text, redact_url
 from scrapy_ingest.backends.base import Failure, Row
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
-from scrapy_ingest.records import TimestampFormatter, utc_from_epoch
+from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:

@@ -1,0 +1,34 @@
+"""Timestamps as the backends store them: timezone-aware UTC."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+_UTC = dt.timezone.utc
+
+
+class TimestampFormatter:
+    """Format epoch seconds as ``2024-05-01 12:00:00.123456+00:00``.
+
+    The text form is read the same way by PostgreSQL (``timestamptz``) and by
+    SQLite's date functions. The part up to the second is cached, since
+    consecutive records share it.
+    """
+
+    def __init__(self) -> None:
+        self._cache: tuple[int, str] = (-1, "")
+
+    def __call__(self, epoch: float) -> str:
+        second = int(epoch)
+        micros = int((epoch - second) * 1_000_000)
+        cached_second, prefix = self._cache
+        if second != cached_second:
+            prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+            self._cache = (second, prefix)
+        return f"{prefix}.{micros:06d}+00:00"
+
+
+def utc_from_epoch(epoch: float) -> dt.datetime:
+    """Return the aware UTC datetime of *epoch* seconds."""
+    return dt.datetime.fromtimestamp(epoch, _UTC)

@@ -1,0 +1,99 @@
+"""Shared fixtures: PostgreSQL (``postgres_dsn``, ``pg_url``), SQLite (``sqlite_url``) and a
+local HTTP site (``site``). The service logic lives in ``tests/services.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import pytest
+
+# tests/ is not a package; make `services` importable however pytest was started.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from services import (
+    LocalSite,
+    ServiceUnavailable,
+    create_database,
+    drop_database,
+    running_site,
+    services_required,
+    start_postgres,
+    with_database,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+_POSTGRES_FIXTURES = {"postgres_dsn", "pg_url"}
+
+
+def service_missing(reason: str) -> NoReturn:
+    """Skip locally; fail in CI (SCRAPY_INGEST_REQUIRE_SERVICES=1), where a skip would hide a
+    broken setup behind a green run."""
+    if services_required():
+        pytest.fail(f"{reason} (required because SCRAPY_INGEST_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that use a postgres fixture get the marker automatically, so `-m "not postgres"`
+    # never starts a server, even if a test forgot the decorator.
+    for item in items:
+        if _POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """URL (``postgresql://user:pw@host:port/db``) of a PostgreSQL server for the session.
+
+    Order: env ``SCRAPY_INGEST_TEST_PG_DSN``, testcontainers (if a Docker engine answers),
+    then a throwaway local server from ``initdb``/``pg_ctl``, stopped at session end.
+    """
+    try:
+        import psycopg  # noqa: F401  (every consumer needs it; say so before starting a server)
+    except ImportError:
+        service_missing("psycopg is not installed (pip install -e '.[test]')")
+    with contextlib.ExitStack() as stack:
+        try:
+            url, _source = start_postgres(stack)
+        except ServiceUnavailable as exc:
+            reason = str(exc)
+        else:
+            yield url
+            return
+    # Outside the except block, so the report is the reason alone, not a chained traceback.
+    service_missing(reason)
+
+
+@pytest.fixture
+def pg_url(postgres_dsn: str) -> Iterator[str]:
+    """URL of a fresh, empty database, dropped (WITH FORCE) after the test."""
+    name = create_database(postgres_dsn)
+    try:
+        yield with_database(postgres_dsn, name)
+    finally:
+        drop_database(postgres_dsn, name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ingest.sqlite3'}"
+
+
+@pytest.fixture(scope="session")
+def _site_server() -> Iterator[LocalSite]:
+    with running_site() as site:
+        yield site
+
+
+@pytest.fixture
+def site(_site_server: LocalSite) -> LocalSite:
+    """The local HTTP test site (see ``services._SiteHandler`` for routes); ``site.url(path)``
+    gives absolute URLs and ``site.hits`` lists only this test's requests."""
+    _site_server.reset()
+    return _site_server

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite on a fresh machine; arguments go to pytest.
+#   bash tests/run.sh                 # everything
+#   bash tests/run.sh -m "not postgres" -x
+# Installs PostgreSQL binaries (Debian, as root) when missing, creates/reuses <repo>/.venv,
+# installs the package with its [test] extra, then runs pytest from the repo root.
+# The exit code is pytest's.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$repo/.venv"
+
+have_initdb() {
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null
+}
+
+# The postgres fixture starts its own throwaway server from initdb/pg_ctl, so only the binaries
+# are needed. Skipped when a server is given through SCRAPY_INGEST_TEST_PG_DSN.
+ensure_postgres_binaries() {
+    if [[ -n "${SCRAPY_INGEST_TEST_PG_DSN:-}" ]] || have_initdb; then
+        return 0
+    fi
+    if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        echo "tests/run.sh: no initdb found and cannot apt-get install postgresql here;" \
+             "postgres tests will be skipped (or fail when SCRAPY_INGEST_REQUIRE_SERVICES=1)" >&2
+        return 0
+    fi
+    echo "tests/run.sh: installing PostgreSQL binaries with apt-get" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq postgresql >/dev/null
+    # The package creates (and may start) a "main" cluster on port 5432. The tests never use
+    # it; stop it so it does not hold memory or the port for the rest of the run.
+    if command -v pg_lsclusters >/dev/null; then
+        pg_lsclusters --no-header 2>/dev/null | while read -r version cluster _; do
+            pg_ctlcluster "$version" "$cluster" stop >/dev/null 2>&1 || true
+        done || true
+    fi
+}
+
+ensure_venv() {
+    # A venv from another Python (or half created) is rebuilt rather than trusted.
+    if ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        # Keep the venv out of `git add -A` without touching the repo's .gitignore.
+        echo '*' >"$venv/.gitignore"
+    fi
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+}
+
+ensure_postgres_binaries
+ensure_venv
+cd "$repo"
+exec "$venv/bin/python" -m pytest "$@"

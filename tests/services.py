@@ -1,0 +1,479 @@
+"""Services the test suite runs against: a PostgreSQL server and a small local HTTP site.
+
+Kept out of ``conftest.py`` so the logic is plain Python (usable from ``bench/`` scripts or a
+REPL) and ``conftest.py`` stays a thin layer of fixtures.
+
+PostgreSQL is found by this chain, first hit wins:
+
+1. ``SCRAPY_INGEST_TEST_PG_DSN``: a server the developer or CI already runs;
+2. testcontainers, when it is installed and a Docker engine answers;
+3. a throwaway server started here from the ``initdb``/``pg_ctl`` binaries of the machine.
+
+When none works, :class:`ServiceUnavailable` carries the reason of every step, so a skipped
+(or, in CI, failed) test says exactly what to install or set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import pwd
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+PG_DSN_ENV = "SCRAPY_INGEST_TEST_PG_DSN"
+REQUIRE_SERVICES_ENV = "SCRAPY_INGEST_REQUIRE_SERVICES"
+PG_IMAGE = "postgres:16-alpine"
+PG_LIB_DIR = Path("/usr/lib/postgresql")
+
+
+class ServiceUnavailable(Exception):
+    """A test service could not be found or started; the message says why and what to do."""
+
+
+def services_required() -> bool:
+    """True in CI: a missing service must fail the run instead of silently skipping tests."""
+    return os.environ.get(REQUIRE_SERVICES_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the caller must cope with losing a race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL: DSN helpers
+# --------------------------------------------------------------------------------------------
+
+
+def as_url(dsn: str) -> str:
+    """Return ``dsn`` in URL form; libpq ``key=value`` strings (allowed in the env var) are
+    converted because the library under test takes URLs (``INGEST_DATABASE_URL``)."""
+    if dsn.startswith("postgres://"):
+        return "postgresql://" + dsn[len("postgres://") :]
+    if dsn.startswith("postgresql://"):
+        return dsn
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
+    user = quote(params.pop("user", ""), safe="")
+    password = params.pop("password", None)
+    auth = f"{user}:{quote(password, safe='')}@" if password is not None else f"{user}@"
+    host = params.pop("host", "127.0.0.1")
+    port = params.pop("port", "5432")
+    dbname = quote(params.pop("dbname", "postgres"), safe="")
+    query = "&".join(f"{k}={quote(v, safe='')}" for k, v in sorted(params.items()))
+    return urlunsplit(("postgresql", f"{auth}{host}:{port}", f"/{dbname}", query, ""))
+
+
+def with_database(url: str, dbname: str) -> str:
+    """``url`` pointing at database ``dbname`` instead, everything else unchanged."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + quote(dbname, safe="")))
+
+
+def create_database(admin_url: str) -> str:
+    """Create a fresh, empty database next to ``admin_url``'s and return its name."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"t_{secrets.token_hex(6)}"
+    # CREATE DATABASE cannot run inside a transaction block, hence autocommit.
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    """Drop ``name`` even if a test leaked connections to it (FORCE needs PostgreSQL >= 13)."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL: the three sources
+# --------------------------------------------------------------------------------------------
+
+
+def postgres_from_env() -> str | None:
+    dsn = os.environ.get(PG_DSN_ENV, "").strip()
+    return as_url(dsn) if dsn else None
+
+
+def postgres_from_docker(stack: contextlib.ExitStack) -> str:
+    """Start a PostgresContainer; raise ServiceUnavailable when that is not possible here."""
+    # testcontainers/docker warn on import (deprecated modules); under filterwarnings=error
+    # that would turn "no Docker" into a crash, so silence them just for the probe.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import docker
+        except ImportError:
+            raise ServiceUnavailable("testcontainers/docker not installed") from None
+        try:
+            postgres_container = _import_postgres_container()
+        except ImportError:
+            raise ServiceUnavailable("testcontainers[postgres] not installed") from None
+        if not _docker_answers(docker):
+            raise ServiceUnavailable("no Docker engine answers")
+        container = postgres_container(PG_IMAGE, driver=None)
+        try:
+            container.start()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                container.stop()  # a half-started container must not outlive the session
+            raise ServiceUnavailable(f"testcontainers could not start {PG_IMAGE}: {exc}") from None
+    stack.callback(container.stop)
+    return as_url(container.get_connection_url())
+
+
+def _docker_answers(docker: Any) -> bool:
+    """Ping the engine; the caller must have warnings silenced (see below)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://") and not Path(host[len("unix://") :]).exists():
+        return False  # the common case, answered without touching docker-py
+    try:
+        with contextlib.closing(docker.from_env(timeout=5)) as client:
+            return bool(client.ping())
+    except Exception:  # refused, timeout, bad DOCKER_HOST, ...: all mean "no usable engine"
+        return False
+    finally:
+        # docker-py leaks its socket when the connection fails; collect it now, while warnings
+        # are silenced, rather than let a ResourceWarning hit a random later test as an error.
+        gc.collect()
+
+
+def _import_postgres_container() -> type:
+    # testcontainers >= 4.14 moved it to .community; older 4.x only has the top-level module.
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:
+        from testcontainers.postgres import PostgresContainer
+    return PostgresContainer
+
+
+def find_pg_bindir() -> Path | None:
+    """The bin dir of the newest PostgreSQL under /usr/lib/postgresql, else from PATH."""
+    versions = [
+        d for d in PG_LIB_DIR.glob("*") if d.name.isdigit() and (d / "bin" / "initdb").is_file()
+    ]
+    if versions:
+        newest = max(versions, key=lambda d: int(d.name))
+        return newest / "bin"
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@dataclass
+class LocalPostgres:
+    """A throwaway server in a temp dir, listening on 127.0.0.1 only, trust auth, no fsync.
+
+    PostgreSQL refuses to run as root, so as root every command runs as the ``postgres`` user
+    (created by the Debian package) through ``runuser``, on a data dir that user owns.
+    """
+
+    bindir: Path
+    port: int = 0
+    base: Path | None = None
+    _as_postgres: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        # trust auth ignores the password; it is there so the DSN has the usual shape.
+        return f"postgresql://postgres:postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> str:
+        self._as_postgres = self._run_as_prefix()
+        self.base = self._make_base_dir()
+        self._initdb()
+        # The port is picked before the server binds it, so another process may win the race.
+        last_error = ""
+        for _ in range(3):
+            self.port = free_port()
+            ok, last_error = self._pg_ctl_start()
+            if ok:
+                return self.url
+        self.stop()
+        raise ServiceUnavailable(f"local PostgreSQL did not start: {last_error}")
+
+    def stop(self) -> None:
+        if self.base is None:
+            return
+        data = self.base / "data"
+        if (data / "postmaster.pid").exists():
+            for mode in ("fast", "immediate"):
+                result = self._run(
+                    [self._bin("pg_ctl"), "-D", str(data), "-m", mode, "-w", "-t", "30", "stop"],
+                    timeout=60,
+                    check=False,
+                )
+                if result.returncode == 0:
+                    break
+        shutil.rmtree(self.base, ignore_errors=True)
+        self.base = None
+
+    def _run_as_prefix(self) -> list[str]:
+        if os.geteuid() != 0:
+            return []
+        # runuser lives in sbin, which a minimal PATH (cron, CI, env -i) may leave out.
+        search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+        runuser = shutil.which("runuser", path=search)
+        if runuser is None:
+            raise ServiceUnavailable("running as root and `runuser` is missing (util-linux)")
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            raise ServiceUnavailable(
+                "running as root and there is no `postgres` user to run the server as"
+            ) from None
+        return [runuser, "-u", "postgres", "--"]
+
+    def _make_base_dir(self) -> Path:
+        # Under /tmp as root: the postgres user must be able to reach it, and TMPDIR might
+        # point somewhere private to root.
+        base = Path(
+            tempfile.mkdtemp(prefix="scrapy-ingest-pg-", dir="/tmp" if self._as_postgres else None)
+        )
+        (base / "sock").mkdir()
+        if self._as_postgres:
+            user = pwd.getpwnam("postgres")
+            for path in (base, base / "sock"):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        return base
+
+    def _initdb(self) -> None:
+        assert self.base is not None
+        flags = ["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]
+        cmd = [self._bin("initdb"), "-D", str(self.base / "data"), *flags]
+        result = self._run(cmd, timeout=180, check=False)
+        if result.returncode != 0:
+            self.stop()
+            raise ServiceUnavailable(f"initdb failed: {_tail(result.stdout + result.stderr)}")
+
+    def _pg_ctl_start(self) -> tuple[bool, str]:
+        assert self.base is not None
+        options = (
+            f"-k {self.base / 'sock'} -h 127.0.0.1 -p {self.port} -c fsync=off"
+            " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        log = self.base / "postgres.log"
+        data = str(self.base / "data")
+        cmd = [self._bin("pg_ctl"), "-D", data, "-l", str(log), "-w", "-t", "60", "-o", options]
+        result = self._run([*cmd, "start"], timeout=120, check=False)
+        if result.returncode == 0:
+            return True, ""
+        log_text = log.read_text(errors="replace") if log.exists() else ""
+        return False, _tail(result.stdout + result.stderr + log_text)
+
+    def _bin(self, name: str) -> str:
+        return str(self.bindir / name)
+
+    def _run(
+        self, cmd: list[str], *, timeout: float, check: bool
+    ) -> subprocess.CompletedProcess[str]:
+        # cwd=base: as the postgres user, the caller's cwd (e.g. /root) may be unreadable.
+        return subprocess.run(
+            [*self._as_postgres, *cmd],
+            cwd=self.base,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def postgres_local(stack: contextlib.ExitStack) -> str:
+    bindir = find_pg_bindir()
+    if bindir is None:
+        raise ServiceUnavailable(
+            f"no initdb in {PG_LIB_DIR}/*/bin or on PATH (apt-get install postgresql)"
+        )
+    server = LocalPostgres(bindir)
+    stack.callback(server.stop)
+    return server.start()
+
+
+def start_postgres(stack: contextlib.ExitStack) -> tuple[str, str]:
+    """Return ``(url, source)`` of a PostgreSQL server; cleanup is pushed onto ``stack``."""
+    url = postgres_from_env()
+    if url is not None:
+        return url, "env"
+    reasons = [f"{PG_DSN_ENV} is not set"]
+    for source, start in (("testcontainers", postgres_from_docker), ("local", postgres_local)):
+        try:
+            return start(stack), source
+        except ServiceUnavailable as exc:
+            reasons.append(f"{source}: {exc}")
+    raise ServiceUnavailable("no PostgreSQL server for tests: " + "; ".join(reasons))
+
+
+# --------------------------------------------------------------------------------------------
+# Local HTTP site for crawl tests
+# --------------------------------------------------------------------------------------------
+
+_PAGE_RE = re.compile(r"^/page/(\d+)$")
+_STATUS_RE = re.compile(r"^/status/(\d{3})$")
+MAX_DELAY_MS = 10_000
+_TEXT = "text/plain; charset=utf-8"
+
+
+class _SiteServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client must not hold up teardown
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _SiteHandler)
+        self.hits: list[str] = []
+        self.hits_lock = threading.Lock()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Crawlers drop connections on shutdown; that is not a test failure worth a traceback.
+        return
+
+
+class _SiteHandler(BaseHTTPRequestHandler):
+    """Routes (all GET):
+
+    - ``/``: links to ``/page/0`` and ``/items?n=10``;
+    - ``/items?n=N&size=S``: ``text/plain`` body ``N`` (spiders make N items of ~S bytes);
+    - ``/page/<k>?total=T&fanout=F``: HTML linking to the next F pages below T
+      (defaults T=10, F=3), so ``/page/0`` reaches the whole site;
+    - ``/status/<code>``: an empty page with that status;
+    - ``/delay?ms=M``: answers after M milliseconds (at most 10 s).
+    """
+
+    server: _SiteServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        return  # the default writes every request to stderr
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        with self.server.hits_lock:
+            self.server.hits.append(self.path)
+        try:
+            self._route(parts.path, query)
+        except ValueError as exc:
+            self._send(400, f"bad request: {exc}\n")
+
+    def _route(self, path: str, query: dict[str, str]) -> None:
+        if path == "/":
+            links = '<a href="/page/0">pages</a> <a href="/items?n=10">items</a>'
+            self._send(200, _html("index", links), "text/html; charset=utf-8")
+        elif path == "/items":
+            n = _non_negative(query.get("n", "0"), "n")
+            _non_negative(query.get("size", "0"), "size")
+            self._send(200, str(n))
+        elif match := _PAGE_RE.match(path):
+            self._send(200, _page(int(match[1]), query), "text/html; charset=utf-8")
+        elif match := _STATUS_RE.match(path):
+            self._send(int(match[1]), "")
+        elif path == "/delay":
+            time.sleep(min(_non_negative(query.get("ms", "0"), "ms"), MAX_DELAY_MS) / 1000)
+            self._send(200, "ok")
+        else:
+            self._send(404, "not found\n")
+
+    def _send(self, status: int, body: str, content_type: str = _TEXT) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _non_negative(value: str, name: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0")
+    return number
+
+
+def _page(k: int, query: dict[str, str]) -> str:
+    total = _non_negative(query.get("total", "10"), "total")
+    fanout = _non_negative(query.get("fanout", "3"), "fanout")
+    links = "".join(
+        f'<li><a href="/page/{j}?total={total}&amp;fanout={fanout}">page {j}</a></li>'
+        for j in range(k + 1, min(k + 1 + fanout, total))
+    )
+    return _html(f"page {k}", f"<h1>page {k}</h1><ul>{links}</ul>")
+
+
+def _html(title: str, body: str) -> str:
+    return f"<!doctype html><html><head><title>{title}</title></head><body>{body}</body></html>"
+
+
+class LocalSite:
+    """The test site on ``127.0.0.1:<free port>``, served from a background thread."""
+
+    def __init__(self) -> None:
+        self._server = _SiteServer()
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="test-site", daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def url(self, path: str = "/") -> str:
+        return self.base_url + (path if path.startswith("/") else "/" + path)
+
+    @property
+    def hits(self) -> list[str]:
+        """Paths (with query) requested since the last :meth:`reset`, in arrival order."""
+        with self._server.hits_lock:
+            return list(self._server.hits)
+
+    def reset(self) -> None:
+        with self._server.hits_lock:
+            self._server.hits.clear()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def running_site() -> Iterator[LocalSite]:
+    site = LocalSite()
+    site.start()
+    try:
+        yield site
+    finally:
+        site.stop()
