@@ -32,8 +32,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
-import random
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from decimal import Decimal
@@ -181,30 +179,3 @@ def _reason(exc: BaseException) -> str:
 
 def _ignore(kind: str) -> None:
     return None
-
-
-class IdFactory:
-    """Make record ids: UUID version 7 strings, unique and increasing within a factory.
-
-    Time-ordered ids keep PostgreSQL's primary-key index appending at its right
-    edge instead of touching random pages, and cost a fraction of ``uuid4()``.
-    The 74 random bits are drawn once per factory and then counted up, so two
-    processes (or two crawlers) never share a sequence.
-    """
-
-    def __init__(self) -> None:
-        rand = random.SystemRandom()
-        self._rand_a = 0x7000 | rand.getrandbits(12)
-        self._rand_b = rand.getrandbits(62)
-        self._seq = 0
-        self._cache: tuple[int, str] = (-1, "")
-
-    def __call__(self) -> str:
-        self._seq += 1
-        ms = time.time_ns() // 1_000_000
-        cached_ms, prefix = self._cache
-        if ms != cached_ms:
-            prefix = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-{self._rand_a:04x}-"
-            self._cache = (ms, prefix)
-        low = ((self._rand_b + self._seq) & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        return f"{prefix}{low >> 48:04x}-{low & 0xFFFF_FFFF_FFFF:012x}"

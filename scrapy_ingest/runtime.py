@@ -32,7 +32,8 @@ from scrapy_ingest.backends import create_host
 from scrapy_ingest.batching import BatchWriter, BufferBudget, WriteOutcome, run_in_thread
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import JobIdConflict
-from scrapy_ingest.records import IdFactory, RecordEncoder
+from scrapy_ingest._ids import IdFactory, format_uuid
+from scrapy_ingest.records import RecordEncoder
 from scrapy_ingest.schema import all_tables
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ class IngestRuntime:
             self.config.job_id
             or os.environ.get("SCRAPY_JOB")
             or getattr(spider, "_job", None)
-            or self.new_id()
+            or format_uuid(self.new_id())
         )
         return JobInfo(
             job_id=str(job_id),

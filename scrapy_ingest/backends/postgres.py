@@ -157,6 +157,8 @@ class PostgresBackend:
             return lambda v: b"\\N" if v is None else (b"t" if v else b"f")
         if kind in ("int", "bigint"):
             return lambda v: b"\\N" if v is None else str(int(v)).encode()
+        if kind == "uuid":
+            return _copy_uuid
         return _copy_text
 
     def classify(self, exc: BaseException) -> Failure:
@@ -233,6 +235,13 @@ def _copy_text(value: Any) -> bytes:
             .replace(b"\r", b"\\r")
         )
     return data
+
+
+def _copy_uuid(value: int | str | None) -> bytes:
+    if value is None:
+        return b"\\N"
+    # PostgreSQL reads 32 hex digits as a uuid, so ints need no dashes
+    return f"{value:032x}".encode() if type(value) is int else str(value).encode()
 
 
 def _copy_json(value: bytes) -> bytes:

@@ -20,6 +20,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from scrapy_ingest._redact import redact_text, redact_url
 from scrapy_ingest.backends.base import Failure, Row
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
+from scrapy_ingest._ids import format_uuid
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.schema import SCHEMA_VERSION
 
@@ -168,6 +169,8 @@ class SqlAlchemyBackend:
     def _converter(self, kind: ColumnKind, dialect: str) -> Callable[[Any], Any]:
         if kind == "json":
             return lambda v: None if v is None else v.decode()
+        if kind == "uuid":
+            return lambda v: None if v is None else format_uuid(v)
         if kind == "timestamp":
             fmt = self._format_ts if dialect == "sqlite" else utc_from_epoch
             return lambda v: None if v is None else fmt(v)
