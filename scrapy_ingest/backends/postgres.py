@@ -40,7 +40,6 @@ _TYPES: dict[ColumnKind, str] = {
     "json": "jsonb",
 }
 _CONNECT_TIMEOUT = 10
-_COPY_SPECIAL = re.compile(rb"[\\\t\n\r]")
 
 
 class PostgresBackend:
@@ -54,8 +53,13 @@ class PostgresBackend:
         self._create_tables = create_tables
         self._pool: ConnectionPool | None = None
         self._format_ts = TimestampFormatter()
-        self._formatters: dict[str, list[Callable[[Any], bytes]]] = {
-            t.kind: [self._formatter(c.kind) for c in t.columns] for t in tables
+        self._conversions: dict[str, list[tuple[int, Callable[[Any], Any]]]] = {
+            t.kind: [
+                (i, conversion)
+                for i, c in enumerate(t.columns)
+                if (conversion := self._conversion(c.kind)) is not None
+            ]
+            for t in tables
         }
 
     # lifecycle
@@ -120,13 +124,11 @@ class PostgresBackend:
 
     def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
         assert self._pool is not None, "write() before open()"
-        payload = self._copy_payload(table, rows)
         target = sql.Identifier(table.name)
         columns = sql.SQL(", ").join(map(sql.Identifier, table.column_names))
         with self._pool.connection() as conn, conn.cursor() as cur:
             if not idempotent:
-                with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(target, columns)) as copy:
-                    copy.write(payload)
+                self._copy(cur, sql.SQL("COPY {} ({}) FROM STDIN").format(target, columns), table, rows)
                 return
             stage = sql.Identifier(f"_stage_{table.name}")
             cur.execute(
@@ -134,32 +136,39 @@ class PostgresBackend:
                     "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS"
                 ).format(stage, target)
             )
-            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, columns)) as copy:
-                copy.write(payload)
+            self._copy(cur, sql.SQL("COPY {} ({}) FROM STDIN").format(stage, columns), table, rows)
             cur.execute(
                 sql.SQL(
                     "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING"
                 ).format(target, columns, columns, stage, sql.Identifier(table.primary_key))
             )
 
-    def _copy_payload(self, table: TableSpec, rows: Sequence[Row]) -> bytes:
-        formatters = self._formatters[table.kind]
-        return b"".join(
-            [b"\t".join([f(v) for f, v in zip(formatters, row)]) + b"\n" for row in rows]
-        )
+    def _copy(
+        self, cur: psycopg.Cursor[Any], statement: sql.Composed, table: TableSpec, rows: Sequence[Row]
+    ) -> None:
+        # psycopg's write_row formats and escapes in C; we only turn our
+        # values into text first (ids, timestamps, JSON bytes, unsafe text)
+        conversions = self._conversions[table.kind]
+        with cur.copy(statement) as copy:
+            write_row = copy.write_row
+            for row in rows:
+                values = list(row)
+                for index, convert in conversions:
+                    value = values[index]
+                    if value is not None:
+                        values[index] = convert(value)
+                write_row(values)
 
-    def _formatter(self, kind: ColumnKind) -> Callable[[Any], bytes]:
+    def _conversion(self, kind: ColumnKind) -> Callable[[Any], Any] | None:
         if kind == "json":
-            return _copy_json
+            return bytes.decode
         if kind == "timestamp":
-            return lambda v: b"\\N" if v is None else self._format_ts(v).encode()
-        if kind == "bool":
-            return lambda v: b"\\N" if v is None else (b"t" if v else b"f")
-        if kind in ("int", "bigint"):
-            return lambda v: b"\\N" if v is None else str(int(v)).encode()
+            return self._format_ts
         if kind == "uuid":
-            return _copy_uuid
-        return _copy_text
+            return _uuid_text
+        if kind == "text":
+            return _safe_text
+        return None
 
     def classify(self, exc: BaseException) -> Failure:
         if isinstance(exc, psycopg.Error):
@@ -220,33 +229,17 @@ class PostgresBackend:
         return value
 
 
-def _copy_text(value: Any) -> bytes:
-    if value is None:
-        return b"\\N"
-    text = str(value)
-    if "\x00" in text:  # text columns cannot hold NUL
-        text = text.replace("\x00", "\ufffd")
-    data = text.encode("utf-8", "replace")
-    if _COPY_SPECIAL.search(data):
-        data = (
-            data.replace(b"\\", b"\\\\")
-            .replace(b"\t", b"\\t")
-            .replace(b"\n", b"\\n")
-            .replace(b"\r", b"\\r")
-        )
-    return data
-
-
-def _copy_uuid(value: int | str | None) -> bytes:
-    if value is None:
-        return b"\\N"
+def _uuid_text(value: int | str) -> str:
     # PostgreSQL reads 32 hex digits as a uuid, so ints need no dashes
-    return f"{value:032x}".encode() if type(value) is int else str(value).encode()
+    return f"{value:032x}" if type(value) is int else str(value)
 
 
-def _copy_json(value: bytes) -> bytes:
-    # orjson escapes control characters, so only backslashes need COPY escaping
-    return value.replace(b"\\", b"\\\\")
+def _safe_text(value: str) -> str:
+    """Text PostgreSQL can store: no NUL, no lone surrogate (both become U+FFFD)."""
+    if value.isascii() and "\x00" not in value:
+        return value
+    value = value.replace("\x00", "\ufffd")
+    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _create_table(table: TableSpec) -> sql.Composed:

@@ -1,0 +1,74 @@
+"""Items/s of the same 100,000-item crawl with no pipeline, a JSON Lines feed and the add-on.
+
+    python bench/items.py [--items N] [--pairs 3]
+
+Each crawl runs in a fresh process (bench/_crawl.py), in alternating order
+(none, feed, ingest, none, feed, ingest, ...), each add-on crawl into a fresh
+PostgreSQL database. PostgreSQL comes from SCRAPY_INGEST_BENCH_PG_DSN (or
+SCRAPY_INGEST_TEST_PG_DSN), else a throwaway local server like the tests'.
+Prints every run, then the medians and each mode's ratio to no pipeline.
+The target (issue 2): ingest >= 0.90 of none, with every item stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import services  # noqa: E402  (tests/services.py: the throwaway PostgreSQL)
+
+MODES = ("none", "feed", "ingest")
+
+
+def postgres(stack: contextlib.ExitStack) -> str:
+    url = os.environ.get("SCRAPY_INGEST_BENCH_PG_DSN")
+    return url or services.start_postgres(stack)[0]
+
+
+def crawl(mode: str, items: int, url: str | None) -> dict[str, float]:
+    args = [sys.executable, str(HERE / "_crawl.py"), mode, str(items)]
+    if url:
+        args.append(url)
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--pairs", type=int, default=3)
+    options = parser.parse_args()
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    with contextlib.ExitStack() as stack:
+        admin = postgres(stack)
+        for n in range(options.pairs):
+            for mode in MODES:
+                url = None
+                if mode == "ingest":
+                    url = services.with_database(admin, services.create_database(admin))
+                result = crawl(mode, options.items, url)
+                if mode == "ingest" and result["stored"] != options.items:
+                    sys.exit(f"ingest run {n}: stored {result['stored']} of {options.items}")
+                runs[mode].append(result)
+                print(f"run {n + 1} {mode:<6} {json.dumps(result)}", flush=True)
+    print()
+    base = statistics.median(r["items_per_s"] for r in runs["none"])
+    base_wall = statistics.median(r["wall_items_per_s"] for r in runs["none"])
+    print(f"{'mode':<8}{'items/s':>10}{'ratio':>8}{'wall items/s':>14}{'wall ratio':>12}")
+    for mode in MODES:
+        rate = statistics.median(r["items_per_s"] for r in runs[mode])
+        wall = statistics.median(r["wall_items_per_s"] for r in runs[mode])
+        print(f"{mode:<8}{rate:>10.0f}{rate / base:>8.3f}{wall:>14.0f}{wall / base_wall:>12.3f}")
+
+
+if __name__ == "__main__":
+    main()

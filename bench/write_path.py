@@ -1,0 +1,166 @@
+"""Rows/s of our PostgreSQL write path against a plain psycopg COPY of the same rows.
+
+    python bench/write_path.py [--rows N] [--batch 2000]
+
+The rows are the ones the pipeline captures for the bench crawl's items
+(ids, timestamps, orjson-encoded data). Each method writes them in batches,
+into fresh tables of the same shape and indexes, in a fresh database:
+
+* ``writer process``: what a crawl uses, ProcessHost (pickled batch files,
+  child process, COPY text built by PostgresBackend);
+* ``in thread``: PostgresBackend called directly (INGEST_WRITER_PROCESS=False);
+* ``plain COPY``: psycopg's ``copy.write_row()`` of the same values;
+* ``binary COPY``: the same rows as COPY BINARY built in Python, to compare
+  the text format we use with the binary one.
+
+The target (issue 2): writer process >= 0.7 of plain COPY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+import psycopg  # noqa: E402
+import services  # noqa: E402
+from _crawl import PADDING  # noqa: E402
+
+from scrapy_ingest._ids import IdFactory, format_uuid  # noqa: E402
+from scrapy_ingest.backends import local_host  # noqa: E402
+from scrapy_ingest.backends._process import ProcessHost  # noqa: E402
+from scrapy_ingest.records import RecordEncoder  # noqa: E402
+from scrapy_ingest.schema import all_tables  # noqa: E402
+
+_EPOCH_2000 = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+
+
+def make_rows(count: int) -> list[tuple[object, ...]]:
+    encoder, ids = RecordEncoder(), IdFactory()
+    rows = []
+    for i in range(count):
+        item = {
+            "sku": f"SKU-{i:08d}",
+            "title": f"Product number {i} with a reasonably long title",
+            "price": 10.0 + i % 1000 / 7,
+            "in_stock": i % 3 != 0,
+            "rating": i % 5,
+            "tags": ["alpha", "beta", f"tag{i % 17}", "gamma"],
+            "seller": {"id": i % 991, "name": f"Seller {i % 991}", "country": "DE"},
+            "description": PADDING,
+            "url": f"http://127.0.0.1:8000/product/{i}",
+        }
+        now = time.time()
+        rows.append((ids(now), "job", "bench", "dict", "http://127.0.0.1:8000/", now, encoder.encode(item)))
+    return rows
+
+
+def batches(rows: list[tuple[object, ...]], size: int) -> list[list[tuple[object, ...]]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def fresh_database(admin: str) -> str:
+    return services.with_database(admin, services.create_database(admin))
+
+
+def our_path(host: object, url: str, rows: list, size: int) -> float:
+    tables = {t.kind: t for t in all_tables("ingest_")}
+    host.open()  # type: ignore[attr-defined]
+    started = time.perf_counter()
+    for batch in batches(rows, size):
+        outcome = host.store(tables["items"], batch)  # type: ignore[attr-defined]
+        assert outcome.written == len(batch), outcome
+    seconds = time.perf_counter() - started
+    host.close()  # type: ignore[attr-defined]
+    return seconds
+
+
+def plain_copy(url: str, rows: list, size: int) -> float:
+    host = local_host(url, all_tables("ingest_"), create_tables=True, retry_timeout=0)
+    host.open()  # creates the same tables and indexes
+    host.close()
+    values = [
+        (format_uuid(r[0]), r[1], r[2], r[3], r[4], dt.datetime.fromtimestamp(r[5], dt.timezone.utc), r[6].decode())
+        for r in rows
+    ]
+    columns = "id, job_id, spider, item_type, url, scraped_at, data"
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        for batch in batches(values, size):
+            with conn.cursor().copy(f"COPY ingest_items ({columns}) FROM STDIN") as copy:
+                for row in batch:
+                    copy.write_row(row)
+            conn.commit()
+        return time.perf_counter() - started
+
+
+def binary_copy(url: str, rows: list, size: int) -> float:
+    host = local_host(url, all_tables("ingest_"), create_tables=True, retry_timeout=0)
+    host.open()
+    host.close()
+    columns = "id, job_id, spider, item_type, url, scraped_at, data"
+    head, field_count = struct.Struct(">h"), 7
+    with psycopg.connect(url) as conn:
+        started = time.perf_counter()
+        for batch in batches(rows, size):
+            parts = [b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)]
+            for r in batch:
+                text = [s.encode() for s in r[1:5]]
+                micros = int((r[5] - _EPOCH_2000) * 1_000_000)
+                parts.append(head.pack(field_count))
+                parts.append(struct.pack(">i", 16) + r[0].to_bytes(16, "big"))
+                for t in text:
+                    parts.append(struct.pack(">i", len(t)) + t)
+                parts.append(struct.pack(">iq", 8, micros))
+                parts.append(struct.pack(">ib", len(r[6]) + 1, 1) + r[6])
+            parts.append(head.pack(-1))
+            with conn.cursor().copy(f"COPY ingest_items ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.write(b"".join(parts))
+            conn.commit()
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    options = parser.parse_args()
+    rows = make_rows(options.rows)
+    tables = all_tables("ingest_")
+    methods = {
+        "writer process": lambda url: our_path(
+            ProcessHost(url, tables, create_tables=True, retry_timeout=10), url, rows, options.batch
+        ),
+        "in thread": lambda url: our_path(
+            local_host(url, tables, create_tables=True, retry_timeout=10), url, rows, options.batch
+        ),
+        "plain COPY": lambda url: plain_copy(url, rows, options.batch),
+        "binary COPY": lambda url: binary_copy(url, rows, options.batch),
+    }
+    results: dict[str, list[float]] = {name: [] for name in methods}
+    with contextlib.ExitStack() as stack:
+        admin = services.start_postgres(stack)[0]
+        for _ in range(options.repeat):
+            for name, method in methods.items():
+                seconds = method(fresh_database(admin))
+                results[name].append(options.rows / seconds)
+                print(f"{name:<15} {options.rows / seconds:>10.0f} rows/s", flush=True)
+    print()
+    plain = statistics.median(results["plain COPY"])
+    for name, rates in results.items():
+        rate = statistics.median(rates)
+        print(f"{name:<15} {rate:>10.0f} rows/s  {rate / plain:.2f} of plain COPY")
+
+
+if __name__ == "__main__":
+    main()
