@@ -30,6 +30,8 @@ from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
 
 if TYPE_CHECKING:
     from scrapy import Spider
+
+    from scrapy_ingest.batching import BatchWriter
     from scrapy.crawler import Crawler
     from typing_extensions import Self
 
@@ -47,6 +49,7 @@ class IngestPipeline:
         # stats collector's attribute lookup is too slow for once per item
         self._queued = 0
         self._published = 0
+        self._writer: BatchWriter | None = None
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -63,6 +66,8 @@ class IngestPipeline:
         runtime.on_tick(self._publish_stats)
 
     async def close_spider(self, spider: Spider | None = None) -> None:
+        if self._writer is None:  # the runtime failed to open; nothing was queued
+            return
         self._publish_stats()
         await maybe_deferred_to_future(self._writer.drain())
 
@@ -91,7 +96,7 @@ class IngestPipeline:
             now,
             data,
         )
-        self._writer.add(row, len(data) + ROW_OVERHEAD)
+        self._writer.add(row, len(data) + ROW_OVERHEAD)  # type: ignore[union-attr]
         self._queued += 1
         if runtime.budget.full:
             # backpressure: the crawl waits here until the writers catch up

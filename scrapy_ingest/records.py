@@ -111,6 +111,7 @@ class RecordEncoder:
         if isinstance(obj, (list, tuple, deque)):
             return [self._clean(v, depth + 1) for v in obj]
         if isinstance(obj, (set, frozenset)):
+            self._on_value("set")
             return [self._clean(v, depth + 1) for v in _set_items(obj)]
         if not isinstance(obj, type) and ItemAdapter.is_item(obj):
             return self._clean(ItemAdapter(obj).asdict(), depth + 1)

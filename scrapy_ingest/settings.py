@@ -2,9 +2,8 @@
 
 Like Scrapy's ``default_settings.py``, this module is the one place where
 defaults live. :class:`scrapy_ingest.config.IngestConfig` reads these names
-from a crawler's settings and validates them; the add-on writes them into the
-crawler's settings at ``addon`` priority so that ``scrapy settings --get``
-shows them.
+from a crawler's settings, falls back to the values here for the ones a
+project does not set (with or without the add-on), and validates them.
 
 Why these numbers (see ``docs/performance.md`` for the measurements):
 

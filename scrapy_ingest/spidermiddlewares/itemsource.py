@@ -9,10 +9,15 @@ takes it when the item arrives. Enabled by the add-on; alone::
 A low number puts it next to the engine, so it sees the items that the
 other spider middlewares let through. An item that a pipeline before
 IngestPipeline replaces by a new object is stored with a null ``url``.
+
+Entries are removed when the pipeline takes them or the item is dropped;
+the oldest go once there are ``MAX_PENDING``, so that items which never
+reach the pipeline (or a crawl without it) cannot grow memory.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 from scrapy import Request
@@ -26,6 +31,10 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from scrapy.http import Response
     from typing_extensions import Self
+
+
+#: items noted and not yet taken; far more than Scrapy processes at once
+MAX_PENDING = 10_000
 
 
 class ItemSourceMiddleware:
@@ -45,6 +54,8 @@ class ItemSourceMiddleware:
         for output in result:
             if not isinstance(output, Request):
                 sources[id(output)] = url
+                if len(sources) > MAX_PENDING:
+                    _forget_oldest(sources)
             yield output
 
     async def process_spider_output_async(
@@ -54,4 +65,12 @@ class ItemSourceMiddleware:
         async for output in result:
             if not isinstance(output, Request):
                 sources[id(output)] = url
+                if len(sources) > MAX_PENDING:
+                    _forget_oldest(sources)
             yield output
+
+
+def _forget_oldest(sources: dict[int, str]) -> None:
+    # dicts keep insertion order: drop the oldest tenth at once
+    for key in list(itertools.islice(sources, MAX_PENDING // 10)):
+        del sources[key]
