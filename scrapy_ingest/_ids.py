@@ -18,17 +18,17 @@ class IdFactory:
 
     def __init__(self) -> None:
         rand = random.SystemRandom()
-        # version 7 and 12 random bits above the 64 low bits
-        self._rand_a = (0x7000 | rand.getrandbits(12)) << 64
-        self._rand_b = rand.getrandbits(62)
+        version = 0x7000 | rand.getrandbits(12)  # version 7, then 12 random bits
+        # the variant bits, then 61 random bits that leave room to count up
+        low = 0x8000_0000_0000_0000 | rand.getrandbits(61)
+        self._base = (version << 64) | low
         self._seq = 0
 
     def __call__(self, epoch: float | None = None) -> int:
         """Return a new id; *epoch* (seconds) is the capture time, now by default."""
         self._seq += 1
         ms = int((time.time() if epoch is None else epoch) * 1000)
-        low = ((self._rand_b + self._seq) & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000
-        return (ms << 80) | self._rand_a | low
+        return (ms << 80) + self._base + self._seq
 
 
 def format_uuid(value: int | str) -> str:

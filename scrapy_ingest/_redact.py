@@ -52,7 +52,7 @@ def redact_value(name: str, value: Any) -> Any:
     if _SECRET_NAME.search(name) and value not in (None, "", False):
         return REDACTED
     if isinstance(value, str):
-        return redact_text(value)
+        return redact_text(redact_url(value) if "://" in value else value)
     if isinstance(value, Mapping):
         return {str(k): redact_value(str(k), v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

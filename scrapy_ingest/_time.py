@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 
 _UTC = dt.timezone.utc
@@ -20,8 +21,13 @@ class TimestampFormatter:
         self._cache: tuple[int, str] = (-1, "")
 
     def __call__(self, epoch: float) -> str:
-        second = int(epoch)
-        micros = int((epoch - second) * 1_000_000)
+        # rounded exactly as datetime.fromtimestamp rounds, carrying into the next second
+        fraction, whole = math.modf(epoch)
+        second, micros = int(whole), round(fraction * 1e6)
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        elif micros < 0:
+            second, micros = second - 1, micros + 1_000_000
         cached_second, prefix = self._cache
         if second != cached_second:
             prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))

@@ -60,9 +60,15 @@ class IngestPipeline:
         runtime = self._runtime
         await runtime.open()
         assert runtime.job is not None
-        self._writer = runtime.writer("items")
         self._job_id = runtime.job.job_id
         self._spider_name = runtime.job.spider
+        self._writer = runtime.writer("items")
+        # bound once: process_item runs for every item, on the reactor thread
+        self._take_source = runtime.item_sources.pop
+        self._encode = runtime.encoder.encode_item
+        self._new_id = runtime.new_id
+        self._add = self._writer.add
+        self._budget = runtime.budget
         runtime.on_tick(self._publish_stats)
 
     async def close_spider(self, spider: Spider | None = None) -> None:
@@ -78,30 +84,27 @@ class IngestPipeline:
 
     # async: Scrapy awaits the coroutine as it is, which costs less per item
     # than the wrapper it puts around a plain return value
+    # async: Scrapy awaits the coroutine as it is, which costs less per item
+    # than the wrapper it puts around a plain return value
     async def process_item(self, item: Any, spider: Spider | None = None) -> Any:
-        runtime = self._runtime
-        url = runtime.item_sources.pop(id(item), None)
+        url = self._take_source(id(item), None)
         try:
-            data = runtime.encoder.encode_item(item)
+            data = self._encode(item)
         except EncodeError as exc:
-            runtime.dead_letter("items", f"the item cannot be encoded: {exc}", _safe_repr(item))
+            reason = f"the item cannot be encoded: {exc}"
+            self._runtime.dead_letter("items", reason, _safe_repr(item))
             return item
         now = time.time()
-        row = (
-            runtime.new_id(now),
-            self._job_id,
-            self._spider_name,
-            type(item).__name__,
-            url,
-            now,
-            data,
+        self._add(
+            (self._new_id(now), self._job_id, self._spider_name, type(item).__name__, url, now, data),
+            len(data) + ROW_OVERHEAD,
         )
-        self._writer.add(row, len(data) + ROW_OVERHEAD)  # type: ignore[union-attr]
         self._queued += 1
-        if runtime.budget.full:
+        budget = self._budget
+        if budget.used >= budget.limit:
             # backpressure: the crawl waits here until the writers catch up
-            runtime.stats.inc_value(_WAITS)
-            await maybe_deferred_to_future(runtime.budget.wait())
+            self._runtime.stats.inc_value(_WAITS)
+            await maybe_deferred_to_future(budget.wait())
         return item
 
 

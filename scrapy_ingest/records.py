@@ -22,7 +22,7 @@ lone surrogate              U+FFFD
 nested item                 object (through ItemAdapter)
 ``Enum``                    its value
 ``UUID``, ``Path``          string
-non-string dict key         string
+non-string dict key         its ``str()``
 anything else               the record goes to the dead-letter table
 ==========================  ==========================================================
 """
@@ -41,7 +41,8 @@ import orjson
 from itemadapter import ItemAdapter
 
 _UTC = dt.timezone.utc
-_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+# orjson's option for non-string keys slows every record: the slow path turns them into str
+_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_SERIALIZE_NUMPY
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _NUL_ESCAPE = b"\\u0000"
 
@@ -63,11 +64,12 @@ class RecordEncoder:
         # conversions seen while encoding the current record, reported once it succeeds
         self._seen: list[str] = []
         self._on_value = self._seen.append
+        self._default_fn = self._default  # bound once, not per record
 
     def encode(self, obj: Any) -> bytes:
         """Return *obj* as JSON bytes, or raise :class:`EncodeError` with the reason."""
         try:
-            out = orjson.dumps(obj, default=self._default, option=_OPTIONS)
+            out = orjson.dumps(obj, default=self._default_fn, option=_OPTIONS)
             if _NUL_ESCAPE in out:
                 self._seen.clear()
                 out = self._encode_clean(obj)
@@ -91,8 +93,9 @@ class RecordEncoder:
     def _encode_clean(self, obj: Any) -> bytes:
         try:
             cleaned = self._clean(obj, 0)
-            return orjson.dumps(cleaned, default=self._default, option=_OPTIONS)
+            return orjson.dumps(cleaned, default=self._default_fn, option=_OPTIONS)
         except (orjson.JSONEncodeError, RecursionError) as exc:
+            self._seen.clear()  # a refused record reports no conversions
             raise EncodeError(_reason(exc)) from None
 
     def _clean(self, obj: Any, depth: int) -> Any:
@@ -107,7 +110,10 @@ class RecordEncoder:
             self._on_value("big_int")
             return str(obj)
         if isinstance(obj, Mapping):
-            return {self._clean(k, depth + 1): self._clean(v, depth + 1) for k, v in obj.items()}
+            return {
+                self._clean_str(k if isinstance(k, str) else str(k)): self._clean(v, depth + 1)
+                for k, v in obj.items()
+            }
         if isinstance(obj, (list, tuple, deque)):
             return [self._clean(v, depth + 1) for v in obj]
         if isinstance(obj, (set, frozenset)):
@@ -168,7 +174,7 @@ def _set_items(value: set[Any] | frozenset[Any]) -> list[Any]:
 
 def _is_fixable(exc: BaseException) -> bool:
     text = str(exc)
-    return "64-bit" in text or "surrogates" in text or "UTF-8" in text
+    return "64-bit" in text or "surrogates" in text or "UTF-8" in text or "Dict key" in text
 
 
 def _reason(exc: BaseException) -> str:

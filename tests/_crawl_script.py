@@ -1,0 +1,308 @@
+"""One real crawl, in a process of its own, for the crawl tests.
+
+    python tests/_crawl_script.py '{"base_url": "http://127.0.0.1:8000", "pages": 2, ...}'
+
+A fresh process per crawl is what users run (``scrapy crawl``), and it is the only way to
+choose the Twisted reactor per test. Like ``scrapy crawl``, it uses AsyncCrawlerProcess for
+the asyncio reactor and CrawlerProcess otherwise, and exits with 1 when the crawl failed to
+start (``bootstrap_failed``). When ``result`` names a file, the crawl's final stats, the
+installed reactor and ``bootstrap_failed`` are written there as JSON.
+
+Arguments (JSON object, all optional except ``base_url``):
+
+- ``reactor``: ``"asyncio"`` (AsyncioSelectorReactor, Scrapy's default) or ``"default"``
+  (``TWISTED_REACTOR = None``: Twisted's own default reactor, epoll on Linux);
+- ``settings``: extra Scrapy settings (``INGEST_*`` ...); the add-on is always enabled unless
+  ``ADDONS`` is given;
+- ``pages``, ``per_page``: the spider fetches ``pages`` pages and yields ``per_page`` items
+  from each, item ``idx`` = ``page * per_page + i``, ``title`` = ``item-<idx:05d>``;
+- ``delay_ms``: fetch ``/delay?ms=...`` pages instead of ``/items`` (a slow crawl);
+- ``kind``: item type, one of ``ITEM_KINDS``;
+- ``size``: bytes of padding per item;
+- ``awkward``: put ``AWKWARD[k]`` into the ``extra`` field of item ``idx = k * 50 + 7``;
+- ``poison``: idx values of items that get a ``poison`` key;
+- ``spider_args``: keyword arguments for the spider (``_job`` ...);
+- ``result``: path of the JSON result file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import json
+import math
+import sys
+import uuid
+from collections import deque
+from decimal import Decimal
+from pathlib import PurePosixPath
+from typing import Any
+
+import attrs
+import scrapy
+
+ASYNCIO_REACTOR = "twisted.internet.asyncioreactor.AsyncioSelectorReactor"
+AWKWARD_EVERY = 50
+AWKWARD_OFFSET = 7
+
+
+class Product(scrapy.Item):
+    title = scrapy.Field()
+    idx = scrapy.Field()
+    page_url = scrapy.Field()
+    price = scrapy.Field()
+    pad = scrapy.Field()
+    extra = scrapy.Field()
+    poison = scrapy.Field()
+
+
+@dataclasses.dataclass
+class DataclassProduct:
+    title: str
+    idx: int
+    page_url: str
+    price: float
+    pad: str = ""
+
+
+@attrs.define
+class AttrsProduct:
+    title: str
+    idx: int
+    page_url: str
+    price: float
+    pad: str = ""
+
+
+@dataclasses.dataclass
+class Inner:
+    name: str
+    price: Decimal
+
+
+@attrs.define
+class AttrsInner:
+    name: str
+    when: dt.datetime
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+class Unstorable:
+    """An arbitrary object, with no stored form."""
+
+    def __repr__(self) -> str:
+        return "<Unstorable>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """The record must go to the dead-letter table, with ``reason`` in its reason."""
+
+    reason: str
+
+
+def _self_containing() -> dict[str, Any]:
+    loop: dict[str, Any] = {"name": "loop"}
+    loop["self"] = loop
+    return loop
+
+
+PLUS_2 = dt.timezone(dt.timedelta(hours=2))
+MEGABYTE_STRING = "x" * 1_000_000
+
+#: (name, make the value, its stored JSON form or Refused): 40 awkward values
+AWKWARD: list[tuple[str, Any, Any]] = [
+    (
+        "aware-datetime",
+        lambda: dt.datetime(2024, 5, 1, 14, tzinfo=PLUS_2),
+        "2024-05-01T12:00:00+00:00",
+    ),
+    ("naive-datetime", lambda: dt.datetime(2024, 5, 1, 12), "2024-05-01T12:00:00+00:00"),
+    ("date", lambda: dt.date(2024, 5, 1), "2024-05-01"),
+    ("time", lambda: dt.time(12, 30, tzinfo=PLUS_2), "12:30:00+02:00"),
+    ("timedelta", lambda: dt.timedelta(minutes=1, seconds=30), 90.0),
+    ("decimal", lambda: Decimal("19.99"), "19.99"),
+    ("decimal-nan", lambda: Decimal("NaN"), "NaN"),
+    ("decimal-minus-infinity", lambda: Decimal("-Infinity"), "-Infinity"),
+    ("bytes", lambda: b"\x00\xff", "AP8="),
+    ("bytearray", lambda: bytearray(b"ab"), "YWI="),
+    ("set", lambda: {3, 1, 2}, [1, 2, 3]),
+    ("frozenset", lambda: frozenset({"b", "a"}), ["a", "b"]),
+    ("tuple", lambda: (1, "two", None), [1, "two", None]),
+    ("nested-tuple", lambda: ((1, 2), (3,)), [[1, 2], [3]]),
+    ("nan", lambda: math.nan, None),
+    ("infinity", lambda: math.inf, None),
+    ("minus-infinity", lambda: -math.inf, None),
+    ("nan-inside", lambda: {"a": math.nan, "b": [math.inf]}, {"a": None, "b": [None]}),
+    ("nul", lambda: "nul\x00inside", "nul\ufffdinside"),
+    ("only-nul", lambda: "\x00\x00\x00", "\ufffd\ufffd\ufffd"),
+    ("lone-high-surrogate", lambda: "lone \ud800 high", "lone \ufffd high"),
+    ("lone-low-surrogate", lambda: "\udfff", "\ufffd"),
+    ("int-beyond-64-bits", lambda: 2**64, "18446744073709551616"),
+    ("negative-int-beyond-64-bits", lambda: -(2**70), "-1180591620717411303424"),
+    ("big-int-and-nul", lambda: [2**100, "\x00"], ["1267650600228229401496703205376", "\ufffd"]),
+    ("megabyte-string", lambda: MEGABYTE_STRING, MEGABYTE_STRING),
+    (
+        "nested-scrapy-item",
+        lambda: Product(title="inner", price=Decimal("1.5")),
+        {"title": "inner", "price": "1.5"},
+    ),
+    ("nested-dataclass", lambda: Inner("inner", Decimal("2.5")), {"name": "inner", "price": "2.5"}),
+    (
+        "nested-attrs",
+        lambda: AttrsInner("inner", dt.datetime(2024, 5, 1, 12)),
+        {"name": "inner", "when": "2024-05-01T12:00:00+00:00"},
+    ),
+    ("enum", lambda: Color.RED, "red"),
+    ("path", lambda: PurePosixPath("/data/x.html"), "/data/x.html"),
+    ("uuid", lambda: uuid.UUID(int=7), "00000000-0000-0000-0000-000000000007"),
+    ("non-str-keys", lambda: {1: "a", None: "b"}, {"1": "a", "None": "b"}),
+    ("deque", lambda: deque([1, 2]), [1, 2]),
+    (
+        "mixed",
+        lambda: {"when": dt.datetime(2024, 5, 1, 12), "amounts": {Decimal("1")}},
+        {"when": "2024-05-01T12:00:00+00:00", "amounts": ["1"]},
+    ),
+    ("arbitrary-object", Unstorable, Refused("Unstorable")),
+    ("plain-object", object, Refused("object")),
+    ("complex", lambda: complex(1, 2), Refused("complex")),
+    ("object-in-list", lambda: [1, Unstorable()], Refused("Unstorable")),
+    ("self-containing", _self_containing, Refused("contains itself")),
+]
+assert len(AWKWARD) == 40
+
+
+def awkward_index(idx: int) -> int | None:
+    """The AWKWARD entry item ``idx`` carries in an awkward crawl, if any."""
+    if idx % AWKWARD_EVERY != AWKWARD_OFFSET:
+        return None
+    k = idx // AWKWARD_EVERY
+    return k if k < len(AWKWARD) else None
+
+
+def title(idx: int) -> str:
+    return f"item-{idx:05d}"
+
+
+ITEM_KINDS = {
+    "dict": "dict",
+    "scrapy.Item": "Product",
+    "dataclass": "DataclassProduct",
+    "attrs": "AttrsProduct",
+}
+
+
+def make_item(kind: str, idx: int, page_url: str, pad: str, extra: dict[str, Any]) -> Any:
+    fields = {"title": title(idx), "idx": idx, "page_url": page_url, "price": idx + 0.5, "pad": pad}
+    if kind == "dict":
+        return {**fields, **extra}
+    if kind == "scrapy.Item":
+        return Product(**fields, **extra)
+    if extra:
+        raise ValueError(f"{kind} items take no extra fields")
+    if kind == "dataclass":
+        return DataclassProduct(**fields)
+    if kind == "attrs":
+        return AttrsProduct(**fields)
+    raise ValueError(f"unknown item kind {kind!r}")
+
+
+class IngestTestSpider(scrapy.Spider):
+    name = "ingest_test"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        pages: int = 1,
+        per_page: int = 10,
+        kind: str = "dict",
+        size: int = 0,
+        delay_ms: int = 0,
+        awkward: bool = False,
+        poison: list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.base_url = base_url
+        self.pages = pages
+        self.per_page = per_page
+        self.kind = kind
+        self.pad = "p" * size
+        self.delay_ms = delay_ms
+        self.awkward = awkward
+        self.poison = set(poison or ())
+
+    async def start(self) -> Any:
+        for page in range(self.pages):
+            if self.delay_ms:
+                path = f"/delay?ms={self.delay_ms}&page={page}"
+            else:
+                path = f"/items?n={self.per_page}&page={page}"
+            yield scrapy.Request(self.base_url + path, cb_kwargs={"page": page})
+
+    def parse(self, response: scrapy.http.Response, page: int) -> Any:
+        for i in range(self.per_page):
+            idx = page * self.per_page + i
+            extra: dict[str, Any] = {}
+            k = awkward_index(idx) if self.awkward else None
+            if k is not None:
+                extra["extra"] = AWKWARD[k][1]()
+            if idx in self.poison:
+                extra["poison"] = True
+            yield make_item(self.kind, idx, response.url, self.pad, extra)
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, (dt.datetime, dt.date)) else str(value)
+
+
+def main(argv: list[str]) -> int:
+    args = json.loads(argv[1])
+    reactor = args.get("reactor", "asyncio")
+    settings: dict[str, Any] = {
+        "ADDONS": {"scrapy_ingest.IngestAddon": 300},
+        "TELNETCONSOLE_ENABLED": False,
+        "LOG_LEVEL": "INFO",
+        "CONCURRENT_REQUESTS": 8,
+        **args.get("settings", {}),
+    }
+    from scrapy.crawler import AsyncCrawlerProcess, CrawlerProcess
+
+    process: Any
+    if reactor == "asyncio":
+        settings["TWISTED_REACTOR"] = ASYNCIO_REACTOR
+        process = AsyncCrawlerProcess(settings)
+    elif reactor == "default":
+        settings["TWISTED_REACTOR"] = None
+        process = CrawlerProcess(settings)
+    else:
+        raise ValueError(f"unknown reactor {reactor!r}")
+    crawler = process.create_crawler(IngestTestSpider)
+    spider_args = {
+        key: args[key]
+        for key in ("pages", "per_page", "kind", "size", "delay_ms", "awkward", "poison")
+        if key in args
+    }
+    process.crawl(crawler, base_url=args["base_url"], **spider_args, **args.get("spider_args", {}))
+    process.start()
+
+    from twisted.internet import reactor as installed
+
+    if args.get("result"):
+        result = {
+            "stats": crawler.stats.get_stats() if crawler.stats else {},
+            "bootstrap_failed": process.bootstrap_failed,
+            "reactor": f"{type(installed).__module__}.{type(installed).__qualname__}",
+        }
+        with open(args["result"], "w", encoding="utf-8") as file:
+            json.dump(result, file, default=_jsonable)
+    return 1 if process.bootstrap_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

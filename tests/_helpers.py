@@ -1,0 +1,314 @@
+"""Helpers of the crawl tests: run ``_crawl_script.py`` in a subprocess, read what it stored.
+
+Kept out of ``conftest.py``, which holds the service fixtures, so that these stay plain
+functions and classes that a test imports by name.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_DIR = TESTS_DIR.parent
+CRAWL_SCRIPT = TESTS_DIR / "_crawl_script.py"
+CRAWL_TIMEOUT = 180
+
+ASYNCIO_REACTOR = "twisted.internet.asyncioreactor.AsyncioSelectorReactor"
+#: what TWISTED_REACTOR = None installs on Linux
+DEFAULT_REACTOR = "twisted.internet.epollreactor.EPollReactor"
+REACTORS = {"asyncio": ASYNCIO_REACTOR, "default": DEFAULT_REACTOR}
+
+
+@dataclass
+class CrawlResult:
+    returncode: int
+    output: str  # stdout and stderr: the crawl log
+    stats: dict[str, Any]
+    reactor: str | None
+    bootstrap_failed: bool | None
+
+    def describe(self) -> str:
+        return f"exit code {self.returncode}; log tail:\n{self.output[-6000:]}"
+
+    def assert_clean(self) -> None:
+        """Exit code 0, finished, and no ERROR in the log."""
+        assert self.returncode == 0, self.describe()
+        assert self.stats.get("finish_reason") == "finished", self.describe()
+        assert "log_count/ERROR" not in self.stats, self.describe()
+        assert "log_count/CRITICAL" not in self.stats, self.describe()
+        assert " ERROR: " not in self.output, self.describe()
+        assert "Traceback" not in self.output, self.describe()
+
+
+def _crawl_command(args: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")])),
+        "PYTHONWARNINGS": "",
+    }
+    env.pop("SCRAPY_JOB", None)
+    env.pop("SCRAPY_SETTINGS_MODULE", None)
+    return [sys.executable, str(CRAWL_SCRIPT), json.dumps(args)], env
+
+
+class Crawl:
+    """A crawl running in a subprocess; :meth:`wait` returns its :class:`CrawlResult`."""
+
+    def __init__(
+        self, args: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.result_path = workdir / f"result-{secrets.token_hex(4)}.json"
+        self.log_path = workdir / f"crawl-{secrets.token_hex(4)}.log"
+        command, base_env = _crawl_command({**args, "result": str(self.result_path)})
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env={**base_env, **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self, timeout: float = CRAWL_TIMEOUT) -> CrawlResult:
+        try:
+            returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"the crawl did not end within {timeout} s:\n{self._output()[-6000:]}"
+            ) from None
+        finally:
+            self._log.close()
+        result: dict[str, Any] = {}
+        if self.result_path.exists():
+            result = json.loads(self.result_path.read_text(encoding="utf-8"))
+        return CrawlResult(
+            returncode=returncode,
+            output=self._output(),
+            stats=result.get("stats", {}),
+            reactor=result.get("reactor"),
+            bootstrap_failed=result.get("bootstrap_failed"),
+        )
+
+    def _output(self) -> str:
+        return self.log_path.read_bytes().decode("utf-8", "backslashreplace")
+
+    def kill(self) -> None:
+        if self.running:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def run_crawl(
+    args: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
+) -> CrawlResult:
+    """Run one crawl of ``_crawl_script.py`` to its end."""
+    crawl = Crawl(args, workdir, env)
+    try:
+        return crawl.wait()
+    finally:
+        crawl.kill()
+
+
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+# reading the database
+
+
+def parse_timestamp(value: Any) -> dt.datetime:
+    """A timestamp column as an aware datetime: PostgreSQL gives one, SQLite gives text."""
+    if isinstance(value, dt.datetime):
+        return value
+    assert isinstance(value, str), value
+    return dt.datetime.fromisoformat(value)
+
+
+def parse_json(value: Any) -> Any:
+    """A json column: PostgreSQL's jsonb arrives decoded, SQLite's text does not."""
+    if value is None or isinstance(value, (dict, list)):
+        return value
+    return json.loads(value)
+
+
+class Database:
+    """Read (and prepare) the database a crawl writes to, from the test process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.kind = "postgres" if url.startswith(("postgresql", "postgres")) else "sqlite"
+
+    def __repr__(self) -> str:
+        return f"Database({self.kind})"
+
+    @property
+    def sqlite_path(self) -> Path:
+        assert self.url.startswith("sqlite:///")
+        return Path(self.url[len("sqlite:///") :])
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run *sql* (``%s`` placeholders) and return all rows."""
+        if self.kind == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.url, connect_timeout=10) as conn:
+                return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        conn = sqlite3.connect(self.sqlite_path, timeout=30)
+        try:
+            return conn.execute(sql.replace("%s", "?"), params).fetchall()
+        finally:
+            conn.close()
+
+    def execute(self, sql: str) -> None:
+        if self.kind == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.url, connect_timeout=10) as conn:
+                conn.execute(sql)  # type: ignore[arg-type]
+            return
+        conn = sqlite3.connect(self.sqlite_path, timeout=30)
+        try:
+            conn.executescript(sql)
+            conn.commit()
+        finally:
+            conn.close()
+
+    def table_exists(self, name: str) -> bool:
+        if self.kind == "sqlite" and not self.sqlite_path.exists():
+            return False  # and do not create the file by looking
+        if self.kind == "postgres":
+            return self.query("SELECT to_regclass(%s) IS NOT NULL", (name,))[0][0]
+        return bool(
+            self.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = %s", (name,))
+        )
+
+    def count(self, table: str, where: str = "TRUE", params: tuple[Any, ...] = ()) -> int:
+        if not self.table_exists(table):
+            return 0
+        return int(self.query(f"SELECT count(*) FROM {table} WHERE {where}", params)[0][0])
+
+    def items(self, where: str = "TRUE", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        rows = self.query(
+            "SELECT id, job_id, spider, item_type, url, scraped_at, data FROM ingest_items"
+            f" WHERE {where}",
+            params,
+        )
+        names = ("id", "job_id", "spider", "item_type", "url", "scraped_at", "data")
+        items = []
+        for row in rows:
+            item = dict(zip(names, row, strict=True))
+            item["id"] = str(item["id"])
+            item["scraped_at"] = parse_timestamp(item["scraped_at"])
+            item["data"] = parse_json(item["data"])
+            items.append(item)
+        return items
+
+    def jobs(self) -> list[dict[str, Any]]:
+        names = (
+            "job_id",
+            "crawl_id",
+            "spider",
+            "hostname",
+            "pid",
+            "status",
+            "close_reason",
+            "started_at",
+            "updated_at",
+            "finished_at",
+            "items_count",
+            "stats",
+            "settings",
+        )
+        rows = self.query(f"SELECT {', '.join(names)} FROM ingest_jobs ORDER BY started_at")
+        jobs = []
+        for row in rows:
+            job = dict(zip(names, row, strict=True))
+            for name in ("started_at", "updated_at", "finished_at"):
+                if job[name] is not None:
+                    job[name] = parse_timestamp(job[name])
+            job["stats"] = parse_json(job["stats"])
+            job["settings"] = parse_json(job["settings"])
+            jobs.append(job)
+        return jobs
+
+    def raw_jobs(self) -> list[tuple[Any, ...]]:
+        """Every column of every job row as the driver returns it, for 'unchanged' checks."""
+        return self.query("SELECT * FROM ingest_jobs ORDER BY job_id")
+
+    def dead_letters(self, kind: str | None = None) -> list[dict[str, Any]]:
+        names = ("id", "job_id", "kind", "reason", "payload", "created_at")
+        where, params = ("kind = %s", (kind,)) if kind else ("TRUE", ())
+        if not self.table_exists("ingest_dead_letters"):
+            return []
+        rows = self.query(
+            f"SELECT {', '.join(names)} FROM ingest_dead_letters WHERE {where}", params
+        )
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+# PostgreSQL: a role with a password, to check that the password never shows
+
+
+@dataclass
+class PasswordRole:
+    name: str
+    password: str
+    url: str  # the database URL with this role's name and password in its userinfo
+
+
+def password_role(pg_url: str) -> Iterator[PasswordRole]:
+    """Create a login role with a random password that may create tables in *pg_url*'s
+    database; drop it (and what it owns there) afterwards. Works with trust and password
+    authentication alike."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"ingest_role_{secrets.token_hex(4)}"
+    password = f"secretpw{secrets.token_hex(6)}"
+    with psycopg.connect(pg_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(name), sql.Literal(password)
+            )
+        )
+        conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(name)))
+    parts = urlsplit(pg_url)
+    host = parts.netloc.rpartition("@")[2]
+    url = urlunsplit(parts._replace(netloc=f"{name}:{quote(password, safe='')}@{host}"))
+    try:
+        yield PasswordRole(name, password, url)
+    finally:
+        with psycopg.connect(pg_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
