@@ -36,7 +36,7 @@ import services  # noqa: E402
 from _crawl import PADDING  # noqa: E402
 
 from scrapy_ingest._ids import IdFactory, format_uuid  # noqa: E402
-from scrapy_ingest.backends import local_host  # noqa: E402
+from scrapy_ingest.backends import Batch, local_host  # noqa: E402
 from scrapy_ingest.backends._process import ProcessHost  # noqa: E402
 from scrapy_ingest.records import RecordEncoder  # noqa: E402
 from scrapy_ingest.schema import all_tables  # noqa: E402
@@ -77,7 +77,7 @@ def our_path(host: object, url: str, rows: list, size: int) -> float:
     host.open()  # type: ignore[attr-defined]
     started = time.perf_counter()
     for batch in batches(rows, size):
-        outcome = host.store(tables["items"], batch)  # type: ignore[attr-defined]
+        outcome = host.store(tables["items"], Batch(batch))  # type: ignore[attr-defined]
         assert outcome.written == len(batch), outcome
     seconds = time.perf_counter() - started
     host.close()  # type: ignore[attr-defined]

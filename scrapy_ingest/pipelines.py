@@ -68,6 +68,7 @@ class IngestPipeline:
         self._encode = runtime.encoder.encode_item
         self._new_id = runtime.new_id
         self._add = self._writer.add
+        self._append_json = self._writer.append_json
         self._budget = runtime.budget
         runtime.on_tick(self._publish_stats)
 
@@ -95,8 +96,9 @@ class IngestPipeline:
             self._runtime.dead_letter("items", reason, _safe_repr(item))
             return item
         now = time.time()
+        end = self._append_json(data)
         self._add(
-            (self._new_id(now), self._job_id, self._spider_name, type(item).__name__, url, now, data),
+            (self._new_id(now), self._job_id, self._spider_name, type(item).__name__, url, now, end),
             len(data) + ROW_OVERHEAD,
         )
         self._queued += 1

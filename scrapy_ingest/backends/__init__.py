@@ -10,6 +10,7 @@ from scrapy_ingest._redact import redact_url
 from scrapy_ingest.backends.base import (
     Backend,
     BackendHost,
+    Batch,
     Failure,
     LocalHost,
     Row,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend",
     "BackendHost",
+    "Batch",
     "Failure",
     "LocalHost",
     "Row",

@@ -34,12 +34,13 @@ from typing import IO, TYPE_CHECKING, Any
 import scrapy_ingest
 from scrapy_ingest import exceptions
 from scrapy_ingest._redact import redact_url
+from scrapy_ingest.backends.base import Batch
 from scrapy_ingest.exceptions import BackendUnavailable, IngestError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from scrapy_ingest.backends.base import BackendHost, Row, WriteOutcome
+    from scrapy_ingest.backends.base import BackendHost, WriteOutcome
     from scrapy_ingest.schema import TableSpec
 
 logger = logging.getLogger(__name__)
@@ -119,21 +120,27 @@ class ProcessHost:
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
 
-    def store(self, table: TableSpec, rows: Sequence[Row]) -> WriteOutcome:
+    def store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
         try:
-            return self._store(table, rows)
+            return self._store(table, batch)
         except WriterProcessDied as exc:
             # the batch is still here: start a new writer and hand it over again
             logger.error("%s; starting a new writer process", exc)
             self._start()
-            return self._store(table, rows)
+            return self._store(table, batch)
 
-    def _store(self, table: TableSpec, rows: Sequence[Row]) -> WriteOutcome:
+    def _store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
         assert self._dir is not None, "store() before open()"
-        # a file, not the pipe: one write call, where a pipe would block every 64 KiB
+        # a file, not the pipe: a few write calls, where a pipe would block every
+        # 64 KiB; the JSON payload goes in as it is, only the small rows are pickled
+        rows = pickle.dumps(batch.packed_rows, protocol=pickle.HIGHEST_PROTOCOL)
         path = self._dir / f"{next(self._sequence)}.batch"
-        path.write_bytes(pickle.dumps(list(rows), protocol=pickle.HIGHEST_PROTOCOL))
-        outcome: WriteOutcome = self._call("store", table, str(path))
+        with path.open("wb") as file:
+            file.write(_HEADER.pack(len(rows)))
+            file.write(rows)
+            if batch.payload is not None:
+                file.write(batch.payload)
+        outcome: WriteOutcome = self._call("store", table, str(path), batch.payload is not None)
         return outcome
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
@@ -231,10 +238,13 @@ def main() -> None:
 
 def _serve(host: BackendHost, operation: str, args: tuple[Any, ...]) -> Any:
     if operation == "store":
-        table, path = args
-        rows = pickle.loads(Path(path).read_bytes())
+        table, path, packed = args
+        data = Path(path).read_bytes()
         os.unlink(path)
-        return host.store(table, rows)
+        (size,) = _HEADER.unpack_from(data)
+        end = _HEADER.size + size
+        rows = pickle.loads(data[_HEADER.size : end])
+        return host.store(table, Batch(rows, data[end:] if packed else None))
     if operation == "insert_job":
         return host.insert_job(*args)
     if operation == "update_job":

@@ -67,6 +67,32 @@ class Backend(Protocol):
 
 
 @dataclass
+class Batch:
+    """Rows on their way to a backend.
+
+    With a *payload*, the rows are packed: the last column of each holds the
+    offset where its JSON ends in *payload* (see ``BatchWriter.append_json``),
+    and :meth:`rows` cuts the JSON out again, off the reactor thread.
+    """
+
+    packed_rows: list[Row]
+    payload: bytes | bytearray | None = None
+
+    def rows(self) -> list[Row]:
+        """The rows, each with its JSON as bytes in its last column."""
+        if self.payload is None:
+            return self.packed_rows
+        view = memoryview(self.payload)
+        rows: list[Row] = []
+        start = 0
+        for row in self.packed_rows:
+            end = row[-1]
+            rows.append((*row[:-1], bytes(view[start:end])))
+            start = end
+        return rows
+
+
+@dataclass
 class WriteOutcome:
     """What became of one batch."""
 
@@ -165,7 +191,7 @@ class BackendHost(Protocol):
 
     def close(self) -> None: ...
 
-    def store(self, table: TableSpec, rows: Sequence[Row]) -> WriteOutcome: ...
+    def store(self, table: TableSpec, batch: Batch) -> WriteOutcome: ...
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool: ...
 
@@ -189,8 +215,8 @@ class LocalHost:
     def close(self) -> None:
         self.backend.close()
 
-    def store(self, table: TableSpec, rows: Sequence[Row]) -> WriteOutcome:
-        return store_batch(self.backend, table, rows, self._retry_timeout)
+    def store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
+        return store_batch(self.backend, table, batch.rows(), self._retry_timeout)
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
         return self.backend.insert_job(table, row)
