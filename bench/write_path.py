@@ -6,9 +6,9 @@ The rows are the ones the pipeline captures for the bench crawl's items
 (ids, timestamps, orjson-encoded data). Each method writes them in batches,
 into fresh tables of the same shape and indexes, in a fresh database:
 
-* ``writer process``: what a crawl uses, ProcessHost (pickled batch files,
-  child process, COPY text built by PostgresBackend);
-* ``in thread``: PostgresBackend called directly (INGEST_WRITER_PROCESS=False);
+* ``writer process``: what a crawl uses, ProcessHost (batch files, child
+  process, rows through psycopg's ``write_row``);
+* ``in thread``: the same backend in a writer thread (INGEST_WRITER_PROCESS=False);
 * ``plain COPY``: psycopg's ``copy.write_row()`` of the same values;
 * ``binary COPY``: the same rows as COPY BINARY built in Python, to compare
   the text format we use with the binary one.
@@ -35,9 +35,11 @@ import psycopg  # noqa: E402
 import services  # noqa: E402
 from _crawl import PADDING  # noqa: E402
 
+from twisted.internet import defer, task  # noqa: E402
+
 from scrapy_ingest._ids import IdFactory, format_uuid  # noqa: E402
 from scrapy_ingest.backends import Batch, local_host  # noqa: E402
-from scrapy_ingest.backends._process import ProcessHost  # noqa: E402
+from scrapy_ingest.hosting import ProcessHost, ThreadHost  # noqa: E402
 from scrapy_ingest.records import RecordEncoder  # noqa: E402
 from scrapy_ingest.schema import all_tables  # noqa: E402
 
@@ -72,15 +74,28 @@ def fresh_database(admin: str) -> str:
     return services.with_database(admin, services.create_database(admin))
 
 
-def our_path(host: object, url: str, rows: list, size: int) -> float:
+def packed(rows: list[tuple[object, ...]]) -> Batch:
+    """The batch as BatchWriter hands it over: JSON in one buffer, rows hold its end offsets."""
+    payload = bytearray()
+    packed_rows = []
+    for row in rows:
+        payload += row[-1]  # type: ignore[operator]
+        packed_rows.append((*row[:-1], len(payload)))
+    return Batch(packed_rows, payload)
+
+
+async def our_path(host: object, rows: list, size: int) -> float:
     tables = {t.kind: t for t in all_tables("ingest_")}
-    host.open()  # type: ignore[attr-defined]
+    await host.open()  # type: ignore[attr-defined]
+    batches_ = [packed(batch) for batch in batches(rows, size)]
     started = time.perf_counter()
-    for batch in batches(rows, size):
-        outcome = host.store(tables["items"], Batch(batch))  # type: ignore[attr-defined]
-        assert outcome.written == len(batch), outcome
+    # as in a crawl: batches are handed over as they fill, answers come back later
+    outcomes = await defer.gatherResults(
+        [host.store(tables["items"], batch) for batch in batches_]  # type: ignore[attr-defined]
+    )
     seconds = time.perf_counter() - started
-    host.close()  # type: ignore[attr-defined]
+    assert sum(o.written for o in outcomes) == len(rows), outcomes
+    await host.close()  # type: ignore[attr-defined]
     return seconds
 
 
@@ -129,30 +144,28 @@ def binary_copy(url: str, rows: list, size: int) -> float:
         return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=2000)
-    parser.add_argument("--repeat", type=int, default=3)
-    options = parser.parse_args()
+async def measure(reactor: object, options: argparse.Namespace) -> None:
     rows = make_rows(options.rows)
     tables = all_tables("ingest_")
+
+    def thread_host(url: str) -> ThreadHost:
+        return ThreadHost(local_host(url, tables, create_tables=True, retry_timeout=10))
+
+    def process_host(url: str) -> ProcessHost:
+        return ProcessHost(url, tables, create_tables=True, retry_timeout=10)
+
     methods = {
-        "writer process": lambda url: our_path(
-            ProcessHost(url, tables, create_tables=True, retry_timeout=10), url, rows, options.batch
-        ),
-        "in thread": lambda url: our_path(
-            local_host(url, tables, create_tables=True, retry_timeout=10), url, rows, options.batch
-        ),
-        "plain COPY": lambda url: plain_copy(url, rows, options.batch),
-        "binary COPY": lambda url: binary_copy(url, rows, options.batch),
+        "writer process": lambda url: our_path(process_host(url), rows, options.batch),
+        "in thread": lambda url: our_path(thread_host(url), rows, options.batch),
+        "plain COPY": lambda url: _now(plain_copy(url, rows, options.batch)),
+        "binary COPY": lambda url: _now(binary_copy(url, rows, options.batch)),
     }
     results: dict[str, list[float]] = {name: [] for name in methods}
     with contextlib.ExitStack() as stack:
         admin = services.start_postgres(stack)[0]
         for _ in range(options.repeat):
             for name, method in methods.items():
-                seconds = method(fresh_database(admin))
+                seconds = await method(fresh_database(admin))
                 results[name].append(options.rows / seconds)
                 print(f"{name:<15} {options.rows / seconds:>10.0f} rows/s", flush=True)
     print()
@@ -160,6 +173,19 @@ def main() -> None:
     for name, rates in results.items():
         rate = statistics.median(rates)
         print(f"{name:<15} {rate:>10.0f} rows/s  {rate / plain:.2f} of plain COPY")
+
+
+async def _now(value: float) -> float:
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    options = parser.parse_args()
+    task.react(lambda reactor: defer.ensureDeferred(measure(reactor, options)))
 
 
 if __name__ == "__main__":

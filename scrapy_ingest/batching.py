@@ -3,10 +3,10 @@
 A :class:`BatchWriter` serves one table of one backend. The reactor thread
 only appends rows to a list; a batch leaves when it reaches
 ``INGEST_BATCH_ROWS`` rows or ``INGEST_BATCH_BYTES`` bytes, when it is older
-than ``INGEST_FLUSH_INTERVAL``, or at close. Writing happens in the backend's
-thread pool, which hands it to the backend's host (see
+than ``INGEST_FLUSH_INTERVAL``, or at close, to the backend's host (writer
+threads or a writer process, see :mod:`scrapy_ingest.hosting`); see
 :func:`scrapy_ingest.backends.base.store_batch` for retries and for how a
-batch with one bad record is split so that the others are stored).
+batch with one bad record is split so that the others are stored.
 
 A :class:`BufferBudget` is shared by all writers of a crawler: while the bytes
 buffered or in flight exceed ``INGEST_MAX_BUFFER_BYTES``, producers wait.
@@ -26,33 +26,12 @@ from scrapy_ingest.backends.base import Batch, WriteOutcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from concurrent.futures import Future, ThreadPoolExecutor
 
-    from scrapy_ingest.backends.base import BackendHost, Row
+    from scrapy_ingest.backends.base import Row
+    from scrapy_ingest.hosting import Host
     from scrapy_ingest.schema import TableSpec
 
 logger = logging.getLogger(__name__)
-
-
-def run_in_thread(executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    """Run ``fn(*args)`` in *executor*; the returned Deferred fires on the reactor thread."""
-    from twisted.internet import reactor
-
-    d: Deferred[Any] = Deferred()
-
-    def done(future: Future[Any]) -> None:
-        reactor.callFromThread(_fire, d, future)  # type: ignore[attr-defined]
-
-    executor.submit(fn, *args).add_done_callback(done)
-    return d
-
-
-def _fire(d: Deferred[Any], future: Future[Any]) -> None:
-    exc = future.exception()
-    if exc is None:
-        d.callback(future.result())
-    else:
-        d.errback(Failure(exc))
 
 
 class BufferBudget:
@@ -84,10 +63,9 @@ class BatchWriter:
 
     def __init__(
         self,
-        host: BackendHost,
+        host: Host,
         table: TableSpec,
         *,
-        executor: ThreadPoolExecutor,
         budget: BufferBudget,
         batch_rows: int,
         batch_bytes: int,
@@ -95,7 +73,6 @@ class BatchWriter:
     ) -> None:
         self.host = host
         self.table = table
-        self._executor = executor
         self._budget = budget
         self._batch_rows = batch_rows
         self._batch_bytes = batch_bytes
@@ -140,7 +117,7 @@ class BatchWriter:
         batch = Batch(self._rows, self._payload or None)
         size = self._bytes
         self._rows, self._payload, self._bytes = [], bytearray(), 0
-        d = run_in_thread(self._executor, self.host.store, self.table, batch)
+        d = self.host.store(self.table, batch)
         self._inflight.add(d)
         d.addBoth(self._stored, d, len(batch.packed_rows), size)
 

@@ -14,9 +14,7 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from scrapy import signals
@@ -28,8 +26,8 @@ from twisted.internet.task import LoopingCall
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._redact import redact_value
 from scrapy_ingest._stats import stat_key
-from scrapy_ingest.backends import create_host
-from scrapy_ingest.batching import BatchWriter, BufferBudget, WriteOutcome, run_in_thread
+from scrapy_ingest.batching import BatchWriter, BufferBudget, WriteOutcome
+from scrapy_ingest.hosting import create_host
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import JobIdConflict
 from scrapy_ingest._ids import IdFactory, format_uuid
@@ -42,7 +40,8 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
 
-    from scrapy_ingest.backends import BackendHost, Row
+    from scrapy_ingest.backends import Row
+    from scrapy_ingest.hosting import Host
     from scrapy_ingest.schema import TableSpec
 
 logger = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class IngestRuntime:
         assert crawler.stats is not None
         self.stats = crawler.stats
         self.tables = {t.kind: t for t in all_tables(config.table_prefix)}
-        self.host: BackendHost = create_host(
+        self.host: Host = create_host(
             config.database_url,
             list(self.tables.values()),
             create_tables=config.create_tables,
@@ -106,7 +105,6 @@ class IngestRuntime:
         self.job: JobInfo | None = None
         self.items_stored = 0
         self._writers: dict[str, BatchWriter] = {}
-        self._executor: ThreadPoolExecutor | None = None
         self._state = "new"  # new -> opening -> open -> closed (or failed)
         self._open_error: BaseException | None = None
         self._open_waiters: list[Deferred[None]] = []
@@ -135,7 +133,6 @@ class IngestRuntime:
             await self._open()
         except BaseException as exc:
             self._state, self._open_error = "failed", exc
-            self._shutdown_executor()
             raise
         else:
             self._state = "open"
@@ -146,10 +143,7 @@ class IngestRuntime:
 
     async def _open(self) -> None:
         self.job = self._make_job()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.host.threads, thread_name_prefix="scrapy_ingest"
-        )
-        await self.in_thread(self.host.open)
+        await maybe_deferred_to_future(self.host.open())
         row = {
             "job_id": self.job.job_id,
             "crawl_id": self.job.crawl_id,
@@ -162,7 +156,13 @@ class IngestRuntime:
             "items_count": 0,
             "settings": self._job_encoder.encode(settings_snapshot(self.crawler.settings)),
         }
-        if not await self.in_thread(self.host.insert_job, self.tables["jobs"], row):
+        try:
+            inserted = await maybe_deferred_to_future(self.host.insert_job(self.tables["jobs"], row))
+        except BaseException:
+            await maybe_deferred_to_future(self.host.close())
+            raise
+        if not inserted:
+            await maybe_deferred_to_future(self.host.close())
             raise JobIdConflict(
                 f"a job with job_id {self.job.job_id!r} exists already in "
                 f"{self.tables['jobs'].name} at {self.host.url}: storing this crawl under "
@@ -197,21 +197,14 @@ class IngestRuntime:
 
     # writing
 
-    def in_thread(self, fn: Any, *args: Any) -> Any:
-        """Await ``fn(*args)`` run in a writer thread."""
-        assert self._executor is not None, "the runtime is not open"
-        return maybe_deferred_to_future(run_in_thread(self._executor, fn, *args))
-
     def writer(self, kind: str) -> BatchWriter:
         """Return the writer of the *kind* table (``items``, ``dead_letters``...)."""
         writer = self._writers.get(kind)
         if writer is None:
-            assert self._executor is not None, "the runtime is not open"
             config = self.config
             writer = self._writers[kind] = BatchWriter(
                 self.host,
                 self.tables[kind],
-                executor=self._executor,
                 budget=self.budget,
                 batch_rows=config.batch_rows,
                 batch_bytes=config.batch_bytes,
@@ -281,8 +274,10 @@ class IngestRuntime:
         if reason is not None:
             values.update(status="finished", close_reason=reason, finished_at=now)
         # a late heartbeat must not overwrite the final row
-        update = partial(self.host.update_job, only_running=reason is None)
-        await self.in_thread(update, self.tables["jobs"], self.job.job_id, values)
+        update = self.host.update_job(
+            self.tables["jobs"], self.job.job_id, values, only_running=reason is None
+        )
+        await maybe_deferred_to_future(update)
 
     # closing
 
@@ -299,15 +294,7 @@ class IngestRuntime:
             await self.update_job(reason=reason)
         except Exception:
             logger.exception("Could not close the job row of %s", self.job)
-        try:
-            await self.in_thread(self.host.close)
-        finally:
-            self._shutdown_executor()
-
-    def _shutdown_executor(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        await maybe_deferred_to_future(self.host.close())
 
 
 def _row_payload(row: Row) -> str:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from typing import TYPE_CHECKING
 
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest.backends.base import (
     Backend,
-    BackendHost,
     Batch,
     Failure,
     LocalHost,
@@ -25,13 +23,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backend",
-    "BackendHost",
     "Batch",
     "Failure",
     "LocalHost",
     "Row",
     "WriteOutcome",
-    "create_host",
     "local_host",
 ]
 
@@ -40,32 +36,6 @@ _POSTGRES = ("postgresql", "postgres")
 
 def _scheme(url: str) -> str:
     return url.split(":", 1)[0].split("+", 1)[0].lower()
-
-
-def create_host(
-    url: str,
-    tables: Sequence[TableSpec],
-    *,
-    create_tables: bool,
-    retry_timeout: float,
-    writer_process: bool,
-) -> BackendHost:
-    """Return where the backend of *url* will run; raise ConfigError for a bad URL or driver.
-
-    Network databases run in a writer process when *writer_process* is true
-    (see :mod:`scrapy_ingest.backends._process`); SQLite always runs in a
-    writer thread, since it does no network I/O.
-    """
-    scheme = _scheme(url)
-    if scheme in _POSTGRES and writer_process and sys.executable:
-        _require("psycopg", "postgres", url)
-        _require("psycopg_pool", "postgres", url)
-        from scrapy_ingest.backends._process import ProcessHost
-
-        return ProcessHost(
-            url, tables, create_tables=create_tables, retry_timeout=retry_timeout
-        )
-    return local_host(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
 
 
 def local_host(

@@ -181,27 +181,8 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-class BackendHost(Protocol):
-    """Runs a backend's work, in this process or in a writer process. Methods block."""
-
-    url: str
-    threads: int
-
-    def open(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def store(self, table: TableSpec, batch: Batch) -> WriteOutcome: ...
-
-    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool: ...
-
-    def update_job(
-        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
-    ) -> None: ...
-
-
 class LocalHost:
-    """Runs the backend in the calling (writer) thread."""
+    """Runs a backend's work in the calling thread (a writer thread, or the writer process)."""
 
     def __init__(self, backend: Backend, retry_timeout: float) -> None:
         self.backend = backend

@@ -1,0 +1,380 @@
+"""Where a backend's work runs: in writer threads, or in a writer process.
+
+Both hosts offer the same asynchronous interface to the reactor thread:
+every method returns a Deferred that fires on the reactor thread.
+
+* :class:`ThreadHost` runs the backend's blocking calls in a small thread pool
+  of the crawl process. SQLite uses it (no network I/O), and PostgreSQL with
+  ``INGEST_WRITER_PROCESS = False``.
+* :class:`ProcessHost` runs the backend in a child process
+  (:mod:`scrapy_ingest.backends._process`). PostgreSQL uses it by default.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+import scrapy_ingest
+from scrapy_ingest import exceptions
+from scrapy_ingest._redact import redact_url
+from scrapy_ingest.backends import local_host
+from scrapy_ingest.backends._process import HEADER, frame, receive
+from scrapy_ingest.exceptions import BackendUnavailable, IngestError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from concurrent.futures import Future
+
+    from scrapy_ingest.backends import Batch, LocalHost, WriteOutcome
+    from scrapy_ingest.schema import TableSpec
+
+logger = logging.getLogger(__name__)
+
+_POSTGRES = ("postgresql", "postgres")
+_STOP_TIMEOUT = 30
+_MAX_RESTARTS = 3
+
+
+class Host(Protocol):
+    #: the database URL with credentials redacted, for messages
+    url: str
+
+    def open(self) -> Deferred[None]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+    def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]: ...
+
+    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> Deferred[bool]: ...
+
+    def update_job(
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+    ) -> Deferred[None]: ...
+
+
+def create_host(
+    url: str,
+    tables: Sequence[TableSpec],
+    *,
+    create_tables: bool,
+    retry_timeout: float,
+    writer_process: bool,
+) -> Host:
+    """Return the host for the backend of *url*; raise ConfigError for a bad URL or driver."""
+    local = local_host(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
+    scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme in _POSTGRES and writer_process and sys.executable:
+        return ProcessHost(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
+    return ThreadHost(local)
+
+
+def run_in_thread(executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """Run ``fn(*args)`` in *executor*; the returned Deferred fires on the reactor thread."""
+    from twisted.internet import reactor
+
+    d: Deferred[Any] = Deferred()
+
+    def done(future: Future[Any]) -> None:
+        reactor.callFromThread(_fire, d, future)  # type: ignore[attr-defined]
+
+    executor.submit(fn, *args).add_done_callback(done)
+    return d
+
+
+def _fire(d: Deferred[Any], future: Future[Any]) -> None:
+    exc = future.exception()
+    if exc is None:
+        d.callback(future.result())
+    else:
+        d.errback(Failure(exc))
+
+
+class ThreadHost:
+    """Run a backend's blocking calls in writer threads of the crawl process."""
+
+    def __init__(self, local: LocalHost) -> None:
+        self._local = local
+        self.url = local.url
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self._local.threads, thread_name_prefix="scrapy_ingest"
+            )
+        return run_in_thread(self._executor, fn, *args)
+
+    def open(self) -> Deferred[None]:
+        d = self._run(self._local.open)
+        d.addErrback(self._shut_down)
+        return d
+
+    def close(self) -> Deferred[None]:
+        d = self._run(self._local.close)
+        d.addBoth(self._shut_down)
+        return d
+
+    def _shut_down(self, result: Any) -> Any:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        return result
+
+    def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]:
+        return self._run(self._local.store, table, batch)
+
+    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> Deferred[bool]:
+        return self._run(self._local.insert_job, table, row)
+
+    def update_job(
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+    ) -> Deferred[None]:
+        update = partial(self._local.update_job, only_running=only_running)
+        return self._run(update, table, job_id, values)
+
+
+class WriterProcessDied(BackendUnavailable):
+    """The writer process exited, and could not be started again."""
+
+
+@dataclass
+class _Request:
+    operation: str
+    args: tuple[Any, ...]
+    deferred: Deferred[Any]
+    #: for a store, the batch, to hand over again to a restarted writer
+    batch: Batch | None = None
+
+
+class ProcessHost:
+    """Run a backend in a writer process, driven from the reactor thread.
+
+    Why a process: writer threads share the GIL with the reactor thread.
+    While a crawl keeps the reactor busy, every blocking call a writer thread
+    makes costs it up to a GIL switch interval to get back in: the PostgreSQL
+    write path ran 3x slower next to a busy reactor in our measurements. The
+    writer process has an interpreter of its own.
+
+    Why no thread on our side either: a thread that pickles batches and
+    waits on pipes has the same problem. So the reactor thread hands each
+    batch over itself, in a few hundred microseconds: it pickles the rows
+    (small tuples; the JSON stays one buffer) into a file in a private
+    directory (in ``/dev/shm`` where there is one, so nothing waits for a
+    disk), and writes a short request to the child's stdin. One thread in
+    this process only waits for answers and passes them to the reactor.
+
+    The child answers in order. If it dies, it is started again (up to
+    ``_MAX_RESTARTS`` times) and every unanswered request is sent again; the
+    record ids keep batches written twice from being stored twice.
+    """
+
+    def __init__(
+        self, url: str, tables: Sequence[TableSpec], *, create_tables: bool, retry_timeout: float
+    ) -> None:
+        self.url = redact_url(url)
+        self._init = (url, list(tables), create_tables, retry_timeout)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._pending: deque[_Request] = deque()
+        self._dir: Path | None = None
+        self._sequence = itertools.count()
+        self._restarts = 0
+        self._closing = False
+
+    # lifecycle
+
+    def open(self) -> Deferred[None]:
+        self._dir = Path(tempfile.mkdtemp(prefix="scrapy_ingest_", dir=_scratch_dir()))
+        self._start()
+        d = self._request("open", self._init)
+        d.addErrback(self._open_failed)
+        return d
+
+    def _open_failed(self, failure: Failure) -> Failure:
+        self._stop_process()
+        return failure
+
+    def _start(self) -> None:
+        env = dict(os.environ)
+        # the child must import this very copy of scrapy_ingest
+        root = str(Path(scrapy_ingest.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "scrapy_ingest.backends._process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        self._process = process
+        threading.Thread(
+            target=self._read_answers, args=(process,), name="scrapy_ingest_answers", daemon=True
+        ).start()
+
+    def close(self) -> Deferred[None]:
+        if self._process is None:
+            return Deferred.fromCoroutine(_nothing())
+        self._closing = True
+        d = self._request("close", ())
+        d.addBoth(self._closed)
+        return d
+
+    def _closed(self, result: Any) -> Any:
+        from twisted.internet import threads
+
+        process = self._stop_process()
+        if process is None:
+            return result
+        # the child exits right after answering "close"; wait for it off the reactor
+        waited = threads.deferToThread(_wait, process)
+        waited.addCallback(lambda _: result)
+        return waited
+
+    def _stop_process(self) -> subprocess.Popen[bytes] | None:
+        process, self._process = self._process, None
+        if process is not None and process.stdin is not None:
+            process.stdin.close()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        return process
+
+    # requests (reactor thread)
+
+    def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]:
+        return self._request("store", (table, self._write_batch(batch), batch.payload is not None), batch)
+
+    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> Deferred[bool]:
+        return self._request("insert_job", (table, dict(row)))
+
+    def update_job(
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+    ) -> Deferred[None]:
+        return self._request("update_job", (table, job_id, dict(values), only_running))
+
+    def _write_batch(self, batch: Batch) -> str:
+        assert self._dir is not None, "store() before open()"
+        rows = pickle.dumps(batch.packed_rows, protocol=pickle.HIGHEST_PROTOCOL)
+        path = self._dir / f"{next(self._sequence)}.batch"
+        with path.open("wb") as file:
+            file.write(HEADER.pack(len(rows)))
+            file.write(rows)
+            if batch.payload is not None:
+                file.write(batch.payload)
+        return str(path)
+
+    def _request(
+        self, operation: str, args: tuple[Any, ...], batch: Batch | None = None
+    ) -> Deferred[Any]:
+        request = _Request(operation, args, Deferred(), batch)
+        self._pending.append(request)
+        self._send(request)
+        return request.deferred
+
+    def _send(self, request: _Request) -> None:
+        process = self._process
+        assert process is not None and process.stdin is not None
+        try:
+            process.stdin.write(frame((request.operation, request.args)))
+            process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the answer reader sees the end of the stream and restarts the writer
+
+    # answers
+
+    def _read_answers(self, process: subprocess.Popen[bytes]) -> None:
+        """Thread: pass each answer of *process* to the reactor thread."""
+        from twisted.internet import reactor
+
+        assert process.stdout is not None
+        while True:
+            try:
+                message = receive(process.stdout)
+            except (EOFError, OSError):
+                reactor.callFromThread(self._exited, process)  # type: ignore[attr-defined]
+                return
+            if message[0] == "log":
+                _, name, level, text = message
+                logging.getLogger(name).log(level, "%s", text)
+            else:
+                reactor.callFromThread(self._answered, message)  # type: ignore[attr-defined]
+
+    def _answered(self, message: tuple[Any, ...]) -> None:
+        request = self._pending.popleft()
+        if message[0] == "error":
+            request.deferred.errback(_rebuild(message[1], message[2]))
+        else:
+            request.deferred.callback(message[1])
+
+    def _exited(self, process: subprocess.Popen[bytes]) -> None:
+        if process is not self._process or (self._closing and not self._pending):
+            return
+        code = process.poll()
+        if self._restarts >= _MAX_RESTARTS or self._closing:
+            error = WriterProcessDied(
+                f"the writer process for {self.url} exited (code {code}) "
+                f"after {self._restarts} restarts"
+            )
+            self._stop_process()
+            pending, self._pending = self._pending, deque()
+            for request in pending:
+                request.deferred.errback(error)
+            return
+        self._restarts += 1
+        logger.error(
+            "The writer process for %s exited (code %s); starting it again and sending it "
+            "the %d unanswered requests",
+            self.url,
+            code,
+            len(self._pending),
+        )
+        pending, self._pending = self._pending, deque()
+        self._start()
+        if not any(r.operation == "open" for r in pending):
+            reopen = self._request("open", self._init)
+            reopen.addErrback(lambda failure: logger.error("Reopening failed: %s", failure.value))
+        for request in pending:
+            if request.batch is not None:
+                table, _, packed = request.args
+                request.args = (table, self._write_batch(request.batch), packed)
+            self._pending.append(request)
+            self._send(request)
+
+
+def _rebuild(name: str, text: str) -> Exception:
+    cls = getattr(exceptions, name, None)
+    if isinstance(cls, type) and issubclass(cls, IngestError):
+        return cls(text)
+    return IngestError(f"{name}: {text}")
+
+
+def _scratch_dir() -> str | None:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+def _wait(process: subprocess.Popen[bytes]) -> None:
+    try:
+        process.wait(_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def _nothing() -> None:
+    return None
