@@ -24,7 +24,7 @@ PADDING = "lorem ipsum dolor sit amet " * 19
 
 
 class _Page(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         body = b"<html><body>one page, many items</body></html>"
         self.send_response(200)
         self.send_header("Content-Type", "text/html")

@@ -34,7 +34,6 @@ sys.path.insert(0, str(HERE))
 import psycopg  # noqa: E402
 import services  # noqa: E402
 from _crawl import PADDING  # noqa: E402
-
 from twisted.internet import defer, task  # noqa: E402
 
 from scrapy_ingest._ids import IdFactory, format_uuid  # noqa: E402
@@ -62,7 +61,9 @@ def make_rows(count: int) -> list[tuple[object, ...]]:
             "url": f"http://127.0.0.1:8000/product/{i}",
         }
         now = time.time()
-        rows.append((ids(now), "job", "bench", "dict", "http://127.0.0.1:8000/", now, encoder.encode(item)))
+        rows.append(
+            (ids(now), "job", "bench", "dict", "http://127.0.0.1:8000/", now, encoder.encode(item))
+        )
     return rows
 
 
@@ -104,7 +105,15 @@ def plain_copy(url: str, rows: list, size: int) -> float:
     host.open()  # creates the same tables and indexes
     host.close()
     values = [
-        (format_uuid(r[0]), r[1], r[2], r[3], r[4], dt.datetime.fromtimestamp(r[5], dt.timezone.utc), r[6].decode())
+        (
+            format_uuid(r[0]),
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            dt.datetime.fromtimestamp(r[5], dt.timezone.utc),
+            r[6].decode(),
+        )
         for r in rows
     ]
     columns = "id, job_id, spider, item_type, url, scraped_at, data"
@@ -138,7 +147,9 @@ def binary_copy(url: str, rows: list, size: int) -> float:
                 parts.append(struct.pack(">iq", 8, micros))
                 parts.append(struct.pack(">ib", len(r[6]) + 1, 1) + r[6])
             parts.append(head.pack(-1))
-            with conn.cursor().copy(f"COPY ingest_items ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+            with conn.cursor().copy(
+                f"COPY ingest_items ({columns}) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
                 copy.write(b"".join(parts))
             conn.commit()
         return time.perf_counter() - started

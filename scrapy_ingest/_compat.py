@@ -17,4 +17,5 @@ async def close_spider(crawler: Crawler, reason: str) -> None:
     if hasattr(engine, "close_spider_async"):  # Scrapy 2.14+
         await engine.close_spider_async(reason=reason)
     else:
+        assert crawler.spider is not None
         await maybe_deferred_to_future(engine.close_spider(crawler.spider, reason))

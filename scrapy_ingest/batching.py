@@ -144,7 +144,7 @@ class BatchWriter:
                 "Writing %d rows to %s failed unexpectedly; the rows are lost",
                 count,
                 self.table.name,
-                exc_info=(result.type, result.value, result.getTracebackObject()),
+                exc_info=result.value,
             )
             result = WriteOutcome(lost=count)
         self._on_outcome(self.table, result)

@@ -85,14 +85,16 @@ def create_host(
     return ThreadHost(local)
 
 
-def run_in_thread(executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+def run_in_thread(
+    executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any
+) -> Deferred[Any]:
     """Run ``fn(*args)`` in *executor*; the returned Deferred fires on the reactor thread."""
     from twisted.internet import reactor
 
     d: Deferred[Any] = Deferred()
 
     def done(future: Future[Any]) -> None:
-        reactor.callFromThread(_fire, d, future)  # type: ignore[attr-defined]
+        reactor.callFromThread(_fire, d, future)
 
     executor.submit(fn, *args).add_done_callback(done)
     return d
@@ -103,7 +105,7 @@ def _fire(d: Deferred[Any], future: Future[Any]) -> None:
     if exc is None:
         d.callback(future.result())
     else:
-        d.errback(Failure(exc))
+        d.errback(Failure(exc))  # type: ignore[no-untyped-call]
 
 
 class ThreadHost:
@@ -257,7 +259,9 @@ class ProcessHost:
     # requests (reactor thread)
 
     def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]:
-        return self._request("store", (table, self._write_batch(batch), batch.payload is not None), batch)
+        return self._request(
+            "store", (table, self._write_batch(batch), batch.payload is not None), batch
+        )
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> Deferred[bool]:
         return self._request("insert_job", (table, dict(row)))
@@ -306,13 +310,13 @@ class ProcessHost:
             try:
                 message = receive(process.stdout)
             except (EOFError, OSError):
-                reactor.callFromThread(self._exited, process)  # type: ignore[attr-defined]
+                reactor.callFromThread(self._exited, process)
                 return
             if message[0] == "log":
                 _, name, level, text = message
                 logging.getLogger(name).log(level, "%s", text)
             else:
-                reactor.callFromThread(self._answered, message)  # type: ignore[attr-defined]
+                reactor.callFromThread(self._answered, message)
 
     def _answered(self, message: tuple[Any, ...]) -> None:
         request = self._pending.popleft()

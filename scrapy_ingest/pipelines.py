@@ -30,10 +30,10 @@ from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
 
 if TYPE_CHECKING:
     from scrapy import Spider
-
-    from scrapy_ingest.batching import BatchWriter
     from scrapy.crawler import Crawler
     from typing_extensions import Self
+
+    from scrapy_ingest.batching import BatchWriter
 
 _QUEUED = stat_key("items", "queued")
 _WAITS = stat_key("buffer", "waits")
@@ -98,7 +98,15 @@ class IngestPipeline:
         now = time.time()
         end = self._append_json(data)
         self._add(
-            (self._new_id(now), self._job_id, self._spider_name, type(item).__name__, url, now, end),
+            (
+                self._new_id(now),
+                self._job_id,
+                self._spider_name,
+                type(item).__name__,
+                url,
+                now,
+                end,
+            ),
             len(data) + ROW_OVERHEAD,
         )
         self._queued += 1

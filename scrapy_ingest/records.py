@@ -98,7 +98,7 @@ class RecordEncoder:
             self._seen.clear()  # a refused record reports no conversions
             raise EncodeError(_reason(exc)) from None
 
-    def _clean(self, obj: Any, depth: int) -> Any:
+    def _clean(self, obj: Any, depth: int) -> Any:  # noqa: PLR0911 - one return per kind
         """Copy *obj* with every string and int made storable."""
         if depth > 255:
             raise RecursionError("maximum nesting depth exceeded")

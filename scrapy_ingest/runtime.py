@@ -24,13 +24,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
 from scrapy_ingest import settings as defaults
+from scrapy_ingest._ids import IdFactory, format_uuid
 from scrapy_ingest._redact import redact_value
 from scrapy_ingest._stats import stat_key
-from scrapy_ingest.batching import BatchWriter, BufferBudget, WriteOutcome
-from scrapy_ingest.hosting import create_host
+from scrapy_ingest.batching import BatchWriter, BufferBudget
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import JobIdConflict
-from scrapy_ingest._ids import IdFactory, format_uuid
+from scrapy_ingest.hosting import create_host
 from scrapy_ingest.records import RecordEncoder
 from scrapy_ingest.schema import all_tables
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
 
-    from scrapy_ingest.backends import Row
+    from scrapy_ingest.backends import Row, WriteOutcome
     from scrapy_ingest.hosting import Host
     from scrapy_ingest.schema import TableSpec
 
@@ -157,7 +157,9 @@ class IngestRuntime:
             "settings": self._job_encoder.encode(settings_snapshot(self.crawler.settings)),
         }
         try:
-            inserted = await maybe_deferred_to_future(self.host.insert_job(self.tables["jobs"], row))
+            inserted = await maybe_deferred_to_future(
+                self.host.insert_job(self.tables["jobs"], row)
+            )
         except BaseException:
             await maybe_deferred_to_future(self.host.close())
             raise
@@ -170,9 +172,7 @@ class IngestRuntime:
                 "crawl), or give each crawl its own INGEST_JOB_ID; use INGEST_CRAWL_ID to group "
                 "the jobs of one crawl."
             )
-        logger.info(
-            "Storing crawl data in %s (job_id %s)", self.host.url, self.job.job_id
-        )
+        logger.info("Storing crawl data in %s (job_id %s)", self.host.url, self.job.job_id)
         self._flush_loop = LoopingCall(self._flush_old)
         self._flush_loop.start(self.config.flush_interval / 4, now=False)
 
@@ -326,8 +326,10 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, dict):
-        return {str(k if isinstance(k, str) else getattr(k, "__qualname__", k)): _jsonable(v)
-                for k, v in value.items()}
+        return {
+            str(k if isinstance(k, str) else getattr(k, "__qualname__", k)): _jsonable(v)
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_jsonable(v) for v in value]
     if isinstance(value, type):

@@ -89,7 +89,9 @@ def main() -> None:
         try:
             if operation == "open":
                 url, tables, create_tables, retry_timeout = args
-                host = local_host(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
+                host = local_host(
+                    url, tables, create_tables=create_tables, retry_timeout=retry_timeout
+                )
                 host.open()
                 result: Any = None
             else:

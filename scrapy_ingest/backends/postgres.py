@@ -18,9 +18,9 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from scrapy_ingest._redact import redact_text, redact_url
+from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.backends.base import Failure, Row
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
-from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -101,7 +101,8 @@ class PostgresBackend:
             if not found or found[0] is None:
                 raise SchemaError(
                     f"the table {versions.name} does not exist in {self.url}. Fix: set "
-                    "INGEST_CREATE_TABLES = True once, or create the tables as docs/tables.md shows."
+                    "INGEST_CREATE_TABLES = True once, or create the tables as "
+                    "docs/tables.md shows."
                 )
             row = conn.execute(
                 sql.SQL("SELECT max(version) FROM {}").format(sql.Identifier(versions.name))
@@ -128,7 +129,9 @@ class PostgresBackend:
         columns = sql.SQL(", ").join(map(sql.Identifier, table.column_names))
         with self._pool.connection() as conn, conn.cursor() as cur:
             if not idempotent:
-                self._copy(cur, sql.SQL("COPY {} ({}) FROM STDIN").format(target, columns), table, rows)
+                self._copy(
+                    cur, sql.SQL("COPY {} ({}) FROM STDIN").format(target, columns), table, rows
+                )
                 return
             stage = sql.Identifier(f"_stage_{table.name}")
             cur.execute(
@@ -138,13 +141,17 @@ class PostgresBackend:
             )
             self._copy(cur, sql.SQL("COPY {} ({}) FROM STDIN").format(stage, columns), table, rows)
             cur.execute(
-                sql.SQL(
-                    "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING"
-                ).format(target, columns, columns, stage, sql.Identifier(table.primary_key))
+                sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING").format(
+                    target, columns, columns, stage, sql.Identifier(table.primary_key)
+                )
             )
 
     def _copy(
-        self, cur: psycopg.Cursor[Any], statement: sql.Composed, table: TableSpec, rows: Sequence[Row]
+        self,
+        cur: psycopg.Cursor[Any],
+        statement: sql.Composed,
+        table: TableSpec,
+        rows: Sequence[Row],
     ) -> None:
         # psycopg's write_row formats and escapes in C; we only turn our
         # values into text first (ids, timestamps, JSON bytes, unsafe text)

@@ -8,6 +8,7 @@ it); timestamps as ISO 8601 text in UTC, which SQLite's date functions read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,11 +18,11 @@ from sqlalchemy import event
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from scrapy_ingest._ids import format_uuid
 from scrapy_ingest._redact import redact_text, redact_url
+from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.backends.base import Failure, Row
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
-from scrapy_ingest._ids import format_uuid
-from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class SqlAlchemyBackend:
         names = table.column_names
         converters = self._converters[table.kind]
         params = [
-            {n: conv(v) for n, conv, v in zip(names, converters, row)} for row in rows
+            {n: conv(v) for n, conv, v in zip(names, converters, row, strict=True)} for row in rows
         ]
         dialect = self._engine.dialect.name
         with self._engine.begin() as conn:
@@ -152,11 +153,8 @@ class SqlAlchemyBackend:
                 return
             # no portable "skip existing": insert row by row, skipping ids that exist
             for param in params:
-                with conn.begin_nested():
-                    try:
-                        conn.execute(sa_table.insert(), [param])
-                    except sa.exc.IntegrityError:
-                        pass
+                with conn.begin_nested(), contextlib.suppress(sa.exc.IntegrityError):
+                    conn.execute(sa_table.insert(), [param])
 
     @staticmethod
     def _insert_ignoring_duplicates(table: sa.Table, dialect: str) -> sa.Insert:
@@ -177,7 +175,7 @@ class SqlAlchemyBackend:
         return _identity
 
     def _convert_values(self, table: TableSpec, values: Mapping[str, Any]) -> dict[str, Any]:
-        converters = dict(zip(table.column_names, self._converters[table.kind]))
+        converters = dict(zip(table.column_names, self._converters[table.kind], strict=True))
         return {name: converters[name](value) for name, value in values.items()}
 
     def classify(self, exc: BaseException) -> Failure:

@@ -65,7 +65,7 @@ class IngestJobsExtension:
             # a missed heartbeat is not worth stopping the crawl; the next one may pass
             logger.warning("Could not refresh the job row: %s", exc)
         else:
-            self.crawler.stats.inc_value(stat_key("jobs", "heartbeats"))  # type: ignore[union-attr]
+            self.crawler.stats.inc_value(stat_key("jobs", "heartbeats"))
 
     def _spider_closed(self) -> None:
         if self._heartbeat is not None and self._heartbeat.running:
