@@ -1,0 +1,138 @@
+"""Writes that fail and are tried again: real outages, duplicate batches, a dying writer process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from _helpers import REPO_DIR
+
+from scrapy_ingest._ids import IdFactory
+from scrapy_ingest.backends import Batch, LocalHost, local_host
+from scrapy_ingest.records import RecordEncoder
+from scrapy_ingest.schema import all_tables
+
+TABLES = all_tables("ingest_")
+ITEMS = next(t for t in TABLES if t.kind == "items")
+
+
+def make_rows(count: int, start: int = 0) -> list[tuple[Any, ...]]:
+    encoder, ids = RecordEncoder(), IdFactory()
+    rows = []
+    for i in range(start, start + count):
+        now = time.time()
+        data = encoder.encode({"n": i, "title": f"item {i}"})
+        rows.append((ids(now), "job", "spider", "dict", f"http://127.0.0.1/{i}", now, data))
+    return rows
+
+
+def opened(url: str) -> LocalHost:
+    host = local_host(url, TABLES, create_tables=True, retry_timeout=30)
+    host.open()
+    return host
+
+
+def stored_numbers(url: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        return [r[0] for r in conn.execute("SELECT (data->>'n')::int FROM ingest_items ORDER BY 1")]
+
+
+@pytest.mark.postgres
+def test_a_dropped_connection_is_retried_and_nothing_is_stored_twice(pg_url: str) -> None:
+    host = opened(pg_url)
+    try:
+        assert host.store(ITEMS, Batch(make_rows(100))).written == 100
+        # the server drops every connection of the writer, as in a restart or failover
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        outcome = host.store(ITEMS, Batch(make_rows(100, start=100)))
+    finally:
+        host.close()
+    assert outcome.written == 100
+    assert outcome.retries >= 1
+    assert outcome.lost == 0
+    assert stored_numbers(pg_url) == list(range(200))
+
+
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_a_batch_written_twice_is_stored_once(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("pg_url" if database == "postgres" else "sqlite_url")
+    rows = make_rows(50)
+    host = opened(url)
+    try:
+        assert host.store(ITEMS, Batch(rows)).written == 50
+        again = host.store(ITEMS, Batch(rows))
+        assert again.dead == []
+        assert again.lost == 0
+    finally:
+        host.close()
+    if database == "postgres":
+        assert stored_numbers(url) == list(range(50))
+    else:
+        import sqlite3
+
+        path = url.removeprefix("sqlite:///")
+        with sqlite3.connect(path) as conn:
+            numbers = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT json_extract(data, '$.n') FROM ingest_items ORDER BY 1"
+                )
+            ]
+        assert numbers == list(range(50))
+
+
+_WRITER_DIES = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    from twisted.internet import defer, task
+    from scrapy_ingest.backends import Batch
+    from scrapy_ingest.hosting import ProcessHost
+    from scrapy_ingest.schema import all_tables
+    sys.path.insert(0, {tests!r})
+    from test_backend_hosts import make_rows
+
+    async def main(reactor):
+        tables = all_tables("ingest_")
+        items = next(t for t in tables if t.kind == "items")
+        host = ProcessHost({url!r}, tables, create_tables=True, retry_timeout=30)
+        await host.open()
+        first = await host.store(items, Batch(make_rows(100)))
+        os.kill(host._process.pid, signal.SIGKILL)
+        # handed over while the writer is dead or dying: sent again to its successor
+        second = await host.store(items, Batch(make_rows(100, start=100)))
+        await host.close()
+        print(json.dumps([first.written, second.written]))
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    """
+)
+
+
+@pytest.mark.postgres
+def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(pg_url: str) -> None:
+    script = _WRITER_DIES.format(tests=str(REPO_DIR / "tests"), url=pg_url)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_DIR,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [100, 100]
+    assert "starting it again" in done.stderr
+    assert stored_numbers(pg_url) == list(range(200))
