@@ -48,17 +48,22 @@ class ItemsSpider(scrapy.Spider):
 
     def parse(self, response: scrapy.http.Response) -> object:
         for i in range(self.count):
-            yield {
-                "sku": f"SKU-{i:08d}",
-                "title": f"Product number {i} with a reasonably long title",
-                "price": 10.0 + i % 1000 / 7,
-                "in_stock": i % 3 != 0,
-                "rating": i % 5,
-                "tags": ["alpha", "beta", f"tag{i % 17}", "gamma"],
-                "seller": {"id": i % 991, "name": f"Seller {i % 991}", "country": "DE"},
-                "description": PADDING,
-                "url": f"{response.url}product/{i}",
-            }
+            yield make_item(i, response.url)
+
+
+def make_item(i: int, base_url: str) -> dict[str, object]:
+    """The benchmark's item number *i*: strings, numbers, a list and a nested dict."""
+    return {
+        "sku": f"SKU-{i:08d}",
+        "title": f"Product number {i} with a reasonably long title",
+        "price": 10.0 + i % 1000 / 7,
+        "in_stock": i % 3 != 0,
+        "rating": i % 5,
+        "tags": ["alpha", "beta", f"tag{i % 17}", "gamma"],
+        "seller": {"id": i % 991, "name": f"Seller {i % 991}", "country": "DE"},
+        "description": PADDING,
+        "url": f"{base_url}product/{i}",
+    }
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 import psycopg  # noqa: E402
 import services  # noqa: E402
-from _crawl import PADDING  # noqa: E402
+from _crawl import make_item  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
 from scrapy_ingest._ids import IdFactory, format_uuid  # noqa: E402
@@ -49,17 +49,7 @@ def make_rows(count: int) -> list[tuple[object, ...]]:
     encoder, ids = RecordEncoder(), IdFactory()
     rows = []
     for i in range(count):
-        item = {
-            "sku": f"SKU-{i:08d}",
-            "title": f"Product number {i} with a reasonably long title",
-            "price": 10.0 + i % 1000 / 7,
-            "in_stock": i % 3 != 0,
-            "rating": i % 5,
-            "tags": ["alpha", "beta", f"tag{i % 17}", "gamma"],
-            "seller": {"id": i % 991, "name": f"Seller {i % 991}", "country": "DE"},
-            "description": PADDING,
-            "url": f"http://127.0.0.1:8000/product/{i}",
-        }
+        item = make_item(i, "http://127.0.0.1:8000/")
         now = time.time()
         rows.append(
             (ids(now), "job", "bench", "dict", "http://127.0.0.1:8000/", now, encoder.encode(item))

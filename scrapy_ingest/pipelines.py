@@ -19,12 +19,15 @@ Stats:
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from scrapy.utils.defer import maybe_deferred_to_future
 
+from scrapy_ingest._compat import pipeline_hook
 from scrapy_ingest._stats import stat_key
+from scrapy_ingest.exceptions import IngestError
 from scrapy_ingest.records import EncodeError
 from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
 
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from scrapy_ingest.batching import BatchWriter
+
+logger = logging.getLogger(__name__)
 
 _QUEUED = stat_key("items", "queued")
 _WAITS = stat_key("buffer", "waits")
@@ -56,9 +61,15 @@ class IngestPipeline:
         return cls(crawler)
 
     # "spider" stays optional: Scrapy 2.13 passes it, later versions do not
+    @pipeline_hook
     async def open_spider(self, spider: Spider | None = None) -> None:
         runtime = self._runtime
-        await runtime.open()
+        try:
+            await runtime.open()
+        except IngestError as exc:
+            # said here too: some Scrapy versions stop the crawl without logging why
+            logger.error("Cannot store this crawl: %s", exc)
+            raise
         assert runtime.job is not None
         self._job_id = runtime.job.job_id
         self._spider_name = runtime.job.spider
@@ -72,6 +83,7 @@ class IngestPipeline:
         self._budget = runtime.budget
         runtime.on_tick(self._publish_stats)
 
+    @pipeline_hook
     async def close_spider(self, spider: Spider | None = None) -> None:
         if self._writer is None:  # the runtime failed to open; nothing was queued
             return

@@ -271,12 +271,15 @@ def main(argv: list[str]) -> int:
         "CONCURRENT_REQUESTS": 8,
         **args.get("settings", {}),
     }
-    from scrapy.crawler import AsyncCrawlerProcess, CrawlerProcess
+    from scrapy import crawler as scrapy_crawler
+    from scrapy.crawler import CrawlerProcess
 
+    # AsyncCrawlerProcess is new in Scrapy 2.14; on 2.13 CrawlerProcess runs the same reactor
+    async_process = getattr(scrapy_crawler, "AsyncCrawlerProcess", CrawlerProcess)
     process: Any
     if reactor == "asyncio":
         settings["TWISTED_REACTOR"] = ASYNCIO_REACTOR
-        process = AsyncCrawlerProcess(settings)
+        process = async_process(settings)
     elif reactor == "default":
         settings["TWISTED_REACTOR"] = None
         process = CrawlerProcess(settings)

@@ -39,6 +39,15 @@ def service_missing(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # get_crawler() of Scrapy 2.13 needs an installed reactor; crawls run in subprocesses,
+    # so the test process only ever builds components
+    from scrapy.utils.reactor import install_reactor, is_reactor_installed
+
+    if not is_reactor_installed():
+        install_reactor("twisted.internet.asyncioreactor.AsyncioSelectorReactor")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests that use a postgres fixture get the marker automatically, so `-m "not postgres"`
     # never starts a server, even if a test forgot the decorator.

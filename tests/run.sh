@@ -8,7 +8,10 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="$repo/.venv"
+# SCRAPY_INGEST_VENV and SCRAPY_INGEST_PINS (extra requirements, space-separated) let .ci/run
+# test the oldest supported Scrapy in a venv of its own.
+venv="${SCRAPY_INGEST_VENV:-$repo/.venv}"
+read -r -a pins <<<"${SCRAPY_INGEST_PINS:-}"
 
 have_initdb() {
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null
@@ -46,7 +49,7 @@ ensure_venv() {
         # Keep the venv out of `git add -A` without touching the repo's .gitignore.
         echo '*' >"$venv/.gitignore"
     fi
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]" "${pins[@]}"
 }
 
 ensure_postgres_binaries
