@@ -287,9 +287,11 @@ class IngestRuntime:
         self._state = "closed"
         if self._flush_loop is not None and self._flush_loop.running:
             self._flush_loop.stop()
-        # dead letters last: draining the others can produce some
-        for kind in sorted(self._writers, key=lambda k: k == "dead_letters"):
+        # dead letters last: draining the others can produce some (and create their writer)
+        for kind in [k for k in self._writers if k != "dead_letters"]:
             await maybe_deferred_to_future(self._writers[kind].drain())
+        if "dead_letters" in self._writers:
+            await maybe_deferred_to_future(self._writers["dead_letters"].drain())
         try:
             await self.update_job(reason=reason)
         except Exception:
