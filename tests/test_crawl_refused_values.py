@@ -107,3 +107,33 @@ def test_refused_records_go_to_dead_letters_and_the_rest_is_stored(
     assert stats["ingest/items/dead_letter"] == len(POISON)
     assert stats["ingest/dead_letters/stored"] == len(POISON)
     assert "ingest/items/lost" not in stats
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_a_record_refused_in_the_last_batch_is_still_dead_lettered(
+    request: pytest.FixtureRequest, site: LocalSite, tmp_path: Path, backend: str
+) -> None:
+    # one batch, written only when the spider closes: its dead letter is born during the drain
+    db = Database(request.getfixturevalue("pg_url" if backend == "postgres" else "sqlite_url"))
+    db.execute(POSTGRES_ITEMS if backend == "postgres" else SQLITE_ITEMS)
+    result = run_crawl(
+        {
+            "base_url": site.base_url,
+            "pages": 1,
+            "per_page": 20,
+            "poison": [19],
+            "settings": {
+                "INGEST_DATABASE_URL": db.url,
+                "INGEST_BATCH_ROWS": 1000,
+                "INGEST_FLUSH_INTERVAL": 60,
+            },
+        },
+        tmp_path,
+    )
+    result.assert_clean()
+    assert sorted(item["data"]["idx"] for item in db.items()) == list(range(19))
+    [letter] = db.dead_letters("items")
+    assert json.loads(letter["payload"])["idx"] == 19
+    assert result.stats["ingest/dead_letters/stored"] == 1
