@@ -19,7 +19,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.python.failure import Failure
 
 from scrapy_ingest.backends.base import Batch, WriteOutcome
@@ -41,10 +41,6 @@ class BufferBudget:
         self.limit = limit
         self.used = 0
         self._waiters: deque[Deferred[None]] = deque()
-
-    @property
-    def full(self) -> bool:
-        return self.used >= self.limit
 
     def wait(self) -> Deferred[None]:
         """Return a Deferred that fires once the buffer is below its limit."""
@@ -111,23 +107,21 @@ class BatchWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Send the buffered rows to a writer thread."""
+        """Hand the buffered rows to the host, which writes them off the reactor thread."""
         if not self._rows:
             return
         batch = Batch(self._rows, self._payload or None)
         size = self._bytes
         self._rows, self._payload, self._bytes = [], bytearray(), 0
-        d = self.host.store(self.table, batch)
+        # maybeDeferred: a hand-over that fails at once (say, /dev/shm full) is counted like
+        # any failed batch, and its bytes go back to the budget
+        d: Deferred[Any] = maybeDeferred(self.host.store, self.table, batch)
         self._inflight.add(d)
         d.addBoth(self._stored, d, len(batch.packed_rows), size)
 
     def flush_older_than(self, age: float) -> None:
         if self._rows and time.monotonic() - self._first_at >= age:
             self.flush()
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._rows or self._inflight)
 
     def drain(self) -> Deferred[Any]:
         """Flush, and return a Deferred that fires when every batch has been written."""
