@@ -97,8 +97,6 @@ class IngestPipeline:
 
     # async: Scrapy awaits the coroutine as it is, which costs less per item
     # than the wrapper it puts around a plain return value
-    # async: Scrapy awaits the coroutine as it is, which costs less per item
-    # than the wrapper it puts around a plain return value
     async def process_item(self, item: Any, spider: Spider | None = None) -> Any:
         url = self._take_source(id(item), None)
         try:
