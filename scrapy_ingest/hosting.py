@@ -191,7 +191,7 @@ class ProcessHost:
         self, url: str, tables: Sequence[TableSpec], *, create_tables: bool, retry_timeout: float
     ) -> None:
         self.url = redact_url(url)
-        self._init = (url, list(tables), create_tables, retry_timeout)
+        self._backend_args = (url, list(tables), create_tables, retry_timeout)
         self._process: subprocess.Popen[bytes] | None = None
         self._pending: deque[_Request] = deque()
         self._dir: Path | None = None
@@ -204,9 +204,13 @@ class ProcessHost:
     def open(self) -> Deferred[None]:
         self._dir = Path(tempfile.mkdtemp(prefix="scrapy_ingest_", dir=_scratch_dir()))
         self._start()
-        d = self._request("open", self._init)
+        d = self._request("open", self._open_args())
         d.addErrback(self._open_failed)
         return d
+
+    def _open_args(self) -> tuple[Any, ...]:
+        # the child removes the batch directory if this process dies without closing it
+        return (*self._backend_args, str(self._dir))
 
     def _open_failed(self, failure: Failure) -> Failure:
         self._stop_process()
@@ -350,7 +354,7 @@ class ProcessHost:
         pending, self._pending = self._pending, deque()
         self._start()
         if not any(r.operation == "open" for r in pending):
-            reopen = self._request("open", self._init)
+            reopen = self._request("open", self._open_args())
             reopen.addErrback(lambda failure: logger.error("Reopening failed: %s", failure.value))
         for request in pending:
             if request.batch is not None:

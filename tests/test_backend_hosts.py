@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
-from _helpers import REPO_DIR
+from _helpers import REPO_DIR, Crawl, wait_for
 
 from scrapy_ingest._ids import IdFactory
 from scrapy_ingest.backends import Batch, LocalHost, local_host
+from scrapy_ingest.hosting import _scratch_dir
 from scrapy_ingest.records import RecordEncoder
 from scrapy_ingest.schema import all_tables
+
+if TYPE_CHECKING:
+    from services import LocalSite
 
 TABLES = all_tables("ingest_")
 ITEMS = next(t for t in TABLES if t.kind == "items")
@@ -136,3 +143,50 @@ def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(pg_url: str) -
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [100, 100]
     assert "starting it again" in done.stderr
     assert stored_numbers(pg_url) == list(range(200))
+
+
+def _writer_dirs() -> set[Path]:
+    return set(Path(_scratch_dir() or tempfile.gettempdir()).glob("scrapy_ingest_*"))
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in children.read_text().split()] if children.exists() else []
+
+
+@pytest.mark.postgres
+def test_a_killed_crawl_leaves_no_writer_process_nor_batch_files(
+    site: LocalSite, pg_url: str, tmp_path: Path
+) -> None:
+    before = _writer_dirs()
+    crawl = Crawl(
+        {
+            "base_url": site.base_url,
+            "pages": 40,
+            "per_page": 5,
+            "delay_ms": 200,
+            "settings": {"INGEST_DATABASE_URL": pg_url, "CONCURRENT_REQUESTS": 1},
+        },
+        tmp_path,
+    )
+    try:
+        writers = wait_for(lambda: _children(crawl.process.pid), timeout=30, what="a writer")
+        [batches] = wait_for(lambda: _writer_dirs() - before, timeout=30, what="its batch dir")
+        crawl.process.send_signal(signal.SIGKILL)  # no chance to close anything
+        crawl.process.wait()
+        wait_for(lambda: not batches.exists(), timeout=30, what="the batch dir to go")
+        for pid in writers:
+            wait_for(
+                lambda pid=pid: not Path(f"/proc/{pid}").exists() or _zombie(pid),
+                timeout=30,
+                what=f"writer {pid} to exit",
+            )
+    finally:
+        crawl.kill()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True

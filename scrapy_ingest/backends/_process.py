@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shutil
 import struct
 import sys
 import threading
@@ -81,28 +82,33 @@ def main() -> None:
     logging.getLogger().addHandler(_ForwardHandler(reply))
     logging.getLogger().setLevel(logging.INFO)
     host: LocalHost | None = None
-    while True:
-        try:
+    scratch: str | None = None
+    try:
+        while True:
             operation, args = receive(requests)
-        except EOFError:
-            break
-        try:
-            if operation == "open":
-                url, tables, create_tables, retry_timeout = args
-                host = local_host(
-                    url, tables, create_tables=create_tables, retry_timeout=retry_timeout
-                )
-                host.open()
-                result: Any = None
-            else:
-                assert host is not None, f"{operation} before open"
-                result = _serve(host, operation, args)
-        except Exception as exc:
-            reply(("error", type(exc).__name__, str(exc)))
-            continue
-        reply(("ok", result))
-        if operation == "close":
-            break
+            try:
+                if operation == "open":
+                    url, tables, create_tables, retry_timeout, scratch = args
+                    host = local_host(
+                        url, tables, create_tables=create_tables, retry_timeout=retry_timeout
+                    )
+                    host.open()
+                    result: Any = None
+                else:
+                    assert host is not None, f"{operation} before open"
+                    result = _serve(host, operation, args)
+            except Exception as exc:
+                reply(("error", type(exc).__name__, str(exc)))
+                continue
+            reply(("ok", result))
+            if operation == "close":
+                return
+    except (EOFError, BrokenPipeError):
+        # the crawl process is gone without closing us: remove its batch files, which
+        # would otherwise stay in memory (/dev/shm) until the machine restarts
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        os._exit(0)  # nobody is left to read what exiting normally would flush
 
 
 def _serve(host: LocalHost, operation: str, args: tuple[Any, ...]) -> Any:
