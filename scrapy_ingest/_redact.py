@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 REDACTED = "***"
 
@@ -15,31 +15,50 @@ _SECRET_QUERY = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
 
 
+def url_password(url: str) -> str | None:
+    """The password in *url*'s userinfo, as written (it may hold "/", "%" or spaces)."""
+    _, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return None
+    # the last "@" ends the userinfo: a password may contain "@" and "/" too
+    userinfo = rest.rpartition("@")[0]
+    if ":" not in userinfo:
+        return None
+    return userinfo.split(":", 1)[1]
+
+
 def redact_url(url: str) -> str:
     """Return *url* with the password of its userinfo and secret query values replaced.
 
     ``postgresql://scraper:hunter2@db/x?password=y`` becomes
-    ``postgresql://scraper:***@db/x?password=***``.
+    ``postgresql://scraper:***@db/x?password=***``. A password that is not
+    valid URL syntax (``pa/ss``, ``50%off``) is replaced all the same.
     """
+    password = url_password(url)
+    if password is not None:
+        scheme, _, rest = url.partition("://")
+        userinfo, _, after = rest.rpartition("@")
+        url = f"{scheme}://{userinfo.split(':', 1)[0]}:{REDACTED}@{after}"
     try:
         parts = urlsplit(url)
     except ValueError:
-        return _USERINFO.sub(rf"\g<scheme>\g<user>:{REDACTED}@", url)
-    netloc = parts.netloc
-    if "@" not in netloc and not (parts.query and _SECRET_QUERY.search(parts.query)):
         return url
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = f"{userinfo.split(':', 1)[0]}:{REDACTED}"
-        netloc = f"{userinfo}@{hostinfo}"
     query = parts.query
-    if query and _SECRET_QUERY.search(query):
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*"
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not (query and _SECRET_QUERY.search(query)):
+        return url
+    pairs = parse_qsl(query, keep_blank_values=True)
+    query = urlencode([(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+def redact_secrets_of(url: str, text: str) -> str:
+    """Remove from *text* (say, a driver's error message) the password of *url*, in any form."""
+    password = url_password(url)
+    if password:
+        for form in {password, unquote(password)}:
+            if form:
+                text = text.replace(form, REDACTED)
+    return redact_text(text)
 
 
 def redact_text(text: str) -> str:
@@ -54,7 +73,17 @@ def redact_value(name: str, value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(redact_url(value) if "://" in value else value)
     if isinstance(value, Mapping):
-        return {str(k): redact_value(str(k), v) for k, v in value.items()}
+        # keys can be URLs too (FEEDS: {"ftp://user:password@host/items.json": {...}})
+        return {
+            redact_value("", _key_text(k)): redact_value(_key_text(k), v) for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [redact_value(name, v) for v in value]
     return value
+
+
+def _key_text(key: Any) -> str:
+    # component dicts are keyed by classes as often as by import paths
+    if isinstance(key, type):
+        return f"{key.__module__}.{key.__qualname__}"
+    return str(key)

@@ -226,6 +226,9 @@ class ProcessHost:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
+            # a session of its own: Ctrl-C in a terminal stops the crawl, which then closes
+            # its writer in order, instead of killing the writer in the middle of a batch
+            start_new_session=True,
         )
         self._process = process
         threading.Thread(

@@ -98,7 +98,8 @@ class IngestPipeline:
     # async: Scrapy awaits the coroutine as it is, which costs less per item
     # than the wrapper it puts around a plain return value
     async def process_item(self, item: Any, spider: Spider | None = None) -> Any:
-        url = self._take_source(id(item), None)
+        source = self._take_source(id(item), None)
+        url = source[1] if source is not None and source[0] is item else None
         try:
             data = self._encode(item)
         except EncodeError as exc:

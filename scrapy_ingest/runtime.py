@@ -100,8 +100,8 @@ class IngestRuntime:
         self.encoder = RecordEncoder(on_value=self._count_value)
         # for our own job rows, whose conversions are not the spider's values to count
         self._job_encoder = RecordEncoder()
-        #: id(item) -> URL of the response it came from, filled by ItemSourceMiddleware
-        self.item_sources: dict[int, str] = {}
+        #: id(item) -> (item, URL of the response it came from), by ItemSourceMiddleware
+        self.item_sources: dict[int, tuple[Any, str]] = {}
         self.job: JobInfo | None = None
         self.items_stored = 0
         self._writers: dict[str, BatchWriter] = {}

@@ -47,6 +47,13 @@ AWKWARD_EVERY = 50
 AWKWARD_OFFSET = 7
 
 
+class ReplaceItemPipeline:
+    """A project pipeline that returns a new object for each item (as many do)."""
+
+    def process_item(self, item: Any, spider: Any = None) -> Any:
+        return dict(item)
+
+
 class Product(scrapy.Item):
     title = scrapy.Field()
     idx = scrapy.Field()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -190,3 +191,31 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except FileNotFoundError:
         return True
+
+
+@pytest.mark.postgres
+def test_a_host_whose_open_failed_opens_at_its_next_write(pg_url: str) -> None:
+    # what a writer process restarted during an outage does once the database is back
+    host = local_host(pg_url, TABLES, create_tables=True, retry_timeout=30)
+    try:
+        outcome = host.store(ITEMS, Batch(make_rows(10)))
+    finally:
+        host.close()
+    assert outcome.written == 10
+    assert stored_numbers(pg_url) == list(range(10))
+
+
+def test_one_outage_costs_the_retry_timeout_once_not_once_per_batch() -> None:
+    with socket.socket() as probe:  # a port where nothing listens: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://postgres:secret@127.0.0.1:{port}/nothing"
+    host = local_host(url, TABLES, create_tables=True, retry_timeout=1.0)
+    started = time.monotonic()
+    first = host.store(ITEMS, Batch(make_rows(5)))
+    first_took = time.monotonic() - started
+    second = host.store(ITEMS, Batch(make_rows(5, start=5)))
+    second_took = time.monotonic() - started - first_took
+    assert (first.lost, second.lost) == (5, 5)
+    assert 0.5 < first_took < 5
+    assert second_took < 0.5  # the outage began more than INGEST_RETRY_TIMEOUT ago

@@ -501,3 +501,22 @@ def test_rows_are_visible_before_the_crawl_ends(
     assert still_running
     assert visible < total
     assert db.count("ingest_items") == total
+
+
+def test_an_item_replaced_by_an_earlier_pipeline_gets_no_url_not_a_wrong_one(
+    site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    # freed items' ids are reused by new ones: a noted URL must never attach to another item
+    db = Database(sqlite_url)
+    result = _crawl(
+        site,
+        db,
+        tmp_path,
+        pages=10,
+        per_page=100,
+        settings={"ITEM_PIPELINES": {"_crawl_script.ReplaceItemPipeline": 800}},
+    )
+    result.assert_clean()
+    items = db.items()
+    assert len(items) == 1000
+    assert {item["url"] for item in items} == {None}

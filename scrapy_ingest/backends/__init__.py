@@ -17,7 +17,7 @@ from scrapy_ingest.backends.base import (
 from scrapy_ingest.exceptions import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from scrapy_ingest.schema import TableSpec
 
@@ -39,7 +39,12 @@ def _scheme(url: str) -> str:
 
 
 def local_host(
-    url: str, tables: Sequence[TableSpec], *, create_tables: bool, retry_timeout: float
+    url: str,
+    tables: Sequence[TableSpec],
+    *,
+    create_tables: bool,
+    retry_timeout: float,
+    abort: Callable[[], bool] | None = None,
 ) -> LocalHost:
     """Return a host that runs the backend of *url* in the calling thread."""
     scheme = _scheme(url)
@@ -58,7 +63,7 @@ def local_host(
             f"INGEST_DATABASE_URL ({redact_url(url)!r}) is invalid: the scheme {scheme!r} is "
             "not supported. Fix: use a sqlite:/// or postgresql:// URL."
         )
-    return LocalHost(backend, retry_timeout)
+    return LocalHost(backend, retry_timeout, abort=abort)
 
 
 def _require(module: str, extra: str, url: str) -> None:

@@ -70,6 +70,7 @@ def main() -> None:
     """Serve one backend until stdin closes."""
     from scrapy_ingest.backends import local_host
 
+    parent = os.getppid()  # if it changes, the crawl process is gone: stop retrying
     requests = sys.stdin.buffer
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -89,8 +90,13 @@ def main() -> None:
             try:
                 if operation == "open":
                     url, tables, create_tables, retry_timeout, scratch = args
+                    # kept even if opening fails: its next operation opens it again
                     host = local_host(
-                        url, tables, create_tables=create_tables, retry_timeout=retry_timeout
+                        url,
+                        tables,
+                        create_tables=create_tables,
+                        retry_timeout=retry_timeout,
+                        abort=lambda: os.getppid() != parent,
                     )
                     host.open()
                     result: Any = None

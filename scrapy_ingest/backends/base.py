@@ -11,18 +11,19 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from scrapy_ingest._redact import redact_text
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from scrapy_ingest.schema import TableSpec
 
 logger = logging.getLogger(__name__)
 
 Row = tuple[Any, ...]
+_T = TypeVar("_T")
 
 _FIRST_RETRY_DELAY = 0.25
 _MAX_RETRY_DELAY = 10.0
@@ -104,23 +105,53 @@ class WriteOutcome:
     retries: int = 0
 
 
+@dataclass
+class Outage:
+    """When the backend started failing, shared by every batch of one host.
+
+    Retries of all batches end ``retry_timeout`` after the outage began, not
+    after each batch's own first attempt, so a long outage costs the crawl
+    (and its close) ``retry_timeout`` once, not once per batch in flight.
+    """
+
+    since: float | None = None
+
+    def deadline(self, retry_timeout: float) -> float:
+        start = time.monotonic() if self.since is None else self.since
+        return start + retry_timeout
+
+    def failed(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def recovered(self) -> None:
+        self.since = None
+
+
 def store_batch(
-    backend: Backend, table: TableSpec, rows: Sequence[Row], retry_timeout: float
+    backend: Backend,
+    table: TableSpec,
+    rows: Sequence[Row],
+    retry_timeout: float,
+    *,
+    outage: Outage | None = None,
+    abort: Callable[[], bool] | None = None,
 ) -> WriteOutcome:
     """Write *rows*: retry transient failures, split the batch to isolate refused records.
 
     A transient failure (connection lost, server restarting) is retried with
-    randomised exponential backoff for up to *retry_timeout* seconds; after the
-    first one every write is idempotent, since the failed transaction may have
-    committed. A data failure splits the batch in two until the single refused
-    record is found; it is returned in ``dead`` with the reason, and every
-    other row is stored.
+    randomised exponential backoff until *retry_timeout* seconds after the
+    *outage* began; after the first one every write is idempotent, since the
+    failed transaction may have committed. A data failure splits the batch in
+    two until the single refused record is found; it is returned in ``dead``
+    with the reason, and every other row is stored. *abort* is asked before
+    each wait: true means nobody is left to write for.
     """
+    outage = outage or Outage()
     outcome = WriteOutcome()
     pending: list[Sequence[Row]] = [rows]
     idempotent = False
     delay = _FIRST_RETRY_DELAY
-    deadline = time.monotonic() + retry_timeout
     while pending:
         chunk = pending.pop()
         try:
@@ -134,7 +165,8 @@ def store_batch(
             if kind is Failure.DUPLICATE:
                 pending.append(chunk)
                 continue
-            if time.monotonic() + delay > deadline:
+            outage.failed()
+            if time.monotonic() + delay > outage.deadline(retry_timeout) or (abort and abort()):
                 outcome.lost += len(chunk) + sum(map(len, pending))
                 logger.error(
                     "Giving up on %d rows for %s at %s after %.0f s of retries: %s",
@@ -158,8 +190,43 @@ def store_batch(
             delay = min(delay * 2, _MAX_RETRY_DELAY) * random.uniform(0.8, 1.2)
             pending.append(chunk)
         else:
+            outage.recovered()
             outcome.written += len(chunk)
     return outcome
+
+
+def retry_call(
+    backend: Backend,
+    call: Callable[[], _T],
+    what: str,
+    retry_timeout: float,
+    *,
+    outage: Outage,
+    abort: Callable[[], bool] | None = None,
+) -> _T:
+    """Run *call*, retrying transient failures like :func:`store_batch`; re-raise the last."""
+    delay = _FIRST_RETRY_DELAY
+    while True:
+        try:
+            result = call()
+        except Exception as exc:
+            if backend.classify(exc) is not Failure.TRANSIENT:
+                raise
+            outage.failed()
+            if time.monotonic() + delay > outage.deadline(retry_timeout) or (abort and abort()):
+                raise
+            logger.warning(
+                "%s at %s failed (%s); retrying in %.2f s",
+                what,
+                backend.url,
+                describe_error(exc),
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_RETRY_DELAY) * random.uniform(0.8, 1.2)
+        else:
+            outage.recovered()
+            return result
 
 
 def _split(
@@ -184,25 +251,73 @@ def describe_error(exc: BaseException) -> str:
 class LocalHost:
     """Runs a backend's work in the calling thread (a writer thread, or the writer process)."""
 
-    def __init__(self, backend: Backend, retry_timeout: float) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        retry_timeout: float,
+        *,
+        abort: Callable[[], bool] | None = None,
+    ) -> None:
         self.backend = backend
         self.url = backend.url
         self.threads = backend.threads
         self._retry_timeout = retry_timeout
+        self._abort = abort
+        self._outage = Outage()
+        self._opened = False
 
     def open(self) -> None:
         self.backend.open()
+        self._opened = True
 
     def close(self) -> None:
         self.backend.close()
 
+    def _retry(self, call: Callable[[], _T], what: str) -> _T:
+        if not self._opened:
+            # a writer process restarted while the database was down: open it now
+            retry_call(
+                self.backend,
+                self.open,
+                "Opening the database",
+                self._retry_timeout,
+                outage=self._outage,
+                abort=self._abort,
+            )
+        return retry_call(
+            self.backend, call, what, self._retry_timeout, outage=self._outage, abort=self._abort
+        )
+
     def store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
-        return store_batch(self.backend, table, batch.rows(), self._retry_timeout)
+        rows = batch.rows()
+        if not self._opened:
+            try:
+                self._retry(lambda: None, "Opening the database")
+            except Exception as exc:
+                logger.error(
+                    "Giving up on %d rows for %s: the database at %s cannot be opened (%s)",
+                    len(rows),
+                    table.name,
+                    self.url,
+                    describe_error(exc),
+                )
+                return WriteOutcome(lost=len(rows))
+        return store_batch(
+            self.backend,
+            table,
+            rows,
+            self._retry_timeout,
+            outage=self._outage,
+            abort=self._abort,
+        )
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
-        return self.backend.insert_job(table, row)
+        return self._retry(lambda: self.backend.insert_job(table, row), "Inserting the job row")
 
     def update_job(
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
     ) -> None:
-        self.backend.update_job(table, job_id, values, only_running=only_running)
+        self._retry(
+            lambda: self.backend.update_job(table, job_id, values, only_running=only_running),
+            "Updating the job row",
+        )

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from scrapy_ingest._redact import redact_text, redact_url
+from scrapy_ingest._redact import redact_secrets_of, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.backends.base import Failure, Row
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
@@ -68,15 +68,20 @@ class PostgresBackend:
         try:
             with psycopg.connect(self._conninfo, connect_timeout=_CONNECT_TIMEOUT) as conn:
                 self._prepare_schema(conn)
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
+            # libpq quotes bits of a malformed DSN, the password included: never show it
+            reason = redact_secrets_of(self._conninfo, str(exc)).strip()
             raise BackendUnavailable(
-                f"cannot connect to PostgreSQL at {self.url}: {redact_text(str(exc)).strip()}"
+                f"cannot connect to PostgreSQL at {self.url}: {reason}"
             ) from None
         self._pool = ConnectionPool(
             self._conninfo,
             min_size=1,
             max_size=self.threads + 1,
             kwargs={"connect_timeout": _CONNECT_TIMEOUT},
+            # how long connection() waits while the server is down: bounded, so that the
+            # retry loop, not the pool, decides when to give up
+            timeout=_CONNECT_TIMEOUT,
             name="scrapy_ingest",
             open=False,
         )

@@ -10,9 +10,11 @@ A low number puts it next to the engine, so it sees the items that the
 other spider middlewares let through. An item that a pipeline before
 IngestPipeline replaces by a new object is stored with a null ``url``.
 
-Entries are removed when the pipeline takes them or the item is dropped;
-the oldest go once there are ``MAX_PENDING``, so that items which never
-reach the pipeline (or a crawl without it) cannot grow memory.
+Each entry holds the item itself, so that no other object can take its
+``id()`` while it waits. Entries are removed when the pipeline takes them or
+the item is dropped; the oldest go once there are ``MAX_PENDING``, so that
+items which never reach the pipeline (replaced by another pipeline, or a
+crawl without IngestPipeline) cannot grow memory without bound.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
-#: items noted and not yet taken; far more than Scrapy processes at once
-MAX_PENDING = 10_000
+#: items noted and not yet taken; more than Scrapy processes at once with its defaults
+#: (CONCURRENT_ITEMS 100 per response, CONCURRENT_REQUESTS 16)
+MAX_PENDING = 5_000
 
 
 class ItemSourceMiddleware:
@@ -53,7 +56,7 @@ class ItemSourceMiddleware:
         url, sources = response.url, self._sources
         for output in result:
             if not isinstance(output, Request):
-                sources[id(output)] = url
+                sources[id(output)] = (output, url)
                 if len(sources) > MAX_PENDING:
                     _forget_oldest(sources)
             yield output
@@ -64,13 +67,13 @@ class ItemSourceMiddleware:
         url, sources = response.url, self._sources
         async for output in result:
             if not isinstance(output, Request):
-                sources[id(output)] = url
+                sources[id(output)] = (output, url)
                 if len(sources) > MAX_PENDING:
                     _forget_oldest(sources)
             yield output
 
 
-def _forget_oldest(sources: dict[int, str]) -> None:
+def _forget_oldest(sources: dict[int, tuple[Any, str]]) -> None:
     # dicts keep insertion order: drop the oldest tenth at once
     for key in list(itertools.islice(sources, MAX_PENDING // 10)):
         del sources[key]
