@@ -219,3 +219,32 @@ def test_one_outage_costs_the_retry_timeout_once_not_once_per_batch() -> None:
     assert (first.lost, second.lost) == (5, 5)
     assert 0.5 < first_took < 5
     assert second_took < 0.5  # the outage began more than INGEST_RETRY_TIMEOUT ago
+
+
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_a_job_insert_tried_again_finds_its_own_row_but_refuses_another_crawls(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("pg_url" if database == "postgres" else "sqlite_url")
+    jobs = next(t for t in TABLES if t.kind == "jobs")
+    now = time.time()
+    row = {
+        "job_id": "nightly",
+        "crawl_id": "nightly",
+        "spider": "s",
+        "hostname": "h",
+        "pid": 42,
+        "status": "running",
+        "started_at": now,
+        "updated_at": now,
+        "items_count": 0,
+    }
+    host = opened(url)
+    try:
+        assert host.insert_job(jobs, row) is True
+        # the same insert again, as after a lost answer: its own row, no conflict
+        assert host.insert_job(jobs, row) is True
+        # another crawl with the same job id: refused
+        assert host.insert_job(jobs, {**row, "pid": 43, "started_at": now + 5}) is False
+    finally:
+        host.close()

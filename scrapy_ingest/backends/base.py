@@ -241,6 +241,20 @@ def _split(
     pending.append(chunk[:middle])
 
 
+def is_same_job(row: Mapping[str, Any], hostname: Any, pid: Any, started_at: float) -> bool:
+    """Whether an existing job row is *row* itself, inserted by an earlier attempt.
+
+    An insert whose commit went through but whose answer was lost (a dropped
+    connection, a writer process that died) is tried again and finds its own
+    row: that is no conflict.
+    """
+    return bool(
+        hostname == row["hostname"]
+        and pid == row["pid"]
+        and abs(started_at - row["started_at"]) < 0.001
+    )
+
+
 def describe_error(exc: BaseException) -> str:
     """``ClassName: first line of the message``, credentials redacted."""
     text = str(exc).strip()

@@ -19,7 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from scrapy_ingest._redact import redact_secrets_of, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
-from scrapy_ingest.backends.base import Failure, Row
+from scrapy_ingest.backends.base import Failure, Row, is_same_job
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
 
@@ -205,7 +205,16 @@ class PostgresBackend:
         )
         with self._pool.connection() as conn:
             cur = conn.execute(query, [self._param(table, n, row[n]) for n in names])
-            return cur.rowcount == 1
+            if cur.rowcount == 1:
+                return True
+            found = conn.execute(
+                sql.SQL(
+                    "SELECT hostname, pid, extract(epoch FROM started_at)::float8 "
+                    "FROM {} WHERE job_id = %s"
+                ).format(sql.Identifier(table.name)),
+                [row["job_id"]],
+            ).fetchone()
+        return found is not None and is_same_job(row, *found)
 
     def update_job(
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool

@@ -9,6 +9,7 @@ it); timestamps as ISO 8601 text in UTC, which SQLite's date functions read.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from scrapy_ingest._ids import format_uuid
 from scrapy_ingest._redact import redact_text, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
-from scrapy_ingest.backends.base import Failure, Row
+from scrapy_ingest.backends.base import Failure, Row, is_same_job
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
 
@@ -191,11 +192,18 @@ class SqlAlchemyBackend:
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
         assert self._engine is not None, "insert_job() before open()"
+        jobs = self._tables[table.kind]
         try:
             with self._engine.begin() as conn:
-                conn.execute(self._tables[table.kind].insert(), [self._convert_values(table, row)])
+                conn.execute(jobs.insert(), [self._convert_values(table, row)])
         except sa.exc.IntegrityError:
-            return False
+            with self._engine.connect() as conn:
+                found = conn.execute(
+                    sa.select(jobs.c.hostname, jobs.c.pid, jobs.c.started_at).where(
+                        jobs.c.job_id == row["job_id"]
+                    )
+                ).first()
+            return found is not None and is_same_job(row, found[0], found[1], _epoch(found[2]))
         return True
 
     def update_job(
@@ -208,6 +216,15 @@ class SqlAlchemyBackend:
             stmt = stmt.where(jobs.c.status == "running")
         with self._engine.begin() as conn:
             conn.execute(stmt.values(self._convert_values(table, values)))
+
+
+def _epoch(value: Any) -> float:
+    """A stored timestamp (ISO text in SQLite, a datetime elsewhere) as epoch seconds."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:  # databases that drop the offset keep UTC
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return float(value.timestamp())
 
 
 def _identity(value: Any) -> Any:
