@@ -2,8 +2,11 @@
 
 Usage: python bench/_crawl.py MODE ITEMS [DATABASE_URL]
 
-MODE is ``none`` (no pipeline), ``feed`` (JSON Lines feed export) or
-``ingest`` (the add-on). Prints one JSON line: items, seconds, items/s.
+MODE is ``none`` (no pipeline), ``feed`` (JSON Lines feed export), ``ingest``
+(the add-on), or one of two partial stacks that bound what any write path
+can reach: ``encode`` (a pipeline that only encodes each item with our
+encoder and keeps nothing) and ``buffer`` (the add-on, whose batches are
+kept and handed over but never written). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -66,6 +69,32 @@ def make_item(i: int, base_url: str) -> dict[str, object]:
     }
 
 
+class EncodeOnlyPipeline:
+    """Encodes each item as the add-on does, and keeps nothing."""
+
+    def __init__(self) -> None:
+        from scrapy_ingest.records import RecordEncoder
+
+        self._encode = RecordEncoder().encode_item
+
+    async def process_item(self, item: object, spider: object = None) -> object:
+        self._encode(item)
+        return item
+
+
+def _never_write() -> None:
+    """Make the writer process answer every batch as written, without writing it."""
+    from twisted.internet.defer import succeed
+
+    from scrapy_ingest.backends import WriteOutcome
+    from scrapy_ingest.hosting import ProcessHost
+
+    def store(self: ProcessHost, table: object, batch: object) -> object:
+        return succeed(WriteOutcome(written=len(batch.packed_rows)))  # type: ignore[attr-defined]
+
+    ProcessHost.store = store  # type: ignore[method-assign,assignment]
+
+
 def main() -> None:
     mode, count = sys.argv[1], int(sys.argv[2])
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
@@ -80,6 +109,12 @@ def main() -> None:
     }
     if mode == "feed":
         settings["FEEDS"] = {str(tmp / "items.jsonl"): {"format": "jsonlines"}}
+    elif mode == "encode":
+        settings["ITEM_PIPELINES"] = {EncodeOnlyPipeline: 900}
+    elif mode == "buffer":
+        _never_write()
+        settings["ADDONS"] = {"scrapy_ingest.IngestAddon": 300}
+        settings["INGEST_DATABASE_URL"] = sys.argv[3]
     elif mode == "ingest":
         settings["ADDONS"] = {"scrapy_ingest.IngestAddon": 300}
         settings["INGEST_DATABASE_URL"] = sys.argv[3]

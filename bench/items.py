@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import services  # noqa: E402  (tests/services.py: the throwaway PostgreSQL)
 
 MODES = ("none", "feed", "ingest")
+PARTIAL = ("encode", "buffer")
 
 
 def postgres(stack: contextlib.ExitStack) -> str:
@@ -46,14 +47,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="also run 'encode' and 'buffer', the partial stacks that bound any write path",
+    )
     options = parser.parse_args()
-    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    modes = (*MODES, *PARTIAL) if options.partial else MODES
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with contextlib.ExitStack() as stack:
         admin = postgres(stack)
         for n in range(options.pairs):
-            for mode in MODES:
+            for mode in modes:
                 url = None
-                if mode == "ingest":
+                if mode in ("ingest", "buffer"):
                     url = services.with_database(admin, services.create_database(admin))
                 result = crawl(mode, options.items, url)
                 if mode == "ingest" and result["stored"] != options.items:
@@ -64,7 +71,7 @@ def main() -> None:
     base = statistics.median(r["items_per_s"] for r in runs["none"])
     base_wall = statistics.median(r["wall_items_per_s"] for r in runs["none"])
     print(f"{'mode':<8}{'items/s':>10}{'ratio':>8}{'wall items/s':>14}{'wall ratio':>12}")
-    for mode in MODES:
+    for mode in modes:
         rate = statistics.median(r["items_per_s"] for r in runs[mode])
         wall = statistics.median(r["wall_items_per_s"] for r in runs[mode])
         print(f"{mode:<8}{rate:>10.0f}{rate / base:>8.3f}{wall:>14.0f}{wall / base_wall:>12.3f}")
