@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._redact import redact_url
+from scrapy_ingest.backends import url_scheme
 from scrapy_ingest.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -95,8 +96,7 @@ class IngestConfig(BaseModel):
     @field_validator("database_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        scheme = value.split(":", 1)[0].split("+", 1)[0].lower()
-        if "://" not in value or scheme not in _SCHEMES:
+        if "://" not in value or url_scheme(value) not in _SCHEMES:
             raise ValueError("unsupported scheme")
         return value
 

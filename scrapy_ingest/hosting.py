@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 import scrapy_ingest
 from scrapy_ingest import exceptions
 from scrapy_ingest._redact import redact_url
-from scrapy_ingest.backends import local_host
+from scrapy_ingest.backends import POSTGRES_SCHEMES, local_host, url_scheme
 from scrapy_ingest.backends._process import HEADER, frame, receive
 from scrapy_ingest.exceptions import BackendUnavailable, IngestError
 
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_POSTGRES = ("postgresql", "postgres")
 _STOP_TIMEOUT = 30
 _MAX_RESTARTS = 3
 
@@ -79,8 +78,7 @@ def create_host(
 ) -> Host:
     """Return the host for the backend of *url*; raise ConfigError for a bad URL or driver."""
     local = local_host(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
-    scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
-    if scheme in _POSTGRES and writer_process and sys.executable:
+    if url_scheme(url) in POSTGRES_SCHEMES and writer_process and sys.executable:
         return ProcessHost(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
     return ThreadHost(local)
 

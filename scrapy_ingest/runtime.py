@@ -327,11 +327,8 @@ def settings_snapshot(settings: BaseSettings) -> dict[str, Any]:
 def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
-    if isinstance(value, dict):
-        return {
-            str(k if isinstance(k, str) else getattr(k, "__qualname__", k)): _jsonable(v)
-            for k, v in value.items()
-        }
+    if isinstance(value, dict):  # redact_value has made its keys text
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_jsonable(v) for v in value]
     if isinstance(value, type):

@@ -29,12 +29,14 @@ __all__ = [
     "Row",
     "WriteOutcome",
     "local_host",
+    "url_scheme",
 ]
 
-_POSTGRES = ("postgresql", "postgres")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-def _scheme(url: str) -> str:
+def url_scheme(url: str) -> str:
+    """``postgresql+psycopg://...`` -> ``postgresql``."""
     return url.split(":", 1)[0].split("+", 1)[0].lower()
 
 
@@ -47,8 +49,8 @@ def local_host(
     abort: Callable[[], bool] | None = None,
 ) -> LocalHost:
     """Return a host that runs the backend of *url* in the calling thread."""
-    scheme = _scheme(url)
-    if scheme in _POSTGRES:
+    scheme = url_scheme(url)
+    if scheme in POSTGRES_SCHEMES:
         _require("psycopg", "postgres", url)
         _require("psycopg_pool", "postgres", url)
         from scrapy_ingest.backends.postgres import PostgresBackend

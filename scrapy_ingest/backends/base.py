@@ -287,9 +287,9 @@ class LocalHost:
     def close(self) -> None:
         self.backend.close()
 
-    def _retry(self, call: Callable[[], _T], what: str) -> _T:
+    def _ensure_open(self) -> None:
+        # a writer process restarted while the database was down opens it at its next call
         if not self._opened:
-            # a writer process restarted while the database was down: open it now
             retry_call(
                 self.backend,
                 self.open,
@@ -298,24 +298,26 @@ class LocalHost:
                 outage=self._outage,
                 abort=self._abort,
             )
+
+    def _retry(self, call: Callable[[], _T], what: str) -> _T:
+        self._ensure_open()
         return retry_call(
             self.backend, call, what, self._retry_timeout, outage=self._outage, abort=self._abort
         )
 
     def store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
         rows = batch.rows()
-        if not self._opened:
-            try:
-                self._retry(lambda: None, "Opening the database")
-            except Exception as exc:
-                logger.error(
-                    "Giving up on %d rows for %s: the database at %s cannot be opened (%s)",
-                    len(rows),
-                    table.name,
-                    self.url,
-                    describe_error(exc),
-                )
-                return WriteOutcome(lost=len(rows))
+        try:
+            self._ensure_open()
+        except Exception as exc:
+            logger.error(
+                "Giving up on %d rows for %s: the database at %s cannot be opened (%s)",
+                len(rows),
+                table.name,
+                self.url,
+                describe_error(exc),
+            )
+            return WriteOutcome(lost=len(rows))
         return store_batch(
             self.backend,
             table,
