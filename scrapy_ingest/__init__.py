@@ -7,17 +7,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from scrapy_ingest.addon import IngestAddon
+    from scrapy_ingest.downloadermiddlewares.requestlog import RequestLogMiddleware
     from scrapy_ingest.extensions.jobs import IngestJobsExtension
+    from scrapy_ingest.extensions.logs import IngestLogsExtension
     from scrapy_ingest.pipelines import IngestPipeline
-    from scrapy_ingest.spidermiddlewares.itemsource import ItemSourceMiddleware
+    from scrapy_ingest.spidermiddlewares.source import SourceMiddleware
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "IngestAddon",
     "IngestJobsExtension",
+    "IngestLogsExtension",
     "IngestPipeline",
-    "ItemSourceMiddleware",
+    "RequestLogMiddleware",
+    "SourceMiddleware",
     "__version__",
 ]
 
@@ -26,8 +30,10 @@ __all__ = [
 _EXPORTS = {
     "IngestAddon": "scrapy_ingest.addon",
     "IngestJobsExtension": "scrapy_ingest.extensions.jobs",
+    "IngestLogsExtension": "scrapy_ingest.extensions.logs",
     "IngestPipeline": "scrapy_ingest.pipelines",
-    "ItemSourceMiddleware": "scrapy_ingest.spidermiddlewares.itemsource",
+    "RequestLogMiddleware": "scrapy_ingest.downloadermiddlewares.requestlog",
+    "SourceMiddleware": "scrapy_ingest.spidermiddlewares.source",
 }
 
 

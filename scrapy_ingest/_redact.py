@@ -34,6 +34,8 @@ def redact_url(url: str) -> str:
     ``postgresql://scraper:***@db/x?password=***``. A password that is not
     valid URL syntax (``pa/ss``, ``50%off``) is replaced all the same.
     """
+    if "@" not in url and ("?" not in url or not _SECRET_QUERY.search(url)):
+        return url  # the common case, kept cheap: called once per request and log line
     password = url_password(url)
     if password is not None:
         scheme, _, rest = url.partition("://")

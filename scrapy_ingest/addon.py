@@ -4,10 +4,12 @@
 
     ADDONS = {"scrapy_ingest.IngestAddon": 300}
 
-It adds the item pipeline (900), the jobs extension (500) and the item source
-spider middleware (10), each only where the project has not placed or
-disabled that component itself: a project setting always wins. With
-``INGEST_ENABLED = False`` it adds nothing.
+It adds the item pipeline (900), the jobs and logs extensions (500), the
+request log downloader middleware (950) and the source spider middleware
+(10), each only where the project has not placed or disabled that component
+itself: a project setting always wins. With ``INGEST_ENABLED = False`` it
+adds nothing; ``INGEST_REQUESTS_ENABLED`` and ``INGEST_LOGS_ENABLED`` turn off
+their component.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scrapy_ingest import settings as defaults
+from scrapy_ingest.downloadermiddlewares.requestlog import RequestLogMiddleware
 from scrapy_ingest.extensions.jobs import IngestJobsExtension
+from scrapy_ingest.extensions.logs import IngestLogsExtension
 from scrapy_ingest.pipelines import IngestPipeline
-from scrapy_ingest.spidermiddlewares.itemsource import ItemSourceMiddleware
+from scrapy_ingest.spidermiddlewares.source import SourceMiddleware
 
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
@@ -25,7 +29,9 @@ if TYPE_CHECKING:
 COMPONENTS: tuple[tuple[str, type, int], ...] = (
     ("ITEM_PIPELINES", IngestPipeline, 900),
     ("EXTENSIONS", IngestJobsExtension, 500),
-    ("SPIDER_MIDDLEWARES", ItemSourceMiddleware, 10),
+    ("EXTENSIONS", IngestLogsExtension, 500),
+    ("DOWNLOADER_MIDDLEWARES", RequestLogMiddleware, 950),
+    ("SPIDER_MIDDLEWARES", SourceMiddleware, 10),
 )
 
 

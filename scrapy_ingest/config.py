@@ -10,6 +10,7 @@ the rule and the fix, e.g.::
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,14 @@ _RULES: dict[str, tuple[str, str]] = {
         "set {name} to e.g. 10.0",
     ),
     "writer_process": ("it must be a boolean", "set {name} to True or False"),
+    "requests_enabled": ("it must be a boolean", "set {name} to True or False"),
+    "requests_store_headers": ("it must be a boolean", "set {name} to True or False"),
+    "logs_enabled": ("it must be a boolean", "set {name} to True or False"),
+    "log_level": (
+        "it must be a logging level: a name (DEBUG, INFO, WARNING, ERROR, CRITICAL) or a "
+        "number from 0 to 50",
+        "set {name} to e.g. 'INFO' or logging.WARNING",
+    ),
     "retry_timeout": (
         "it must be a number of seconds, 0 or more",
         "set {name} to e.g. 60.0",
@@ -92,6 +101,11 @@ class IngestConfig(BaseModel):
     job_heartbeat: float = Field(gt=0)
     retry_timeout: float = Field(ge=0)
     writer_process: bool
+    requests_enabled: bool
+    requests_store_headers: bool
+    logs_enabled: bool
+    #: the level as a number (a name given in the setting is turned into one)
+    log_level: int
 
     @field_validator("database_url")
     @classmethod
@@ -99,6 +113,21 @@ class IngestConfig(BaseModel):
         if "://" not in value or url_scheme(value) not in _SCHEMES:
             raise ValueError("unsupported scheme")
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _check_level(cls, value: Any) -> int:
+        if isinstance(value, str) and not value.strip().isdigit():
+            level = logging.getLevelName(value.strip().upper())
+            if not isinstance(level, int):
+                raise ValueError("unknown level name")
+            return level
+        if isinstance(value, bool):
+            raise ValueError("a boolean is no level")
+        number = int(value)
+        if not 0 <= number <= logging.CRITICAL:
+            raise ValueError("level out of range")
+        return number
 
     @field_validator("table_prefix")
     @classmethod

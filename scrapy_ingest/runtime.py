@@ -100,16 +100,21 @@ class IngestRuntime:
         self.encoder = RecordEncoder(on_value=self._count_value)
         # for our own job rows, whose conversions are not the spider's values to count
         self._job_encoder = RecordEncoder()
-        #: id(item) -> (item, URL of the response it came from), by ItemSourceMiddleware
+        #: id(item) -> (item, URL of the response it came from), by SourceMiddleware
         self.item_sources: dict[int, tuple[Any, str]] = {}
         self.job: JobInfo | None = None
         self.items_stored = 0
+        #: download attempts captured, by RequestLogMiddleware (None: it is not enabled)
+        self.requests_count: int | None = None
+        #: log records seen per level name, by the logs extension (None: it is not enabled)
+        self.log_counts: dict[str, int] | None = None
         self._writers: dict[str, BatchWriter] = {}
         self._state = "new"  # new -> opening -> open -> closed (or failed)
         self._open_error: BaseException | None = None
         self._open_waiters: list[Deferred[None]] = []
         self._flush_loop: LoopingCall | None = None
         self._tickers: list[Callable[[], None]] = []
+        self._closers: list[Callable[[], None]] = []
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
         crawler.signals.connect(self._forget_item, signal=signals.item_dropped)
         crawler.signals.connect(self._forget_item, signal=signals.item_error)
@@ -154,6 +159,9 @@ class IngestRuntime:
             "started_at": self.job.started_at,
             "updated_at": self.job.started_at,
             "items_count": 0,
+            "requests_count": 0,
+            "errors_count": 0,
+            "log_counts": self._job_encoder.encode({}),
             "settings": self._job_encoder.encode(settings_snapshot(self.crawler.settings)),
         }
         try:
@@ -238,7 +246,8 @@ class IngestRuntime:
                 stats.inc_value(stat_key(kind, "lost"))
                 logger.error("A dead-letter record was refused too (%s); it is lost", reason)
             else:
-                self.dead_letter(kind, f"the database refused it: {reason}", _row_payload(row))
+                payload = _row_payload(kind, row)
+                self.dead_letter(kind, f"the database refused it: {reason}", payload)
 
     def _count_value(self, kind: str) -> None:
         self.stats.inc_value(stat_key("values", kind))
@@ -246,6 +255,10 @@ class IngestRuntime:
     def on_tick(self, callback: Callable[[], None]) -> None:
         """Call *callback* a few times per ``INGEST_FLUSH_INTERVAL`` and before the job closes."""
         self._tickers.append(callback)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call *callback* when the spider closes, before the writers drain."""
+        self._closers.append(callback)
 
     def _tick(self) -> None:
         for callback in self._tickers:
@@ -266,10 +279,21 @@ class IngestRuntime:
         assert self.job is not None
         self._tick()
         now = time.time()
+        stats = self.stats.get_stats()
+        log_counts = self.log_counts
+        if log_counts is None:  # without the logs extension, Scrapy's own counts
+            prefix = "log_count/"
+            log_counts = {k[len(prefix) :]: v for k, v in stats.items() if k.startswith(prefix)}
+        requests = self.requests_count
+        if requests is None:
+            requests = stats.get("downloader/request_count", 0)
         values: dict[str, Any] = {
             "updated_at": now,
             "items_count": self.items_stored,
-            "stats": self._job_encoder.encode(self.stats.get_stats()),
+            "requests_count": requests,
+            "errors_count": log_counts.get("ERROR", 0) + log_counts.get("CRITICAL", 0),
+            "log_counts": self._job_encoder.encode(log_counts),
+            "stats": self._job_encoder.encode(stats),
         }
         if reason is not None:
             values.update(status="finished", close_reason=reason, finished_at=now)
@@ -287,6 +311,10 @@ class IngestRuntime:
         self._state = "closed"
         if self._flush_loop is not None and self._flush_loop.running:
             self._flush_loop.stop()
+        # components hand over what they hold (log records) before the writers drain
+        for callback in self._closers:
+            callback()
+        self._tick()
         # dead letters last: draining the others can produce some (and create their writer)
         for kind in [k for k in self._writers if k != "dead_letters"]:
             await maybe_deferred_to_future(self._writers[kind].drain())
@@ -299,10 +327,10 @@ class IngestRuntime:
         await maybe_deferred_to_future(self.host.close())
 
 
-def _row_payload(row: Row) -> str:
-    # items keep their JSON in the last column; anything else is shown as a tuple
+def _row_payload(kind: str, row: Row) -> str:
+    # items keep their JSON in the last column; other rows are shown as tuples
     last = row[-1]
-    if isinstance(last, bytes):
+    if kind == "items" and isinstance(last, bytes):
         return last.decode("utf-8", "replace")
     return repr(row)
 

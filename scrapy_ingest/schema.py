@@ -3,7 +3,14 @@
 Column kinds are logical: each backend maps them to its own types (see
 ``docs/tables.md``). Rows travel from capture to backend as tuples in column
 order, with ``uuid``/``text`` as ``str``, ``timestamp`` as epoch seconds
-(``float``), ``json`` as UTF-8 JSON ``bytes`` and ``int``/``bool`` as such.
+(``float``), ``json`` as UTF-8 JSON ``bytes`` and ``int``/``float``/``bool`` as such.
+
+Schema versions (``SCHEMA_VERSION``), each applied by the backends under
+their creation lock: 1, the first tables; 2, the ``requests`` and ``logs``
+tables and the ``requests_count``, ``errors_count`` and ``log_counts``
+columns of ``jobs``. A backend migrates an older schema by creating missing
+tables and adding missing columns (all nullable), so every migration so far
+is additive.
 """
 
 from __future__ import annotations
@@ -11,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-ColumnKind = Literal["uuid", "text", "int", "bigint", "bool", "timestamp", "json"]
+ColumnKind = Literal["uuid", "text", "int", "bigint", "float", "bool", "timestamp", "json"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,10 @@ _TABLES: dict[str, tuple[tuple[Column, ...], str, tuple[tuple[str, ...], ...]]] 
             _c("items_count", "bigint", False),
             _c("stats", "json"),
             _c("settings", "json"),
+            # schema version 2
+            _c("requests_count", "bigint"),
+            _c("errors_count", "bigint"),
+            _c("log_counts", "json"),
         ),
         "job_id",
         (("crawl_id",), ("spider", "started_at"), ("status",)),
@@ -77,6 +88,44 @@ _TABLES: dict[str, tuple[tuple[Column, ...], str, tuple[tuple[str, ...], ...]]] 
         ),
         "id",
         (("job_id",), ("spider", "scraped_at"), ("item_type",)),
+    ),
+    "requests": (
+        (
+            _c("id", "uuid", False),
+            _c("job_id", "text", False),
+            _c("spider", "text", False),
+            _c("url", "text", False),
+            _c("method", "text", False),
+            _c("status", "int"),
+            _c("started_at", "timestamp", False),
+            _c("latency_ms", "float"),
+            _c("response_bytes", "bigint"),
+            _c("parent_id", "uuid"),
+            _c("depth", "int"),
+            _c("retry_times", "int", False),
+            _c("proxy", "text"),
+            _c("error", "text"),
+            _c("fingerprint", "text"),
+            _c("playwright", "bool", False),
+            _c("headers", "json"),
+        ),
+        "id",
+        (("job_id", "started_at"), ("parent_id",), ("status",)),
+    ),
+    "logs": (
+        (
+            _c("id", "uuid", False),
+            _c("job_id", "text", False),
+            _c("spider", "text", False),
+            _c("logged_at", "timestamp", False),
+            _c("level", "int", False),
+            _c("level_name", "text", False),
+            _c("logger", "text", False),
+            _c("message", "text", False),
+            _c("exception", "text"),
+        ),
+        "id",
+        (("job_id", "logged_at"), ("level",)),
     ),
     "dead_letters": (
         (

@@ -20,6 +20,11 @@ Why these numbers (see ``docs/performance.md`` for the measurements):
 * ``INGEST_MAX_BUFFER_BYTES``: 64 MiB covers several batches in flight per
   table, far more than a healthy database needs, and stays small next to
   Scrapy's own memory use.
+* ``INGEST_LOG_LEVEL``: ``INFO`` keeps what an operator reads (warnings,
+  errors, the crawl's milestones) without Scrapy's two ``DEBUG`` lines per
+  page, which would make ``ingest_logs`` the biggest table of a crawl.
+* ``INGEST_REQUESTS_STORE_HEADERS``: off, since headers are most of a request
+  row's size and rarely queried.
 """
 
 INGEST_ENABLED = True
@@ -32,7 +37,11 @@ INGEST_DATABASE_URL = "sqlite:///ingest.sqlite3"
 INGEST_FLUSH_INTERVAL = 1.0
 INGEST_JOB_HEARTBEAT = 10.0
 INGEST_JOB_ID = None
+INGEST_LOG_LEVEL = "INFO"
+INGEST_LOGS_ENABLED = True
 INGEST_MAX_BUFFER_BYTES = 64 * 1024 * 1024
+INGEST_REQUESTS_ENABLED = True
+INGEST_REQUESTS_STORE_HEADERS = False
 INGEST_RETRY_TIMEOUT = 60.0
 INGEST_TABLE_PREFIX = "ingest_"
 INGEST_WRITER_PROCESS = True

@@ -21,6 +21,10 @@ Arguments (JSON object, all optional except ``base_url``):
 - ``size``: bytes of padding per item;
 - ``awkward``: put ``AWKWARD[k]`` into the ``extra`` field of item ``idx = k * 50 + 7``;
 - ``poison``: idx values of items that get a ``poison`` key;
+- ``spider``: ``"items"`` (the default, the spider above) or ``"tree"`` (``TreeSpider``, for
+  the request and log tests, with ``refused_url``, ``headers`` and ``proxy`` as its arguments);
+- ``twins``: with ``"tree"``, run two TreeSpider crawlers (``tree_a``, ``tree_b``) in this one
+  process, with ``twin_settings`` (a list of two dicts) added to each one's settings;
 - ``spider_args``: keyword arguments for the spider (``_job`` ...);
 - ``result``: path of the JSON result file.
 """
@@ -37,7 +41,8 @@ import uuid
 from collections import deque
 from decimal import Decimal
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
+from urllib.parse import urlencode
 
 import attrs
 import scrapy
@@ -264,6 +269,44 @@ class IngestTestSpider(scrapy.Spider):
             yield make_item(self.kind, idx, response.url, self.pad, extra)
 
 
+class TreeSpider(scrapy.Spider):
+    """Crawl the site's ``/tree``: follow every link, warn once per page, fail on page 3.
+
+    Yields one item per page. ``headers`` are sent with every request, through ``proxy`` when
+    given (the redaction test plants an ``Authorization`` header and a proxy password there).
+    """
+
+    name = "tree"
+    custom_settings: ClassVar[dict[str, Any]] = {"DOWNLOAD_TIMEOUT": 1}
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        refused_url: str | None = None,
+        headers: dict[str, str] | None = None,
+        proxy: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.base_url = base_url
+        self.refused_url = refused_url
+        self.headers = headers or {}
+        self.meta = {"proxy": proxy} if proxy else {}
+
+    async def start(self) -> Any:
+        query = f"?{urlencode({'refused': self.refused_url})}" if self.refused_url else ""
+        yield scrapy.Request(f"{self.base_url}/tree{query}", headers=self.headers, meta=self.meta)
+
+    def parse(self, response: scrapy.http.Response) -> Any:
+        if "/page/3?" in response.url:
+            raise ValueError(f"boom on {response.url}")
+        self.logger.warning("tree page %s", response.url)
+        yield {"page": response.url}
+        for href in response.css("a::attr(href)").getall():
+            yield response.follow(href, headers=self.headers, meta=self.meta)
+
+
 def _jsonable(value: Any) -> Any:
     return value.isoformat() if isinstance(value, (dt.datetime, dt.date)) else str(value)
 
@@ -292,20 +335,41 @@ def main(argv: list[str]) -> int:
         process = CrawlerProcess(settings)
     else:
         raise ValueError(f"unknown reactor {reactor!r}")
-    crawler = process.create_crawler(IngestTestSpider)
-    spider_args = {
-        key: args[key]
-        for key in ("pages", "per_page", "kind", "size", "delay_ms", "awkward", "poison")
-        if key in args
-    }
-    process.crawl(crawler, base_url=args["base_url"], **spider_args, **args.get("spider_args", {}))
+    crawlers = []
+    if args.get("spider") == "tree":
+        spider_args = {key: args[key] for key in ("refused_url", "headers", "proxy") if key in args}
+        twins = [("tree_a", 0), ("tree_b", 1)] if args.get("twins") else [("tree", None)]
+        for name, index in twins:
+            spider_cls = type(name, (TreeSpider,), {"name": name})
+            if index is not None:
+                spider_cls.custom_settings = {
+                    **TreeSpider.custom_settings,
+                    **args["twin_settings"][index],
+                }
+            crawler = process.create_crawler(spider_cls)
+            process.crawl(
+                crawler, base_url=args["base_url"], **spider_args, **args.get("spider_args", {})
+            )
+            crawlers.append(crawler)
+    else:
+        crawler = process.create_crawler(IngestTestSpider)
+        spider_args = {
+            key: args[key]
+            for key in ("pages", "per_page", "kind", "size", "delay_ms", "awkward", "poison")
+            if key in args
+        }
+        process.crawl(
+            crawler, base_url=args["base_url"], **spider_args, **args.get("spider_args", {})
+        )
+        crawlers.append(crawler)
     process.start()
 
     from twisted.internet import reactor as installed
 
     if args.get("result"):
         result = {
-            "stats": crawler.stats.get_stats() if crawler.stats else {},
+            "stats": crawlers[0].stats.get_stats() if crawlers[0].stats else {},
+            "all_stats": [c.stats.get_stats() if c.stats else {} for c in crawlers],
             "bootstrap_failed": process.bootstrap_failed,
             "reactor": f"{type(installed).__module__}.{type(installed).__qualname__}",
         }

@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import secrets
 import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -40,6 +41,8 @@ class CrawlResult:
     stats: dict[str, Any]
     reactor: str | None
     bootstrap_failed: bool | None
+    #: the stats of every crawler of the process (``stats`` is the first one's)
+    all_stats: list[dict[str, Any]] = field(default_factory=list)
 
     def describe(self) -> str:
         return f"exit code {self.returncode}; log tail:\n{self.output[-6000:]}"
@@ -108,6 +111,7 @@ class Crawl:
             stats=result.get("stats", {}),
             reactor=result.get("reactor"),
             bootstrap_failed=result.get("bootstrap_failed"),
+            all_stats=result.get("all_stats", []),
         )
 
     def _output(self) -> str:
@@ -204,6 +208,30 @@ class Database:
         finally:
             conn.close()
 
+    def script(self, sql: str) -> list[list[tuple[Any, ...]]]:
+        """Run the statements of *sql* one by one in autocommit mode (so ``BEGIN``/``COMMIT``
+        and ``CREATE INDEX CONCURRENTLY`` work); return the rows of each one that has rows."""
+        statements = [s for s in re.split(r";\s*(?:\n|$)", sql) if _has_code(s)]
+        answers = []
+        if self.kind == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.url, connect_timeout=10, autocommit=True) as conn:
+                for statement in statements:
+                    cur = conn.execute(statement)  # type: ignore[call-overload]
+                    if cur.description is not None:
+                        answers.append(cur.fetchall())
+            return answers
+        conn = sqlite3.connect(self.sqlite_path, timeout=30, isolation_level=None)
+        try:
+            for statement in statements:
+                cur = conn.execute(statement)
+                if cur.description is not None:
+                    answers.append(cur.fetchall())
+        finally:
+            conn.close()
+        return answers
+
     def table_exists(self, name: str) -> bool:
         if self.kind == "sqlite" and not self.sqlite_path.exists():
             return False  # and do not create the file by looking
@@ -262,6 +290,26 @@ class Database:
             jobs.append(job)
         return jobs
 
+    def rows(self, table: str, where: str = "TRUE", params: tuple[Any, ...] = ()) -> list[dict]:
+        """Every column of *table*'s rows as dicts: ids as text, timestamps and JSON parsed."""
+        if not self.table_exists(table):
+            return []
+        if self.kind == "postgres":
+            import psycopg
+            from psycopg.rows import dict_row
+
+            with psycopg.connect(self.url, connect_timeout=10, row_factory=dict_row) as conn:
+                rows = conn.execute(f"SELECT * FROM {table} WHERE {where}", params).fetchall()  # type: ignore[arg-type]
+        else:
+            conn = sqlite3.connect(self.sqlite_path, timeout=30)
+            conn.row_factory = sqlite3.Row
+            try:
+                query = f"SELECT * FROM {table} WHERE {where}".replace("%s", "?")
+                rows = [dict(row) for row in conn.execute(query, params)]
+            finally:
+                conn.close()
+        return [_typed(row) for row in rows]
+
     def raw_jobs(self) -> list[tuple[Any, ...]]:
         """Every column of every job row as the driver returns it, for 'unchanged' checks."""
         return self.query("SELECT * FROM ingest_jobs ORDER BY job_id")
@@ -275,6 +323,28 @@ class Database:
             f"SELECT {', '.join(names)} FROM ingest_dead_letters WHERE {where}", params
         )
         return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def _has_code(statement: str) -> bool:
+    return any(line.strip() and not line.strip().startswith("--") for line in statement.split("\n"))
+
+
+_TIMESTAMPS = {"started_at", "updated_at", "finished_at", "logged_at", "scraped_at", "created_at"}
+_JSON = {"data", "stats", "settings", "log_counts", "headers"}
+
+
+def _typed(row: dict[str, Any]) -> dict[str, Any]:
+    typed = dict(row)
+    for name, value in row.items():
+        if value is None:
+            continue
+        if name == "id" or name.endswith("_id"):
+            typed[name] = str(value)
+        elif name in _TIMESTAMPS:
+            typed[name] = parse_timestamp(value)
+        elif name in _JSON:
+            typed[name] = parse_json(value)
+    return typed
 
 
 # PostgreSQL: a role with a password, to check that the password never shows

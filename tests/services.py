@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import html
 import os
 import pwd
 import re
@@ -337,6 +338,86 @@ def start_postgres(stack: contextlib.ExitStack) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
+# tinyproxy: a real HTTP proxy that asks for a user name and password
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    host: str
+    port: int
+    user: str
+    password: str
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        """``http://user:password@host:port``, the form users put in ``meta["proxy"]``."""
+        return f"http://{self.user}:{self.password}@{self.host}:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def running_tinyproxy(user: str, password: str) -> Iterator[Proxy]:
+    """Start Debian's tinyproxy on 127.0.0.1 with basic authentication; stop it afterwards."""
+    binary = shutil.which("tinyproxy") or (
+        "/usr/bin/tinyproxy" if os.path.exists("/usr/bin/tinyproxy") else None
+    )
+    if binary is None:
+        raise ServiceUnavailable("tinyproxy is not installed (apt-get install -y tinyproxy)")
+    # a directory of its own, outside pytest's (private to root): started as root, tinyproxy
+    # writes its log as nobody
+    workdir = Path(tempfile.mkdtemp(prefix="scrapy_ingest_tinyproxy_"))
+    workdir.chmod(0o777)
+    port = free_port()
+    log_path = workdir / "tinyproxy.log"
+    lines = [
+        f"Port {port}",
+        "Listen 127.0.0.1",
+        "Timeout 30",
+        "MaxClients 50",
+        "Allow 127.0.0.1",
+        f"BasicAuth {user} {password}",
+        "LogLevel Info",
+        f'LogFile "{log_path}"',
+        "DisableViaHeader Yes",
+    ]
+    if os.geteuid() == 0:
+        lines += ["User nobody", "Group nogroup"]
+    config = workdir / "tinyproxy.conf"
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    process = subprocess.Popen(
+        [binary, "-d", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _port_answers(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                error = process.stderr.read().decode() if process.stderr else ""
+                raise ServiceUnavailable(f"tinyproxy did not start: {error.strip()}")
+            time.sleep(0.05)
+        yield Proxy("127.0.0.1", port, user, password, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _port_answers(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --------------------------------------------------------------------------------------------
 # Local HTTP site for crawl tests
 # --------------------------------------------------------------------------------------------
 
@@ -367,7 +448,12 @@ class _SiteHandler(BaseHTTPRequestHandler):
     - ``/page/<k>?total=T&fanout=F``: HTML linking to the next F pages below T
       (defaults T=10, F=3), so ``/page/0`` reaches the whole site;
     - ``/status/<code>``: an empty page with that status;
-    - ``/delay?ms=M``: answers after M milliseconds (at most 10 s).
+    - ``/delay?ms=M``: answers after M milliseconds (at most 10 s);
+    - ``/redirect?to=PATH``: a 302 to PATH;
+    - ``/tree?refused=URL``: sets a session cookie (``TREE_COOKIE``); HTML linking to a small
+      tree of pages (``/page/0?total=4&fanout=2``), a redirect, a 404, a 500, a page slower than
+      the tests' download timeout, and URL (where nothing listens); the request-log tests crawl
+      it.
     """
 
     server: _SiteServer
@@ -397,19 +483,56 @@ class _SiteHandler(BaseHTTPRequestHandler):
             self._send(200, _page(int(match[1]), query), "text/html; charset=utf-8")
         elif match := _STATUS_RE.match(path):
             self._send(int(match[1]), "")
+        elif path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", query.get("to", "/"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/tree":
+            links = "".join(f'<a href="{html.escape(link)}">x</a>' for link in _tree_links(query))
+            self._send(
+                200,
+                _html("tree", links),
+                "text/html; charset=utf-8",
+                extra_headers={"Set-Cookie": f"tree_session={TREE_COOKIE}; Path=/"},
+            )
         elif path == "/delay":
             time.sleep(min(_non_negative(query.get("ms", "0"), "ms"), MAX_DELAY_MS) / 1000)
             self._send(200, "ok")
         else:
             self._send(404, "not found\n")
 
-    def _send(self, status: int, body: str, content_type: str = _TEXT) -> None:
+    def _send(
+        self,
+        status: int,
+        body: str,
+        content_type: str = _TEXT,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
         data = body.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (extra_headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+#: the session cookie /tree sets (a secret that must never be stored)
+TREE_COOKIE = "tree-cookie-secret"
+#: where /tree links, besides the URL where nothing listens
+TREE_LINKS = (
+    "/page/0?total=4&fanout=2",
+    "/redirect?to=/page/9%3Ftotal%3D4",
+    "/status/404",
+    "/status/500",
+    "/delay?ms=3000",
+)
+
+
+def _tree_links(query: dict[str, str]) -> list[str]:
+    return [*TREE_LINKS, *([query["refused"]] if "refused" in query else [])]
 
 
 def _non_negative(value: str, name: str) -> int:

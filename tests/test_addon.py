@@ -12,8 +12,10 @@ from scrapy.utils.test import get_crawler
 from scrapy_ingest import (
     IngestAddon,
     IngestJobsExtension,
+    IngestLogsExtension,
     IngestPipeline,
-    ItemSourceMiddleware,
+    RequestLogMiddleware,
+    SourceMiddleware,
 )
 from scrapy_ingest._redact import REDACTED, redact_text, redact_url, redact_value
 from scrapy_ingest.runtime import IngestRuntime
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
 COMPONENTS = [
     ("ITEM_PIPELINES", IngestPipeline, 900),
     ("EXTENSIONS", IngestJobsExtension, 500),
-    ("SPIDER_MIDDLEWARES", ItemSourceMiddleware, 10),
+    ("EXTENSIONS", IngestLogsExtension, 500),
+    ("DOWNLOADER_MIDDLEWARES", RequestLogMiddleware, 950),
+    ("SPIDER_MIDDLEWARES", SourceMiddleware, 10),
 ]
 
 
@@ -80,7 +84,8 @@ def test_project_setting_wins(
 ) -> None:
     key: Any = component if key_form == "class" else f"scrapy_ingest.{component.__name__}"
     crawler = _crawler(db_url, **{setting: {key: project_value}})
-    assert _components(crawler, setting) == {component: project_value}
+    ours = {c: order for s, c, order in COMPONENTS if s == setting and c is not component}
+    assert _components(crawler, setting) == {component: project_value, **ours}
 
 
 def test_project_components_are_kept_next_to_ours(db_url: str) -> None:

@@ -10,6 +10,8 @@ import pytest
 from _crawl_script import title
 from _helpers import Crawl, Database
 
+from scrapy_ingest.schema import SCHEMA_VERSION
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -49,7 +51,7 @@ def _crawl_at_once(site: LocalSite, db: Database, tmp_path: Path) -> None:
         result.assert_clean()
         assert result.stats["ingest/items/stored"] == ITEMS
 
-    assert db.query("SELECT version FROM ingest_schema_version") == [(1,)]
+    assert db.query("SELECT version FROM ingest_schema_version") == [(SCHEMA_VERSION,)]
     jobs = db.jobs()
     assert len(jobs) == PROCESSES
     assert len({job["job_id"] for job in jobs}) == PROCESSES

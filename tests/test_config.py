@@ -3,6 +3,7 @@ that names the setting, the value, the rule and the fix for every bad value."""
 
 from __future__ import annotations
 
+import logging
 import traceback
 from typing import Any
 
@@ -33,6 +34,10 @@ def test_defaults() -> None:
     assert config.job_heartbeat == defaults.INGEST_JOB_HEARTBEAT
     assert config.retry_timeout == defaults.INGEST_RETRY_TIMEOUT
     assert config.max_buffer_bytes >= config.batch_bytes
+    assert config.requests_enabled is True
+    assert config.requests_store_headers is False
+    assert config.logs_enabled is True
+    assert config.log_level == logging.INFO
 
 
 def test_project_values_are_used() -> None:
@@ -203,3 +208,22 @@ def test_password_does_not_leak_through_another_settings_error() -> None:
         _config({"INGEST_DATABASE_URL": url, "INGEST_BATCH_ROWS": -1})
     assert "hunter2" not in str(info.value)
     assert "hunter2" not in "".join(traceback.format_exception(info.value))
+
+
+@pytest.mark.parametrize(
+    ("value", "level"),
+    [("DEBUG", 10), ("warning", 30), (" ERROR ", 40), (25, 25), ("30", 30), (logging.CRITICAL, 50)],
+)
+def test_log_level_by_name_or_number(value: Any, level: int) -> None:
+    assert _config({"INGEST_LOG_LEVEL": value}).log_level == level
+
+
+@pytest.mark.parametrize("value", ["VERBOSE", "", -1, 51, True, "Level 5"])
+def test_bad_log_level_is_named_with_the_fix(value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        _config({"INGEST_LOG_LEVEL": value})
+    message = str(info.value)
+    assert message.startswith(
+        f"INGEST_LOG_LEVEL ({value!r}) is invalid: it must be a logging level"
+    )
+    assert "Fix: set INGEST_LOG_LEVEL to e.g. 'INFO'" in message

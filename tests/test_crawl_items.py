@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import socket
 import time
 import uuid
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from _crawl_script import AWKWARD, ITEM_KINDS, Refused, awkward_index, title
-from _helpers import REACTORS, Crawl, Database, password_role, run_crawl
+from _helpers import REACTORS, REPO_DIR, Crawl, Database, password_role, run_crawl
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -153,6 +154,14 @@ def test_every_item_is_stored_once(  # noqa: PLR0917 - fixtures and parameters
     assert result.stats["ingest/items/stored"] == total
 
 
+TABLES = (
+    "ingest_items",
+    "ingest_jobs",
+    "ingest_requests",
+    "ingest_logs",
+    "ingest_dead_letters",
+    "ingest_schema_version",
+)
 INDEXES = {
     "ingest_items_job_id_idx",
     "ingest_items_spider_scraped_at_idx",
@@ -161,12 +170,17 @@ INDEXES = {
     "ingest_jobs_spider_started_at_idx",
     "ingest_jobs_status_idx",
     "ingest_dead_letters_job_id_idx",
+    "ingest_requests_job_id_started_at_idx",
+    "ingest_requests_parent_id_idx",
+    "ingest_requests_status_idx",
+    "ingest_logs_job_id_logged_at_idx",
+    "ingest_logs_level_idx",
 }
 
 
 def test_tables_and_indexes_as_documented(site: LocalSite, db: Database, tmp_path: Path) -> None:
     _crawl(site, db, tmp_path, pages=1, per_page=1).assert_clean()
-    for table in ("ingest_items", "ingest_jobs", "ingest_dead_letters", "ingest_schema_version"):
+    for table in TABLES:
         assert db.table_exists(table), table
     if db.kind == "sqlite":
         indexes = {
@@ -179,7 +193,7 @@ def test_tables_and_indexes_as_documented(site: LocalSite, db: Database, tmp_pat
     types = dict(
         db.query(
             "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
-            " WHERE table_name IN ('ingest_items', 'ingest_jobs', 'ingest_dead_letters')"
+            " WHERE table_name LIKE 'ingest_%'"
         )
     )
     assert types["ingest_items.data"] == "jsonb"
@@ -191,6 +205,28 @@ def test_tables_and_indexes_as_documented(site: LocalSite, db: Database, tmp_pat
     assert types["ingest_jobs.items_count"] == "bigint"
     assert types["ingest_dead_letters.id"] == "uuid"
     assert types["ingest_dead_letters.created_at"] == "timestamp with time zone"
+    assert types["ingest_requests.latency_ms"] == "double precision"
+    assert types["ingest_requests.parent_id"] == "uuid"
+    assert types["ingest_requests.playwright"] == "boolean"
+    assert types["ingest_logs.logged_at"] == "timestamp with time zone"
+    assert types["ingest_jobs.log_counts"] == "jsonb"
+
+
+def test_the_documented_ddl_is_all_a_crawl_needs(
+    site: LocalSite, db: Database, tmp_path: Path
+) -> None:
+    # docs/tables.md, "Creating the tables yourself": its PostgreSQL block, then its SQLite one
+    text = (REPO_DIR / "docs" / "tables.md").read_text(encoding="utf-8")
+    section = text.split("## Creating the tables yourself", 1)[1]
+    postgres_ddl, sqlite_ddl = re.findall(r"```sql\n(.*?)```", section, re.DOTALL)[:2]
+    db.script(postgres_ddl if db.kind == "postgres" else sqlite_ddl)
+    result = _crawl(
+        site, db, tmp_path, pages=1, per_page=3, settings={"INGEST_CREATE_TABLES": False}
+    )
+    result.assert_clean()
+    assert db.count("ingest_items") == 3
+    assert db.count("ingest_requests") == 1
+    assert db.count("ingest_logs") > 0
 
 
 def test_pipeline_alone_without_the_addon(site: LocalSite, sqlite_url: str, tmp_path: Path) -> None:
@@ -207,7 +243,7 @@ def test_pipeline_alone_without_the_addon(site: LocalSite, sqlite_url: str, tmp_
     result.assert_clean()
     items = db.items()
     assert sorted(i["data"]["idx"] for i in items) == list(range(10))
-    assert {i["url"] for i in items} == {None}  # without ItemSourceMiddleware, no URL
+    assert {i["url"] for i in items} == {None}  # without SourceMiddleware, no URL
     [job] = db.jobs()
     assert (job["status"], job["close_reason"], job["items_count"]) == ("finished", "finished", 10)
 

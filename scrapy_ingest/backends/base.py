@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from scrapy_ingest._redact import redact_text
+from scrapy_ingest.exceptions import SchemaError
+from scrapy_ingest.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -253,6 +255,29 @@ def is_same_job(row: Mapping[str, Any], hostname: Any, pid: Any, started_at: flo
         and pid == row["pid"]
         and abs(started_at - row["started_at"]) < 0.001
     )
+
+
+def needs_migration(current: int | None, url: str, *, create_tables: bool) -> bool:
+    """Whether tables at schema version *current* (None: new tables) need the current one.
+
+    Raise :class:`SchemaError` for tables newer than this package, or older
+    ones it may not change (``INGEST_CREATE_TABLES = False``).
+    """
+    if current == SCHEMA_VERSION:
+        return False
+    if current is not None and current > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the tables in {url} have schema version {current}, newer than this "
+            f"scrapy-ingestion knows ({SCHEMA_VERSION}). Fix: upgrade scrapy-ingestion."
+        )
+    if current is not None and not create_tables:
+        raise SchemaError(
+            f"the tables in {url} have schema version {current}, older than this "
+            f"scrapy-ingestion's ({SCHEMA_VERSION}), and INGEST_CREATE_TABLES is False. "
+            "Fix: run one crawl with INGEST_CREATE_TABLES = True (it adds the missing "
+            "tables and columns), or apply the changes docs/tables.md lists."
+        )
+    return True
 
 
 def describe_error(exc: BaseException) -> str:

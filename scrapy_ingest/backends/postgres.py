@@ -19,7 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from scrapy_ingest._redact import redact_secrets_of, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
-from scrapy_ingest.backends.base import Failure, Row, is_same_job
+from scrapy_ingest.backends.base import Failure, Row, is_same_job, needs_migration
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
 
@@ -35,6 +35,7 @@ _TYPES: dict[ColumnKind, str] = {
     "text": "text",
     "int": "integer",
     "bigint": "bigint",
+    "float": "double precision",
     "bool": "boolean",
     "timestamp": "timestamptz",
     "json": "jsonb",
@@ -113,18 +114,43 @@ class PostgresBackend:
                 sql.SQL("SELECT max(version) FROM {}").format(sql.Identifier(versions.name))
             ).fetchone()
             current = row[0] if row else None
-            if current is not None and current > SCHEMA_VERSION:
-                raise SchemaError(
-                    f"the tables in {self.url} have schema version {current}, newer than this "
-                    f"scrapy-ingestion knows ({SCHEMA_VERSION}). Fix: upgrade scrapy-ingestion."
+            if not needs_migration(current, self.url, create_tables=self._create_tables):
+                return
+            if current is not None:
+                self._add_missing_columns(conn)
+            conn.execute(
+                sql.SQL("INSERT INTO {} (version, applied_at) VALUES (%s, now())").format(
+                    sql.Identifier(versions.name)
+                ),
+                [SCHEMA_VERSION],
+            )
+            if current is not None:
+                logger.info(
+                    "Migrated the tables in %s from schema version %s to %s",
+                    self.url,
+                    current,
+                    SCHEMA_VERSION,
                 )
-            if current is None:
-                conn.execute(
-                    sql.SQL("INSERT INTO {} (version, applied_at) VALUES (%s, now())").format(
-                        sql.Identifier(versions.name)
-                    ),
-                    [SCHEMA_VERSION],
+
+    def _add_missing_columns(self, conn: psycopg.Connection[Any]) -> None:
+        for table in self._tables.values():
+            found = {
+                name
+                for (name,) in conn.execute(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = %s",
+                    [table.name],
                 )
+            }
+            for column in table.columns:
+                if column.name not in found:
+                    conn.execute(
+                        sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                            sql.Identifier(table.name),
+                            sql.Identifier(column.name),
+                            sql.SQL(_TYPES[column.kind]),
+                        )
+                    )
 
     # writing
 

@@ -22,7 +22,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from scrapy_ingest._ids import format_uuid
 from scrapy_ingest._redact import redact_text, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
-from scrapy_ingest.backends.base import Failure, Row, is_same_job
+from scrapy_ingest.backends.base import Failure, Row, is_same_job, needs_migration
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
 
@@ -42,6 +42,7 @@ def _sa_type(kind: ColumnKind) -> sa.types.TypeEngine[Any]:
         "text": sa.Text(),
         "int": sa.Integer(),
         "bigint": sa.BigInteger(),
+        "float": sa.Float(),
         "bool": sa.Boolean(),
         # text in SQLite, so that the offset is kept and date functions read it
         "timestamp": sa.DateTime(timezone=True).with_variant(sa.String(32), "sqlite"),
@@ -125,17 +126,37 @@ class SqlAlchemyBackend:
                 "INGEST_CREATE_TABLES = True once, or create the tables as docs/tables.md shows."
             )
         current = conn.execute(sa.select(sa.func.max(versions.c.version))).scalar()
-        if current is not None and current > SCHEMA_VERSION:
-            raise SchemaError(
-                f"the tables in {self.url} have schema version {current}, newer than this "
-                f"scrapy-ingestion knows ({SCHEMA_VERSION}). Fix: upgrade scrapy-ingestion."
+        if not needs_migration(current, self.url, create_tables=self._create_tables):
+            return
+        if current is not None:
+            self._add_missing_columns(conn)
+        row = self._convert_values(
+            self._specs["schema_version"],
+            {"version": SCHEMA_VERSION, "applied_at": time.time()},
+        )
+        conn.execute(self._insert_ignoring_duplicates(versions, conn.dialect.name), [row])
+        if current is not None:
+            logger.info(
+                "Migrated the tables in %s from schema version %s to %s",
+                self.url,
+                current,
+                SCHEMA_VERSION,
             )
-        if current is None:
-            row = self._convert_values(
-                self._specs["schema_version"],
-                {"version": SCHEMA_VERSION, "applied_at": time.time()},
-            )
-            conn.execute(self._insert_ignoring_duplicates(versions, conn.dialect.name), [row])
+
+    def _add_missing_columns(self, conn: sa.Connection) -> None:
+        inspector = sa.inspect(conn)
+        preparer = conn.dialect.identifier_preparer
+        for table in self._tables.values():
+            found = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in found:
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.execute(
+                        sa.text(
+                            f"ALTER TABLE {preparer.quote(table.name)} "
+                            f"ADD COLUMN {preparer.quote(column.name)} {kind}"
+                        )
+                    )
 
     # writing
 

@@ -1,14 +1,19 @@
-"""Remember which response each item came from, for the ``url`` column of items.
+"""Note where items and requests come from: the ``url`` of items, the ``parent_id`` of requests.
 
 Item pipelines are not given the response, so this middleware notes the
 response URL of each item the spider yields, and :class:`IngestPipeline`
-takes it when the item arrives. Enabled by the add-on; alone::
+takes it when the item arrives. For each request the spider yields, it sets
+``request.meta["ingest_parent_id"]`` to the row id of the download attempt
+whose response produced it (``response.meta["ingest_request_id"]``, set by
+:class:`~scrapy_ingest.downloadermiddlewares.requestlog.RequestLogMiddleware`),
+so that ``parent_id`` links the ``requests`` table into the crawl tree.
+Enabled by the add-on; alone::
 
-    SPIDER_MIDDLEWARES = {"scrapy_ingest.ItemSourceMiddleware": 10}
+    SPIDER_MIDDLEWARES = {"scrapy_ingest.SourceMiddleware": 10}
 
-A low number puts it next to the engine, so it sees the items that the
-other spider middlewares let through. An item that a pipeline before
-IngestPipeline replaces by a new object is stored with a null ``url``.
+A low number puts it next to the engine, so it sees the items and requests
+that the other spider middlewares let through. An item that a pipeline
+before IngestPipeline replaces by a new object is stored with a null ``url``.
 
 Each entry holds the item itself, so that no other object can take its
 ``id()`` while it waits. Entries are removed when the pipeline takes them or
@@ -38,12 +43,16 @@ if TYPE_CHECKING:
 #: items noted and not yet taken; more than Scrapy processes at once with its defaults
 #: (CONCURRENT_ITEMS 100 per response, CONCURRENT_REQUESTS 16)
 MAX_PENDING = 5_000
+_NO_LINK = object()
 
 
-class ItemSourceMiddleware:
+class SourceMiddleware:
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
-        self._sources = IngestRuntime.of(crawler).item_sources
+        runtime = IngestRuntime.of(crawler)
+        self._sources = runtime.item_sources
+        # without the request log there are no attempt ids to link
+        self._link_requests = runtime.config.requests_enabled
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -54,8 +63,12 @@ class ItemSourceMiddleware:
         self, response: Response, result: Iterator[Any], spider: Spider | None = None
     ) -> Iterator[Any]:
         url, sources = response.url, self._sources
+        parent = response.meta.get("ingest_request_id") if self._link_requests else _NO_LINK
         for output in result:
-            if not isinstance(output, Request):
+            if isinstance(output, Request):
+                if parent is not _NO_LINK:
+                    output.meta["ingest_parent_id"] = parent
+            else:
                 sources[id(output)] = (output, url)
                 if len(sources) > MAX_PENDING:
                     _forget_oldest(sources)
@@ -65,8 +78,12 @@ class ItemSourceMiddleware:
         self, response: Response, result: AsyncIterator[Any], spider: Spider | None = None
     ) -> AsyncIterator[Any]:
         url, sources = response.url, self._sources
+        parent = response.meta.get("ingest_request_id") if self._link_requests else _NO_LINK
         async for output in result:
-            if not isinstance(output, Request):
+            if isinstance(output, Request):
+                if parent is not _NO_LINK:
+                    output.meta["ingest_parent_id"] = parent
+            else:
                 sources[id(output)] = (output, url)
                 if len(sources) > MAX_PENDING:
                     _forget_oldest(sources)

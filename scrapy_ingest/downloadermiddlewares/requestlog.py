@@ -1,0 +1,294 @@
+"""The request log: one row per download attempt in the ``requests`` table.
+
+Enabled by the add-on; alone::
+
+    DOWNLOADER_MIDDLEWARES = {"scrapy_ingest.RequestLogMiddleware": 950}
+    SPIDER_MIDDLEWARES = {"scrapy_ingest.SourceMiddleware": 10}  # fills parent_id
+
+At 950 it sits next to the downloader, after HttpProxyMiddleware (750) and
+HttpCacheMiddleware (900): it sees each response as it arrives, before
+redirects, retries and decompression act on it, and each download error
+before RetryMiddleware turns it into another attempt. So a request retried
+twice is three rows (``retry_times`` 0, 1 and 2) and each hop of a redirect
+is a row of its own.
+
+What a row holds and where it comes from:
+
+* ``started_at``: when the download handler started the download, after any
+  wait in the downloader's per-domain queue (see :meth:`_time_downloads`);
+  ``latency_ms``: from then until the response (or the error) came back;
+* ``parent_id``: the row id of the attempt whose response produced this
+  request, set in ``request.meta["ingest_parent_id"]`` by
+  :class:`~scrapy_ingest.spidermiddlewares.source.SourceMiddleware`; the next
+  hop of a redirect points to the redirected attempt, a retry keeps the parent
+  of the attempt it repeats;
+* the row id of the attempt that produced a response is in
+  ``response.meta["ingest_request_id"]``;
+* ``url`` and ``proxy`` without credentials; with
+  ``INGEST_REQUESTS_STORE_HEADERS``, the headers with ``Authorization``,
+  ``Cookie``, ``Set-Cookie`` and ``Proxy-Authorization`` values redacted.
+
+Requests that never reach the downloader are not rows: those that the
+scheduler's dupefilter or the offsite middleware drop are in Scrapy's
+``dupefilter/filtered`` and ``offsite/filtered`` stats; those another
+downloader middleware answers or refuses before the download (an HTTP cache
+hit, ``robots.txt``) are counted in ``ingest/requests/not_downloaded``.
+
+Stats: ``ingest/requests/queued``, ``ingest/requests/stored``,
+``ingest/requests/not_downloaded``, and the others of every record kind.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from scrapy import signals
+from scrapy.exceptions import NotConfigured
+
+from scrapy_ingest._redact import REDACTED, redact_text, redact_url
+from scrapy_ingest._stats import stat_key
+from scrapy_ingest.exceptions import IngestError
+from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
+
+if TYPE_CHECKING:
+    from scrapy import Request, Spider
+    from scrapy.crawler import Crawler
+    from scrapy.http import Headers, Response
+    from typing_extensions import Self
+
+logger = logging.getLogger(__name__)
+
+#: header values never stored
+SECRET_HEADERS = frozenset({b"authorization", b"cookie", b"set-cookie", b"proxy-authorization"})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_QUEUED = stat_key("requests", "queued")
+_NOT_DOWNLOADED = stat_key("requests", "not_downloaded")
+
+
+class RequestLogMiddleware:
+    """Store one row per download attempt, with its outcome and timing."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        runtime = IngestRuntime.of(crawler)
+        if not runtime.config.requests_enabled:
+            raise NotConfigured("INGEST_REQUESTS_ENABLED is False")
+        self.crawler = crawler
+        self._runtime = runtime
+        runtime.requests_count = 0
+        self._store_headers = runtime.config.requests_store_headers
+        #: request -> when its download started (epoch seconds)
+        self._starts: dict[Request, float] = {}
+        self._captured = 0
+        self._published = 0
+        self._not_downloaded = 0
+        self._open = False
+        crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
+        runtime.on_close(self._closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    async def _spider_opened(self) -> None:
+        runtime = self._runtime
+        try:
+            await runtime.open()
+        except IngestError:
+            return  # the pipeline and the jobs extension say why
+        assert runtime.job is not None
+        self._job_id = runtime.job.job_id
+        self._spider_name = runtime.job.spider
+        writer = runtime.writer("requests")
+        self._add = writer.add
+        self._new_id = runtime.new_id
+        assert self.crawler.request_fingerprinter is not None
+        self._fingerprint = self.crawler.request_fingerprinter.fingerprint
+        self._time_downloads()
+        runtime.on_tick(self._publish_stats)
+        self._open = True
+
+    def _time_downloads(self) -> None:
+        """Note when each download starts, not when it enters the downloader.
+
+        Downloader middlewares run before the downloader's per-domain queue,
+        where a request can wait for a free slot or a download delay; Scrapy
+        sends no signal when a download leaves that queue. So we wrap this
+        crawler's download handlers (``engine.downloader.handlers``, one object
+        per crawler, nothing global): the wrapper notes the time and calls the
+        original. If a Scrapy version has neither method we know, the time at
+        which the request reached this middleware is used, queue wait included.
+        """
+        engine = self.crawler.engine
+        handlers = getattr(getattr(engine, "downloader", None), "handlers", None)
+        starts = self._starts
+        original_async = getattr(handlers, "download_request_async", None)  # Scrapy 2.14+
+        if original_async is not None and inspect.iscoroutinefunction(original_async):
+
+            async def download_request_async(request: Request, *args: Any, **kwargs: Any) -> Any:
+                starts[request] = time.time()
+                return await original_async(request, *args, **kwargs)
+
+            handlers.download_request_async = download_request_async  # type: ignore[union-attr]
+            return
+        original = getattr(handlers, "download_request", None)  # Scrapy 2.13
+        if original is not None:
+
+            def download_request(request: Request, *args: Any, **kwargs: Any) -> Any:
+                starts[request] = time.time()
+                return original(request, *args, **kwargs)
+
+            handlers.download_request = download_request  # type: ignore[union-attr]
+            return
+        logger.warning(
+            "This Scrapy version's downloader is unknown to scrapy_ingest: started_at and "
+            "latency_ms of requests include the time spent in the download queue"
+        )
+
+    def _publish_stats(self) -> None:
+        runtime = self._runtime
+        runtime.requests_count = self._captured
+        if self._captured != self._published:
+            runtime.stats.inc_value(_QUEUED, self._captured - self._published)
+            self._published = self._captured
+        if self._not_downloaded:
+            runtime.stats.inc_value(_NOT_DOWNLOADED, self._not_downloaded)
+            self._not_downloaded = 0
+
+    def _closed(self) -> None:
+        if self._open:
+            self._publish_stats()
+        self._open = False
+        self._starts.clear()
+
+    # downloader middleware methods (reactor thread, once per request: kept cheap)
+
+    def process_request(self, request: Request, spider: Spider | None = None) -> None:
+        # replaced by the exact time once the download handler starts (_time_downloads)
+        self._starts[request] = time.time()
+
+    def process_response(
+        self, request: Request, response: Response, spider: Spider | None = None
+    ) -> Response:
+        started = self._starts.pop(request, None)
+        meta = request.meta
+        if started is None or not self._open:
+            # answered without a download (an HTTP cache hit): no row, and no parent to give
+            meta.pop("ingest_request_id", None)
+            self._not_downloaded += started is None
+            return response
+        row_id = self._new_id(started)
+        parent_id = meta.get("ingest_parent_id")
+        meta["ingest_request_id"] = row_id
+        status = response.status
+        if status in _REDIRECTS and b"Location" in response.headers:
+            # RedirectMiddleware copies this meta into the next hop: its parent is this attempt
+            meta["ingest_parent_id"] = row_id
+        headers = _headers_json(request.headers, response.headers) if self._store_headers else None
+        self._store(
+            request,
+            row_id,
+            started,
+            status=status,
+            response_bytes=len(response.body),
+            parent_id=parent_id,
+            error=None,
+            headers=headers,
+        )
+        return response
+
+    def process_exception(
+        self, request: Request, exception: Exception, spider: Spider | None = None
+    ) -> None:
+        started = self._starts.pop(request, None)
+        if started is None or not self._open:
+            # refused before the download, by another middleware (robots.txt, offsite...)
+            self._not_downloaded += started is None
+            return
+        row_id = self._new_id(started)
+        request.meta["ingest_request_id"] = row_id
+        headers = _headers_json(request.headers, None) if self._store_headers else None
+        parent_id = request.meta.get("ingest_parent_id")
+        error = describe_exception(exception)
+        self._store(
+            request,
+            row_id,
+            started,
+            status=None,
+            response_bytes=None,
+            parent_id=parent_id,
+            error=error,
+            headers=headers,
+        )
+
+    def _store(
+        self,
+        request: Request,
+        row_id: int,
+        started: float,
+        *,
+        status: int | None,
+        response_bytes: int | None,
+        parent_id: int | None,
+        error: str | None,
+        headers: bytes | None,
+    ) -> None:
+        meta = request.meta
+        url = redact_url(request.url)
+        proxy = meta.get("proxy")
+        row = (
+            row_id,
+            self._job_id,
+            self._spider_name,
+            url,
+            request.method,
+            status,
+            started,
+            (time.time() - started) * 1000,
+            response_bytes,
+            parent_id,
+            meta.get("depth", 0),
+            meta.get("retry_times", 0),
+            redact_url(proxy) if proxy else None,
+            error,
+            self._fingerprint(request).hex(),
+            bool(meta.get("playwright")),
+            headers,
+        )
+        size = ROW_OVERHEAD + len(url) + (len(error) if error else 0) + len(headers or b"")
+        self._add(row, size)
+        self._captured += 1
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``ClassName: message``, with the causes Twisted wraps, and no credentials."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    # ResponseNeverReceived / ResponseFailed hold their real causes as Failures
+    reasons = getattr(exc, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        causes = [getattr(reason, "value", reason) for reason in reasons]
+        text = f"{type(exc).__name__}: " + "; ".join(
+            f"{type(cause).__name__}: {cause}" for cause in causes
+        )
+    return redact_text(text)
+
+
+def _headers_json(request_headers: Headers, response_headers: Headers | None) -> bytes:
+    record: dict[str, Any] = {"request": _header_values(request_headers)}
+    if response_headers is not None:
+        record["response"] = _header_values(response_headers)
+    return orjson.dumps(record)
+
+
+def _header_values(headers: Headers) -> dict[str, list[str]]:
+    return {
+        name.decode("latin-1"): (
+            [REDACTED]
+            if name.lower() in SECRET_HEADERS
+            else [value.decode("latin-1") for value in values]
+        )
+        for name, values in headers.items()
+    }

@@ -1,0 +1,206 @@
+"""The logs extension: the crawl's log records in the ``logs`` table.
+
+Enabled by the add-on; alone::
+
+    EXTENSIONS = {"scrapy_ingest.IngestLogsExtension": 500}
+
+Settings: ``INGEST_LOGS_ENABLED``, ``INGEST_LOG_LEVEL`` (``INFO``).
+
+For the crawl, from the extension's creation to the spider's close, a
+:class:`IngestLogHandler` is added to the root logger, beside the handlers
+already there. It changes no logger's level and no other handler, so it
+stores the records that Scrapy's own log would show at a level as low as
+``INGEST_LOG_LEVEL``; a record that a logger's level filters out reaches no
+handler at all (Scrapy's ``LOG_LEVEL`` does not filter loggers, only its own
+handler).
+
+Which records a crawl stores:
+
+* those of its own spider: records that name a spider (``spider.logger``,
+  and Scrapy's engine and middlewares, pass ``extra={"spider": ...}``) are
+  stored by the crawl of that spider only, so two crawlers in one process
+  keep their logs apart;
+* those that name no spider (other libraries, Twisted): by every crawl of
+  the process, since nothing says which one they belong to;
+* never scrapy_ingest's own records: they report on the storage itself, and
+  storing a "the database is failing" line in that failing database would
+  feed a loop. They still go to Scrapy's log.
+
+``emit()`` does no I/O: it formats the message, takes a summary of the
+traceback (without its source lines, which would be read from disk), and
+appends a tuple to a deque; the reactor thread turns them into rows, with
+the traceback text, a few times per ``INGEST_FLUSH_INTERVAL``. Records from
+any thread are accepted.
+
+Messages and tracebacks are stored with credentials in URLs
+(``scheme://user:password@``) redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import deque
+from typing import TYPE_CHECKING
+
+from scrapy import signals
+from scrapy.exceptions import NotConfigured
+
+from scrapy_ingest._redact import redact_text
+from scrapy_ingest._stats import stat_key
+from scrapy_ingest.exceptions import IngestError
+from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+    from typing_extensions import Self
+
+#: loggers whose records are never stored (see the module docstring)
+OWN_LOGGER = "scrapy_ingest"
+OWN_PREFIX = OWN_LOGGER + "."
+#: largest message or traceback stored, in characters
+MAX_TEXT = 100_000
+#: records kept for the reactor thread at most; it takes them 4 times per
+#: INGEST_FLUSH_INTERVAL, so only a crawl that never opened comes near it
+MAX_PENDING = 100_000
+_QUEUED = stat_key("logs", "queued")
+_DROPPED = stat_key("logs", "dropped")
+
+#: (logged_at, level, level_name, logger, message, exception)
+LogEntry = tuple[float, int, str, str, str, traceback.TracebackException | str | None]
+
+
+class IngestLogHandler(logging.Handler):
+    """Keep the records of one crawler in memory until the reactor thread takes them."""
+
+    def __init__(self, crawler: Crawler, level: int) -> None:
+        # records at ERROR and above are counted even when INGEST_LOG_LEVEL is higher
+        super().__init__(min(level, logging.ERROR))
+        self.crawler = crawler
+        self.store_level = level
+        self.entries: deque[LogEntry] = deque()
+        #: records of this crawl seen per level name, stored or not (scrapy_ingest's own too)
+        self.counts: dict[str, int] = {}
+        #: records not kept because MAX_PENDING were waiting
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        spider = record.__dict__.get("spider")
+        if spider is not None and spider is not self.crawler.spider:
+            return  # another crawler's
+        counts = self.counts
+        counts[record.levelname] = counts.get(record.levelname, 0) + 1
+        name = record.name
+        if record.levelno < self.store_level or name.startswith(OWN_PREFIX) or name == OWN_LOGGER:
+            return
+        if len(self.entries) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: store what there is, like logging's own output
+            message = f"{record.msg!r} % {record.args!r} (the message could not be formatted)"
+        exception: traceback.TracebackException | str | None = record.exc_text
+        if record.exc_info and record.exc_info[0] is not None:
+            # no source lines yet (linecache reads files): the reactor thread formats it
+            exception = traceback.TracebackException(*record.exc_info, lookup_lines=False)
+        if record.stack_info:
+            exception = f"{_format(exception) if exception else ''}{record.stack_info}"
+        self.entries.append(
+            (record.created, record.levelno, record.levelname, name, message, exception)
+        )
+
+
+class IngestLogsExtension:
+    def __init__(self, crawler: Crawler) -> None:
+        runtime = IngestRuntime.of(crawler)
+        if not runtime.config.logs_enabled:
+            raise NotConfigured("INGEST_LOGS_ENABLED is False")
+        self.crawler = crawler
+        self._runtime = runtime
+        self.handler = IngestLogHandler(crawler, runtime.config.log_level)
+        runtime.log_counts = self.handler.counts
+        self._open = False
+        # attached now, so that the records of the crawl's start are stored too
+        logging.root.addHandler(self.handler)
+        crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
+        crawler.signals.connect(self._engine_stopped, signal=signals.engine_stopped)
+        runtime.on_close(self._close)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    async def _spider_opened(self) -> None:
+        runtime = self._runtime
+        try:
+            await runtime.open()
+        except IngestError:  # the pipeline and the jobs extension say why
+            self._detach()
+            self.handler.entries.clear()
+            return
+        assert runtime.job is not None
+        self._job_id = runtime.job.job_id
+        self._spider_name = runtime.job.spider
+        writer = runtime.writer("logs")
+        self._add = writer.add
+        self._new_id = runtime.new_id
+        self._open = True
+        runtime.on_tick(self._take)
+
+    def _take(self) -> None:
+        """Turn the records kept so far into rows (reactor thread)."""
+        entries = self.handler.entries
+        if not entries or not self._open:
+            return
+        add, new_id, job_id, spider = self._add, self._new_id, self._job_id, self._spider_name
+        taken = 0
+        while entries:
+            logged_at, level, level_name, logger_name, message, exception = entries.popleft()
+            message = _clean(message)
+            text = None if exception is None else _clean(_format(exception))
+            size = ROW_OVERHEAD + len(message) + (len(text) if text else 0)
+            add(
+                (
+                    new_id(logged_at),
+                    job_id,
+                    spider,
+                    logged_at,
+                    level,
+                    level_name,
+                    logger_name,
+                    message,
+                    text,
+                ),
+                size,
+            )
+            taken += 1
+        stats = self._runtime.stats
+        stats.inc_value(_QUEUED, taken)
+        if self.handler.dropped:
+            stats.inc_value(_DROPPED, self.handler.dropped)
+            self.handler.dropped = 0
+
+    def _close(self) -> None:
+        self._detach()
+        self._take()
+        self._open = False
+
+    def _detach(self) -> None:
+        logging.root.removeHandler(self.handler)
+
+    def _engine_stopped(self) -> None:
+        # the crawl never opened (or is long closed): never leave the handler behind
+        logging.root.removeHandler(self.handler)
+
+
+def _format(exception: traceback.TracebackException | str) -> str:
+    if isinstance(exception, str):
+        return exception
+    return "".join(exception.format())
+
+
+def _clean(text: str) -> str:
+    if len(text) > MAX_TEXT:
+        text = text[:MAX_TEXT] + "...[truncated]"
+    return redact_text(text)
