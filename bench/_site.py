@@ -18,9 +18,8 @@ FILLER = "<p>" + "Local benchmark page with some text to parse. " * 30 + "</p>"
 
 
 def page(k: int, pages: int) -> bytes:
-    links = "".join(
-        f'<a class="next" href="/page/{j}">page {j}</a>' for j in (2 * k + 1, 2 * k + 2) if j < pages
-    )
+    children = [j for j in (2 * k + 1, 2 * k + 2) if j < pages]
+    links = "".join(f'<a class="next" href="/page/{j}">page {j}</a>' for j in children)
     html = (
         f"<!doctype html><html><head><title>Page {k}</title></head><body>"
         f'<h1>Product {k}</h1><span class="price">{k % 1000 / 7:.2f}</span>'

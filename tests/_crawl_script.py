@@ -21,8 +21,9 @@ Arguments (JSON object, all optional except ``base_url``):
 - ``size``: bytes of padding per item;
 - ``awkward``: put ``AWKWARD[k]`` into the ``extra`` field of item ``idx = k * 50 + 7``;
 - ``poison``: idx values of items that get a ``poison`` key;
-- ``spider``: ``"items"`` (the default, the spider above) or ``"tree"`` (``TreeSpider``, for
-  the request and log tests, with ``refused_url``, ``headers`` and ``proxy`` as its arguments);
+- ``spider``: ``"items"`` (the default, the spider above), ``"tree"`` (``TreeSpider``, for
+  the request and log tests, with ``refused_url``, ``headers`` and ``proxy`` as its arguments) or
+  ``"playwright"`` (``PlaywrightTreeSpider``: scrapy-playwright with Debian's Chromium);
 - ``twins``: with ``"tree"``, run two TreeSpider crawlers (``tree_a``, ``tree_b``) in this one
   process, with ``twin_settings`` (a list of two dicts) added to each one's settings;
 - ``spider_args``: keyword arguments for the spider (``_job`` ...);
@@ -307,6 +308,38 @@ class TreeSpider(scrapy.Spider):
             yield response.follow(href, headers=self.headers, meta=self.meta)
 
 
+class PlaywrightTreeSpider(scrapy.Spider):
+    """Fetch ``/page/0?total=3&fanout=2`` through scrapy-playwright (Chromium), its links
+    without it."""
+
+    name = "playwright_tree"
+    custom_settings: ClassVar[dict[str, Any]] = {
+        "DOWNLOAD_HANDLERS": {
+            "http": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
+            "https": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
+        },
+        "PLAYWRIGHT_BROWSER_TYPE": "chromium",
+        "PLAYWRIGHT_LAUNCH_OPTIONS": {
+            "executable_path": "/usr/bin/chromium",
+            "headless": True,
+            "args": ["--no-sandbox"],
+        },
+    }
+
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.base_url = base_url
+
+    async def start(self) -> Any:
+        url = f"{self.base_url}/page/0?total=3&fanout=2"
+        yield scrapy.Request(url, meta={"playwright": True})
+
+    def parse(self, response: scrapy.http.Response) -> Any:
+        yield {"page": response.url, "title": response.css("h1::text").get()}
+        for href in response.css("a::attr(href)").getall():
+            yield response.follow(href)
+
+
 def _jsonable(value: Any) -> Any:
     return value.isoformat() if isinstance(value, (dt.datetime, dt.date)) else str(value)
 
@@ -336,7 +369,11 @@ def main(argv: list[str]) -> int:
     else:
         raise ValueError(f"unknown reactor {reactor!r}")
     crawlers = []
-    if args.get("spider") == "tree":
+    if args.get("spider") == "playwright":
+        crawler = process.create_crawler(PlaywrightTreeSpider)
+        process.crawl(crawler, base_url=args["base_url"])
+        crawlers.append(crawler)
+    elif args.get("spider") == "tree":
         spider_args = {key: args[key] for key in ("refused_url", "headers", "proxy") if key in args}
         twins = [("tree_a", 0), ("tree_b", 1)] if args.get("twins") else [("tree", None)]
         for name, index in twins:

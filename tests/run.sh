@@ -2,8 +2,9 @@
 # Set up and run the whole test suite on a fresh machine; arguments go to pytest.
 #   bash tests/run.sh                 # everything
 #   bash tests/run.sh -m "not postgres" -x
-# Installs PostgreSQL binaries (Debian, as root) when missing, creates/reuses <repo>/.venv,
-# installs the package with its [test] extra, then runs pytest from the repo root.
+# Installs what the tests start when it is missing (Debian, as root: PostgreSQL binaries,
+# tinyproxy, Chromium for scrapy-playwright), creates/reuses <repo>/.venv, installs the package
+# with its [test] extra, then runs pytest from the repo root.
 # The exit code is pytest's.
 set -euo pipefail
 
@@ -41,6 +42,26 @@ ensure_postgres_binaries() {
     fi
 }
 
+# tinyproxy (a real HTTP proxy with a password) and Chromium (scrapy-playwright's browser;
+# `playwright install` cannot download one here) for the request-log tests.
+ensure_other_services() {
+    local missing=()
+    command -v tinyproxy >/dev/null || [[ -x /usr/bin/tinyproxy ]] || missing+=(tinyproxy-bin)
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        return 0
+    fi
+    if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        echo "tests/run.sh: cannot apt-get install ${missing[*]} here; their tests will be" \
+             "skipped (or fail when SCRAPY_INGEST_REQUIRE_SERVICES=1)" >&2
+        return 0
+    fi
+    echo "tests/run.sh: installing ${missing[*]} with apt-get" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
 ensure_venv() {
     # A venv from another Python (or half created) is rebuilt rather than trusted.
     if ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
@@ -53,6 +74,7 @@ ensure_venv() {
 }
 
 ensure_postgres_binaries
+ensure_other_services
 ensure_venv
 cd "$repo"
 exec "$venv/bin/python" -m pytest "$@"

@@ -193,7 +193,7 @@ def test_tables_and_indexes_as_documented(site: LocalSite, db: Database, tmp_pat
     types = dict(
         db.query(
             "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
-            " WHERE table_name LIKE 'ingest_%'"
+            " WHERE starts_with(table_name, 'ingest_')"
         )
     )
     assert types["ingest_items.data"] == "jsonb"

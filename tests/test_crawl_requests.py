@@ -9,8 +9,10 @@ warnings and a callback's traceback must be in ``ingest_logs``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -20,7 +22,6 @@ from services import TREE_COOKIE, ServiceUnavailable, free_port, running_tinypro
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
     from _helpers import CrawlResult, PasswordRole
     from services import LocalSite, Proxy
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.crawl
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 TREE_PAGE = re.compile(r"/page/(\d+)\?total=4&fanout=2$")
 COOKBOOK = REPO_DIR / "docs" / "cookbook.md"
+CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -259,6 +261,41 @@ def test_headers_are_stored_with_secrets_redacted(
     assert {tuple(row["headers"]["request"]["Cookie"]) for row in followers} == {("***",)}
     assert "planted" not in repr(requests)
     assert TREE_COOKIE not in repr(requests)
+
+
+# scrapy-playwright
+
+
+def test_downloads_by_scrapy_playwright_are_marked(
+    site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    if importlib.util.find_spec("scrapy_playwright") is None:
+        service_missing("scrapy-playwright is not installed (pip install -e '.[test]')")
+    if not Path(CHROMIUM).exists():
+        service_missing(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    db = Database(sqlite_url)
+    result = run_crawl(
+        {
+            "base_url": site.base_url,
+            "spider": "playwright",
+            "settings": {"INGEST_DATABASE_URL": sqlite_url},
+        },
+        tmp_path,
+    )
+    result.assert_clean()
+    rows = {row["url"].removeprefix(site.base_url): row for row in db.rows("ingest_requests")}
+    assert sorted(rows) == [f"/page/{k}?total=3&fanout=2" for k in range(3)]
+    first = rows.pop("/page/0?total=3&fanout=2")
+    assert first["playwright"]  # rendered by Chromium
+    assert first["status"] == 200
+    assert first["response_bytes"] > 0
+    assert first["latency_ms"] > 0
+    for row in rows.values():  # plain requests, through scrapy-playwright's fallback
+        assert not row["playwright"]
+        assert row["parent_id"] == first["id"]
+        assert row["status"] == 200
+    items = db.rows("ingest_items")
+    assert sorted(item["data"]["title"] for item in items) == ["page 0", "page 1", "page 2"]
 
 
 # credentials: never in a table, never in a log

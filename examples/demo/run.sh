@@ -46,7 +46,10 @@ QUERIES = [
     "SELECT json_extract(data, '$.title') AS title, json_extract(data, '$.price') AS price "
     "FROM ingest_items ORDER BY title LIMIT 10;",
     "SELECT count(*) FROM ingest_items;",
-    "SELECT job_id, spider, status, items_count FROM ingest_jobs;",
+    "SELECT status, count(*) AS attempts, round(avg(latency_ms), 1) AS avg_latency_ms "
+    "FROM ingest_requests GROUP BY status;",
+    "SELECT level_name, count(*) AS records FROM ingest_logs GROUP BY level_name;",
+    "SELECT job_id, spider, status, items_count, requests_count, errors_count FROM ingest_jobs;",
 ]
 
 

@@ -24,6 +24,9 @@ What a row holds and where it comes from:
   of the attempt it repeats;
 * the row id of the attempt that produced a response is in
   ``response.meta["ingest_request_id"]``;
+* ``playwright``: the request asked for scrapy-playwright (``meta["playwright"]``)
+  and scrapy-playwright's handler is the one for its URL scheme
+  (``DOWNLOAD_HANDLERS``), which is when scrapy-playwright downloads it;
 * ``url`` and ``proxy`` without credentials; with
   ``INGEST_REQUESTS_STORE_HEADERS``, the headers with ``Authorization``,
   ``Cookie``, ``Set-Cookie`` and ``Proxy-Authorization`` values redacted.
@@ -48,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
+from scrapy.utils.httpobj import urlparse_cached
 
 from scrapy_ingest._redact import REDACTED, redact_text, redact_url
 from scrapy_ingest._stats import stat_key
@@ -58,6 +62,7 @@ if TYPE_CHECKING:
     from scrapy import Request, Spider
     from scrapy.crawler import Crawler
     from scrapy.http import Headers, Response
+    from scrapy.settings import BaseSettings
     from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
@@ -107,6 +112,7 @@ class RequestLogMiddleware:
         self._new_id = runtime.new_id
         assert self.crawler.request_fingerprinter is not None
         self._fingerprint = self.crawler.request_fingerprinter.fingerprint
+        self._playwright_schemes = _playwright_schemes(self.crawler.settings)
         self._time_downloads()
         runtime.on_tick(self._publish_stats)
         self._open = True
@@ -255,12 +261,32 @@ class RequestLogMiddleware:
             redact_url(proxy) if proxy else None,
             error,
             self._fingerprint(request).hex(),
-            bool(meta.get("playwright")),
+            bool(meta.get("playwright")) and self._by_playwright(request),
             headers,
         )
         size = ROW_OVERHEAD + len(url) + (len(error) if error else 0) + len(headers or b"")
         self._add(row, size)
         self._captured += 1
+
+    def _by_playwright(self, request: Request) -> bool:
+        # scrapy-playwright downloads a request that asks for it when it handles the scheme
+        return urlparse_cached(request).scheme in self._playwright_schemes
+
+
+def _playwright_schemes(settings: BaseSettings) -> frozenset[str]:
+    """The URL schemes whose download handler is scrapy-playwright's."""
+    handlers = settings.getwithbase("DOWNLOAD_HANDLERS")
+    return frozenset(
+        scheme
+        for scheme, handler in handlers.items()
+        if handler is not None and _name_of(handler).startswith("scrapy_playwright.")
+    )
+
+
+def _name_of(handler: Any) -> str:
+    if isinstance(handler, str):
+        return handler
+    return f"{handler.__module__}.{getattr(handler, '__qualname__', '')}"
 
 
 def describe_exception(exc: BaseException) -> str:
