@@ -70,15 +70,13 @@ class IngestPipeline:
             # said here too: some Scrapy versions stop the crawl without logging why
             logger.error("Cannot store this crawl: %s", exc)
             raise
-        assert runtime.job is not None
-        self._job_id = runtime.job.job_id
-        self._spider_name = runtime.job.spider
+        sink = runtime.sink("items")
         self._writer = runtime.writer("items")
         # bound once: process_item runs for every item, on the reactor thread
+        self._job_id, self._spider_name = sink.job_id, sink.spider
+        self._new_id, self._add = sink.new_id, sink.add
         self._take_source = runtime.item_sources.pop
         self._encode = runtime.encoder.encode_item
-        self._new_id = runtime.new_id
-        self._add = self._writer.add
         self._append_json = self._writer.append_json
         self._budget = runtime.budget
         runtime.on_tick(self._publish_stats)

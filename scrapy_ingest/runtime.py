@@ -53,6 +53,18 @@ ROW_OVERHEAD = 256
 
 
 @dataclass(frozen=True)
+class RecordSink:
+    """What a component needs to make and buffer the rows of one table."""
+
+    job_id: str
+    spider: str
+    #: make a record id from a capture time (epoch seconds)
+    new_id: IdFactory
+    #: buffer a row of about *size* bytes: ``add(row, size)``
+    add: Callable[[Row, int], None]
+
+
+@dataclass(frozen=True)
 class JobInfo:
     job_id: str
     crawl_id: str
@@ -219,6 +231,11 @@ class IngestRuntime:
                 on_outcome=self._count_outcome,
             )
         return writer
+
+    def sink(self, kind: str) -> RecordSink:
+        """The job, the id factory and the writer of the *kind* table, once open."""
+        assert self.job is not None, "sink() before open()"
+        return RecordSink(self.job.job_id, self.job.spider, self.new_id, self.writer(kind).add)
 
     def dead_letter(self, kind: str, reason: str, payload: str | None) -> None:
         """Store a record that cannot be stored where it belongs, with the reason."""

@@ -14,6 +14,20 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SCRAPY_INGEST_VENV:-$repo/.venv}"
 read -r -a pins <<<"${SCRAPY_INGEST_PINS:-}"
 
+# apt-get install the Debian packages given; fail (without installing) when not root or not
+# Debian, saying which tests will be skipped (or fail when SCRAPY_INGEST_REQUIRE_SERVICES=1)
+apt_install() {
+    if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        echo "tests/run.sh: cannot apt-get install $* here; the tests that need it will be" \
+             "skipped (or fail when SCRAPY_INGEST_REQUIRE_SERVICES=1)" >&2
+        return 1
+    fi
+    echo "tests/run.sh: installing $* with apt-get" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "$@" >/dev/null
+}
+
 have_initdb() {
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null
 }
@@ -24,15 +38,7 @@ ensure_postgres_binaries() {
     if [[ -n "${SCRAPY_INGEST_TEST_PG_DSN:-}" ]] || have_initdb; then
         return 0
     fi
-    if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null; then
-        echo "tests/run.sh: no initdb found and cannot apt-get install postgresql here;" \
-             "postgres tests will be skipped (or fail when SCRAPY_INGEST_REQUIRE_SERVICES=1)" >&2
-        return 0
-    fi
-    echo "tests/run.sh: installing PostgreSQL binaries with apt-get" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq postgresql >/dev/null
+    apt_install postgresql || return 0
     # The package creates (and may start) a "main" cluster on port 5432. The tests never use
     # it; stop it so it does not hold memory or the port for the rest of the run.
     if command -v pg_lsclusters >/dev/null; then
@@ -51,15 +57,7 @@ ensure_other_services() {
     if [[ ${#missing[@]} -eq 0 ]]; then
         return 0
     fi
-    if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null; then
-        echo "tests/run.sh: cannot apt-get install ${missing[*]} here; their tests will be" \
-             "skipped (or fail when SCRAPY_INGEST_REQUIRE_SERVICES=1)" >&2
-        return 0
-    fi
-    echo "tests/run.sh: installing ${missing[*]} with apt-get" >&2
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}" || true
 }
 
 ensure_venv() {

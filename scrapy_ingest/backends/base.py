@@ -280,6 +280,10 @@ def needs_migration(current: int | None, url: str, *, create_tables: bool) -> bo
     return True
 
 
+def log_migration(url: str, old: int) -> None:
+    logger.info("Migrated the tables in %s from schema version %s to %s", url, old, SCHEMA_VERSION)
+
+
 def describe_error(exc: BaseException) -> str:
     """``ClassName: first line of the message``, credentials redacted."""
     text = str(exc).strip()

@@ -19,7 +19,13 @@ from psycopg_pool import ConnectionPool
 
 from scrapy_ingest._redact import redact_secrets_of, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
-from scrapy_ingest.backends.base import Failure, Row, is_same_job, needs_migration
+from scrapy_ingest.backends.base import (
+    Failure,
+    Row,
+    is_same_job,
+    log_migration,
+    needs_migration,
+)
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
 
@@ -125,12 +131,7 @@ class PostgresBackend:
                 [SCHEMA_VERSION],
             )
             if current is not None:
-                logger.info(
-                    "Migrated the tables in %s from schema version %s to %s",
-                    self.url,
-                    current,
-                    SCHEMA_VERSION,
-                )
+                log_migration(self.url, current)
 
     def _add_missing_columns(self, conn: psycopg.Connection[Any]) -> None:
         for table in self._tables.values():

@@ -22,7 +22,13 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from scrapy_ingest._ids import format_uuid
 from scrapy_ingest._redact import redact_text, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
-from scrapy_ingest.backends.base import Failure, Row, is_same_job, needs_migration
+from scrapy_ingest.backends.base import (
+    Failure,
+    Row,
+    is_same_job,
+    log_migration,
+    needs_migration,
+)
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
 
@@ -136,12 +142,7 @@ class SqlAlchemyBackend:
         )
         conn.execute(self._insert_ignoring_duplicates(versions, conn.dialect.name), [row])
         if current is not None:
-            logger.info(
-                "Migrated the tables in %s from schema version %s to %s",
-                self.url,
-                current,
-                SCHEMA_VERSION,
-            )
+            log_migration(self.url, current)
 
     def _add_missing_columns(self, conn: sa.Connection) -> None:
         inspector = sa.inspect(conn)

@@ -104,12 +104,9 @@ class RequestLogMiddleware:
             await runtime.open()
         except IngestError:
             return  # the pipeline and the jobs extension say why
-        assert runtime.job is not None
-        self._job_id = runtime.job.job_id
-        self._spider_name = runtime.job.spider
-        writer = runtime.writer("requests")
-        self._add = writer.add
-        self._new_id = runtime.new_id
+        sink = runtime.sink("requests")
+        self._job_id, self._spider_name = sink.job_id, sink.spider
+        self._new_id, self._add = sink.new_id, sink.add
         assert self.crawler.request_fingerprinter is not None
         self._fingerprint = self.crawler.request_fingerprinter.fingerprint
         self._playwright_schemes = _playwright_schemes(self.crawler.settings)

@@ -139,12 +139,7 @@ class IngestLogsExtension:
             self._detach()
             self.handler.entries.clear()
             return
-        assert runtime.job is not None
-        self._job_id = runtime.job.job_id
-        self._spider_name = runtime.job.spider
-        writer = runtime.writer("logs")
-        self._add = writer.add
-        self._new_id = runtime.new_id
+        self._sink = runtime.sink("logs")
         self._open = True
         runtime.on_tick(self._take)
 
@@ -153,7 +148,8 @@ class IngestLogsExtension:
         entries = self.handler.entries
         if not entries or not self._open:
             return
-        add, new_id, job_id, spider = self._add, self._new_id, self._job_id, self._spider_name
+        sink = self._sink
+        add, new_id, job_id, spider = sink.add, sink.new_id, sink.job_id, sink.spider
         taken = 0
         while entries:
             logged_at, level, level_name, logger_name, message, exception = entries.popleft()
