@@ -29,7 +29,7 @@ from scrapy_ingest._redact import redact_value
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.batching import BatchWriter, BufferBudget
 from scrapy_ingest.config import IngestConfig
-from scrapy_ingest.exceptions import JobIdConflict
+from scrapy_ingest.exceptions import IngestError, JobIdConflict
 from scrapy_ingest.hosting import create_host
 from scrapy_ingest.records import RecordEncoder
 from scrapy_ingest.schema import all_tables
@@ -157,6 +157,18 @@ class IngestRuntime:
             waiters, self._open_waiters = self._open_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    async def opened(self) -> bool:
+        """Open (see :meth:`open`); return False, instead of raising, when opening failed.
+
+        For components that have nothing to add to the error, which the
+        pipeline and the jobs extension report.
+        """
+        try:
+            await self.open()
+        except IngestError:
+            return False
+        return True
 
     async def _open(self) -> None:
         self.job = self._make_job()

@@ -55,7 +55,6 @@ from scrapy.utils.httpobj import urlparse_cached
 
 from scrapy_ingest._redact import REDACTED, redact_text, redact_url
 from scrapy_ingest._stats import stat_key
-from scrapy_ingest.exceptions import IngestError
 from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
 
 if TYPE_CHECKING:
@@ -100,10 +99,8 @@ class RequestLogMiddleware:
 
     async def _spider_opened(self) -> None:
         runtime = self._runtime
-        try:
-            await runtime.open()
-        except IngestError:
-            return  # the pipeline and the jobs extension say why
+        if not await runtime.opened():
+            return
         sink = runtime.sink("requests")
         self._job_id, self._spider_name = sink.job_id, sink.spider
         self._new_id, self._add = sink.new_id, sink.add

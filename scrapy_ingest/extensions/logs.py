@@ -48,7 +48,6 @@ from scrapy.exceptions import NotConfigured
 
 from scrapy_ingest._redact import redact_text
 from scrapy_ingest._stats import stat_key
-from scrapy_ingest.exceptions import IngestError
 from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
 
 if TYPE_CHECKING:
@@ -133,9 +132,7 @@ class IngestLogsExtension:
 
     async def _spider_opened(self) -> None:
         runtime = self._runtime
-        try:
-            await runtime.open()
-        except IngestError:  # the pipeline and the jobs extension say why
+        if not await runtime.opened():
             self._detach()
             self.handler.entries.clear()
             return
