@@ -22,8 +22,9 @@ Arguments (JSON object, all optional except ``base_url``):
 - ``awkward``: put ``AWKWARD[k]`` into the ``extra`` field of item ``idx = k * 50 + 7``;
 - ``poison``: idx values of items that get a ``poison`` key;
 - ``spider``: ``"items"`` (the default, the spider above), ``"tree"`` (``TreeSpider``, for
-  the request and log tests, with ``refused_url``, ``headers`` and ``proxy`` as its arguments) or
-  ``"playwright"`` (``PlaywrightTreeSpider``: scrapy-playwright with Debian's Chromium);
+  the request and log tests, with ``refused_url``, ``tls_url``, ``headers`` and ``proxy`` as its
+  arguments) or ``"playwright"`` (``PlaywrightTreeSpider``: scrapy-playwright, Debian's
+  Chromium);
 - ``twins``: with ``"tree"``, run two TreeSpider crawlers (``tree_a``, ``tree_b``) in this one
   process, with ``twin_settings`` (a list of two dicts) added to each one's settings;
 - ``spider_args``: keyword arguments for the spider (``_job`` ...);
@@ -285,6 +286,7 @@ class TreeSpider(scrapy.Spider):
         base_url: str,
         *,
         refused_url: str | None = None,
+        tls_url: str | None = None,
         headers: dict[str, str] | None = None,
         proxy: str | None = None,
         **kwargs: Any,
@@ -292,11 +294,14 @@ class TreeSpider(scrapy.Spider):
         super().__init__(**kwargs)
         self.base_url = base_url
         self.refused_url = refused_url
+        self.tls_url = tls_url
         self.headers = headers or {}
         self.meta = {"proxy": proxy} if proxy else {}
 
     async def start(self) -> Any:
-        query = f"?{urlencode({'refused': self.refused_url})}" if self.refused_url else ""
+        links = {"refused": self.refused_url, "tls": self.tls_url}
+        query = urlencode({name: url for name, url in links.items() if url})
+        query = f"?{query}" if query else ""
         yield scrapy.Request(f"{self.base_url}/tree{query}", headers=self.headers, meta=self.meta)
 
     def parse(self, response: scrapy.http.Response) -> Any:
@@ -374,7 +379,9 @@ def main(argv: list[str]) -> int:
         process.crawl(crawler, base_url=args["base_url"])
         crawlers.append(crawler)
     elif args.get("spider") == "tree":
-        spider_args = {key: args[key] for key in ("refused_url", "headers", "proxy") if key in args}
+        spider_args = {
+            key: args[key] for key in ("refused_url", "tls_url", "headers", "proxy") if key in args
+        }
         twins = [("tree_a", 0), ("tree_b", 1)] if args.get("twins") else [("tree", None)]
         for name, index in twins:
             spider_cls = type(name, (TreeSpider,), {"name": name})

@@ -450,10 +450,10 @@ class _SiteHandler(BaseHTTPRequestHandler):
     - ``/status/<code>``: an empty page with that status;
     - ``/delay?ms=M``: answers after M milliseconds (at most 10 s);
     - ``/redirect?to=PATH``: a 302 to PATH;
-    - ``/tree?refused=URL``: sets a session cookie (``TREE_COOKIE``); HTML linking to a small
-      tree of pages (``/page/0?total=4&fanout=2``), a redirect, a 404, a 500, a page slower than
-      the tests' download timeout, and URL (where nothing listens); the request-log tests crawl
-      it.
+    - ``/tree?refused=URL&tls=URL2``: sets a session cookie (``TREE_COOKIE``); HTML linking to a
+      small tree of pages (``/page/0?total=4&fanout=2``), a redirect, a 404, a 500, a page slower
+      than the tests' download timeout, URL (where nothing listens) and URL2 (an ``https://`` URL
+      of a server that speaks plain HTTP: a TLS failure); the request-log tests crawl it.
     """
 
     server: _SiteServer
@@ -532,7 +532,7 @@ TREE_LINKS = (
 
 
 def _tree_links(query: dict[str, str]) -> list[str]:
-    return [*TREE_LINKS, *([query["refused"]] if "refused" in query else [])]
+    return [*TREE_LINKS, *(query[name] for name in ("refused", "tls") if name in query)]
 
 
 def _non_negative(value: str, name: str) -> int:

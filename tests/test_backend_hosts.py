@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,3 +249,35 @@ def test_a_job_insert_tried_again_finds_its_own_row_but_refuses_another_crawls(
         assert host.insert_job(jobs, {**row, "pid": 43, "started_at": now + 5}) is False
     finally:
         host.close()
+
+
+def test_many_openers_of_one_new_sqlite_file_all_succeed(tmp_path: Path) -> None:
+    # crawlers starting at once on one file (two crawlers of one process, say): switching a new
+    # file to WAL, and preparing the tables (a read, then writes), must wait for each other,
+    # not fail with "database is locked"
+    for attempt in range(20):
+        url = f"sqlite:///{tmp_path / f'race-{attempt}.sqlite3'}"
+        hosts = [local_host(url, TABLES, create_tables=True, retry_timeout=0) for _ in range(6)]
+        errors = _open_at_once(hosts)
+        for host in hosts:
+            host.close()
+        assert errors == [], errors
+
+
+def _open_at_once(hosts: list[LocalHost]) -> list[BaseException]:
+    barrier = threading.Barrier(len(hosts))
+    errors: list[BaseException] = []
+
+    def open_host(host: LocalHost) -> None:
+        barrier.wait()
+        try:
+            host.open()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_host, args=(host,)) for host in hosts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors

@@ -14,6 +14,7 @@ import itertools
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import pytest
 from _helpers import REPO_DIR, Database, password_role, run_crawl
@@ -32,6 +33,9 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 TREE_PAGE = re.compile(r"/page/(\d+)\?total=4&fanout=2$")
 COOKBOOK = REPO_DIR / "docs" / "cookbook.md"
 CHROMIUM = "/usr/bin/chromium"
+#: rows of a tree crawl: /tree, 4 pages, a redirect and its target, a 404, and 3 attempts each
+#: of a 500, a timeout, a refused connection and a failed TLS handshake
+TREE_ROWS = 1 + 4 + 2 + 1 + 4 * 3
 
 
 @pytest.fixture(params=BACKENDS)
@@ -50,12 +54,22 @@ def _tree_crawl(
             "base_url": site.base_url,
             "spider": "tree",
             "refused_url": refused,
+            "tls_url": _tls_url(site),
             "settings": settings,
             **args,
         },
         tmp_path,
     )
     return result, refused
+
+
+def _tls_url(site: LocalSite) -> str:
+    """An https:// URL of the plain-HTTP test site: the TLS handshake fails."""
+    return site.base_url.replace("http://", "https://") + "/tls"
+
+
+def _tree_path(site: LocalSite, refused: str) -> str:
+    return "/tree?" + urlencode({"refused": refused, "tls": _tls_url(site)})
 
 
 def _by_path(requests: list[dict[str, Any]], base_url: str) -> dict[str, list[dict[str, Any]]]:
@@ -95,7 +109,7 @@ def _check_requests(
     one = {path: attempts[0] for path, attempts in rows.items() if len(attempts) == 1}
 
     # the start request, the tree of pages, the redirect and its target
-    tree_path = "/tree?refused=" + refused.replace(":", "%3A").replace("/", "%2F")
+    tree_path = _tree_path(site, refused)
     tree = one[tree_path]
     assert (tree["status"], tree["parent_id"], tree["depth"]) == (200, None, 0)
     assert tree["response_bytes"] > 0
@@ -111,12 +125,14 @@ def _check_requests(
     target = one["/page/9?total=4"]
     assert (target["status"], target["parent_id"]) == (200, hop["id"])
 
-    # a 404 is one attempt; a 500, a timeout and a refused connection are retried twice
+    # a 404 is one attempt; a 500, a timeout, a refused connection, a failed TLS handshake are
+    # each retried twice
     assert (one["/status/404"]["status"], one["/status/404"]["error"]) == (404, None)
     for path, status, error in [
         ("/status/500", 500, None),
         ("/delay?ms=3000", None, "TimeoutError"),
         (refused, None, "ConnectionRefusedError"),
+        (_tls_url(site), None, "SSL"),
     ]:
         attempts = rows[path.removeprefix(site.base_url)]
         assert [a["retry_times"] for a in attempts] == [0, 1, 2], path
@@ -125,12 +141,13 @@ def _check_requests(
         if error is None:
             assert {a["error"] for a in attempts} == {None}
         else:
-            # the class name: TimeoutError, or DownloadTimeoutError on Scrapy 2.14+
-            assert all(a["error"].split(":")[0].endswith(error) for a in attempts), attempts
+            # the class name (TimeoutError; DownloadTimeoutError on Scrapy 2.14+), or for TLS
+            # the cause: OpenSSL's error inside the wrapping ResponseNeverReceived
+            assert all(error in a["error"] for a in attempts), attempts
             assert all(a["response_bytes"] is None for a in attempts)
     for attempt in rows["/delay?ms=3000"]:  # DOWNLOAD_TIMEOUT is 1 s
         assert 900 <= attempt["latency_ms"] < 2500, attempt
-    assert len(requests) == 1 + 4 + 2 + 1 + 3 * 3
+    assert len(requests) == TREE_ROWS
     assert job["requests_count"] == len(requests)
     return tree_path
 
@@ -385,14 +402,15 @@ def test_every_cookbook_query_runs(site: LocalSite, db: Database, tmp_path: Path
         answers[query] = db.script(sql.replace("'books'", "'tree'"))
     # some answers are known: the crawl tree reaches every attempt of the crawl
     [tree] = [rows for query, rows in answers.items() if "crawl_tree" in query]
-    assert len(tree[0]) == db.count("ingest_requests") == 17
+    assert len(tree[0]) == db.count("ingest_requests") == TREE_ROWS
     assert [row[0] for row in tree[0]].count(0) == 1  # one start request
     # and this job, which logged errors, is the last failed one
     [failed] = [rows for query, rows in answers.items() if "errors_count > 0" in query]
     assert any(row[3].startswith("Spider error processing") for row in failed[0]), failed
     [per_host] = [rows for q, rows in answers.items() if "failed_percent" in q]
     by_host = {host: (attempts, failed) for host, attempts, failed, _ in per_host[0]}
-    assert by_host[site.base_url.removeprefix("http://")] == (14, 1 + 3 + 3)  # 404, 500s, timeouts
+    # 404, 500s, timeouts, TLS failures (the https:// URL is on the same host and port)
+    assert by_host[site.base_url.removeprefix("http://")] == (TREE_ROWS - 3, 1 + 3 * 3)
     assert by_host[refused.split("/")[2]] == (3, 3)
 
 
@@ -440,6 +458,6 @@ def test_tables_of_schema_version_1_are_migrated(
     jobs = {job["job_id"]: job for job in db.rows("ingest_jobs")}
     assert jobs.pop(old_job["job_id"])["requests_count"] is None  # the old row is kept as it was
     [new_job] = jobs.values()
-    assert new_job["requests_count"] == db.count("ingest_requests") == 17
+    assert new_job["requests_count"] == db.count("ingest_requests") == TREE_ROWS
     assert db.count("ingest_logs") > 0
     assert db.count("ingest_items") == 10 + 5

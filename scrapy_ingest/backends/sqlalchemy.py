@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +102,7 @@ class SqlAlchemyBackend:
         )
         if is_sqlite:
             event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "begin", _begin_immediate)
         self._engine = engine
         self._converters = {
             kind: [self._converter(c.kind, engine.dialect.name) for c in spec.columns]
@@ -249,13 +251,46 @@ def _epoch(value: Any) -> float:
     return float(value.timestamp())
 
 
+def _switch_to_wal(cursor: Any) -> None:
+    """Put the file in WAL mode (it stays so); retried while another connection holds it.
+
+    Switching a new file to WAL needs it to itself, and SQLite answers "database
+    is locked" at once, without the busy timeout, while another connection
+    (another crawler opening the same new file) holds a lock.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        else:
+            return
+
+
+def _begin_immediate(conn: sa.Connection) -> None:
+    """Take SQLite's write lock when a transaction begins, waiting up to the busy timeout.
+
+    Every transaction of ours writes. A deferred one (the sqlite3 module's
+    default) that reads first and then writes, while another connection does
+    the same, gets "database is locked" at once instead of waiting: SQLite
+    cannot let both upgrade to a write lock. Two crawlers opening one file at
+    the same moment hit exactly that while preparing the tables.
+    """
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _identity(value: Any) -> Any:
     return value
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    # transactions are begun by _begin_immediate, not by the sqlite3 module
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()

@@ -284,16 +284,45 @@ def _name_of(handler: Any) -> str:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """``ClassName: message``, with the causes Twisted wraps, and no credentials."""
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    # ResponseNeverReceived / ResponseFailed hold their real causes as Failures
-    reasons = getattr(exc, "reasons", None)
-    if isinstance(reasons, list) and reasons:
-        causes = [getattr(reason, "value", reason) for reason in reasons]
-        text = f"{type(exc).__name__}: " + "; ".join(
-            f"{type(cause).__name__}: {cause}" for cause in causes
-        )
+    """``ClassName: message``, with the causes Twisted wraps, and no credentials.
+
+    Twisted's ``ResponseNeverReceived`` and ``ResponseFailed`` hold their real
+    causes as a list of Failures (Scrapy 2.14+ wraps them once more, in a
+    ``DownloadFailedError``); those are shown instead of the list's repr:
+    ``DownloadFailedError: OpenSSL.SSL.Error: [('SSL routines', '', 'wrong version number')]``.
+    """
+    name = type(exc).__name__
+    causes = _wrapped_causes(exc)
+    if causes:
+        text = f"{name}: " + "; ".join(f"{_class_name(c)}: {c}" for c in causes)
+    else:
+        text = f"{name}: {exc}" if str(exc) else name
     return redact_text(text)
+
+
+def _wrapped_causes(exc: BaseException) -> list[BaseException]:
+    for candidate in (exc, exc.__cause__):
+        if candidate is None:
+            continue
+        reasons = getattr(candidate, "reasons", None)
+        if reasons is None and candidate.args and isinstance(candidate.args[0], list):
+            reasons = candidate.args[0]
+        if isinstance(reasons, list) and reasons:
+            causes = [
+                cause
+                for reason in reasons
+                if isinstance(cause := getattr(reason, "value", reason), BaseException)
+            ]
+            if len(causes) == len(reasons):
+                return causes
+    return []
+
+
+def _class_name(exc: BaseException) -> str:
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _headers_json(request_headers: Headers, response_headers: Headers | None) -> bytes:
