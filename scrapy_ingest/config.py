@@ -18,20 +18,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._redact import redact_url
-from scrapy_ingest.backends import url_scheme
+from scrapy_ingest.backends import SUPPORTED_SCHEMES, check_url, url_scheme
 from scrapy_ingest.exceptions import ConfigError
+from scrapy_ingest.router import Rule, parse_routes
 
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
 
 _PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]*\Z")
-_SCHEMES = ("sqlite", "postgresql", "postgres")
 
 # setting suffix -> (rule, fix) used in error messages
 _RULES: dict[str, tuple[str, str]] = {
     "enabled": ("it must be a boolean", "set {name} to True or False"),
     "database_url": (
-        f"it must be a database URL whose scheme is one of {', '.join(_SCHEMES)}",
+        f"it must be a database URL whose scheme is one of {', '.join(SUPPORTED_SCHEMES)}",
         "set {name} to e.g. 'sqlite:///ingest.sqlite3' or 'postgresql://user:password@host/dbname'",
     ),
     "table_prefix": (
@@ -101,6 +101,10 @@ class IngestConfig(BaseModel):
     job_heartbeat: float = Field(gt=0)
     retry_timeout: float = Field(ge=0)
     writer_process: bool
+    #: as given; see :meth:`rules`
+    routes: Any = None
+    #: an import path or a class; see :mod:`scrapy_ingest.router`
+    router: Any = None
     requests_enabled: bool
     requests_store_headers: bool
     logs_enabled: bool
@@ -110,7 +114,7 @@ class IngestConfig(BaseModel):
     @field_validator("database_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if "://" not in value or url_scheme(value) not in _SCHEMES:
+        if "://" not in value or url_scheme(value) not in SUPPORTED_SCHEMES:
             raise ValueError("unsupported scheme")
         return value
 
@@ -147,12 +151,22 @@ class IngestConfig(BaseModel):
             config = cls.model_validate(raw)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, raw)) from None
+        config.rules()  # a wrong route fails here, at start, like any other setting
+        if config.router is not None and not isinstance(config.router, (str, type)):
+            raise ConfigError(
+                f"INGEST_ROUTER ({config.router!r}) is invalid: it must be the import path of a "
+                "class, or the class. Fix: e.g. INGEST_ROUTER = 'myproject.routing.ShopRouter'."
+            )
         if config.max_buffer_bytes < config.batch_bytes:
             raise ConfigError(
                 _message("max_buffer_bytes", config.max_buffer_bytes)
                 + f" (INGEST_BATCH_BYTES is {config.batch_bytes})"
             )
         return config
+
+    def rules(self) -> tuple[Rule, ...]:
+        """``INGEST_ROUTES`` as routing rules (raise ConfigError when it is wrong)."""
+        return parse_routes(self.routes, check_url)
 
 
 def setting_name(field: str) -> str:

@@ -29,6 +29,7 @@ from scrapy_ingest._compat import pipeline_hook
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.exceptions import IngestError
 from scrapy_ingest.records import EncodeError
+from scrapy_ingest.router import Route
 from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class IngestPipeline:
         self._queued = 0
         self._published = 0
         self._writer: BatchWriter | None = None
+        self._open = False
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -70,23 +72,29 @@ class IngestPipeline:
             # said here too: some Scrapy versions stop the crawl without logging why
             logger.error("Cannot store this crawl: %s", exc)
             raise
-        sink = runtime.sink("items")
-        self._writer = runtime.writer("items")
+        assert runtime.router is not None and runtime.job is not None
+        # with item_type rules or INGEST_ROUTER, each item is routed; else all go to one writer
+        self._per_item = runtime.router.per_item
+        if not self._per_item:
+            self._writer = runtime.writer("items")
+            self._append_json = self._writer.append_json
+            self._add = self._writer.add
+        self._open = True
         # bound once: process_item runs for every item, on the reactor thread
-        self._job_id, self._spider_name = sink.job_id, sink.spider
-        self._new_id, self._add = sink.new_id, sink.add
+        self._job_id, self._spider_name = runtime.job.job_id, runtime.job.spider
+        self._new_id = runtime.new_id
         self._take_source = runtime.item_sources.pop
         self._encode = runtime.encoder.encode_item
-        self._append_json = self._writer.append_json
         self._budget = runtime.budget
         runtime.on_tick(self._publish_stats)
 
     @pipeline_hook
     async def close_spider(self, spider: Spider | None = None) -> None:
-        if self._writer is None:  # the runtime failed to open; nothing was queued
+        if not self._open:  # the runtime failed to open; nothing was queued
             return
         self._publish_stats()
-        await maybe_deferred_to_future(self._writer.drain())
+        # every item is written before the spider closes
+        await self._runtime.drain("items")
 
     def _publish_stats(self) -> None:
         if self._queued != self._published:
@@ -102,11 +110,19 @@ class IngestPipeline:
             data = self._encode(item)
         except EncodeError as exc:
             reason = f"the item cannot be encoded: {exc}"
-            self._runtime.dead_letter("items", reason, _safe_repr(item))
+            runtime = self._runtime
+            assert runtime.router is not None
+            url = runtime.router.item_route(item).url
+            runtime.dead_letter("items", reason, _safe_repr(item), url)
             return item
+        if self._per_item:
+            writer = await self._routed_writer(item)
+            append_json, add = writer.append_json, writer.add
+        else:
+            append_json, add = self._append_json, self._add
         now = time.time()
-        end = self._append_json(data)
-        self._add(
+        end = append_json(data)
+        add(
             (
                 self._new_id(now),
                 self._job_id,
@@ -125,6 +141,13 @@ class IngestPipeline:
             self._runtime.stats.inc_value(_WAITS)
             await maybe_deferred_to_future(budget.wait())
         return item
+
+    async def _routed_writer(self, item: Any) -> BatchWriter:
+        found = self._runtime.item_writer(item)
+        if isinstance(found, Route):  # a database INGEST_ROUTER names for the first time
+            await self._runtime.open_backend(found.url)
+            return self._runtime.writer("items", found)
+        return found
 
 
 def _safe_repr(item: Any) -> str:

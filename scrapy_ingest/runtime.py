@@ -15,11 +15,13 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.misc import build_from_crawler, load_object
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
@@ -27,12 +29,14 @@ from scrapy_ingest import settings as defaults
 from scrapy_ingest._ids import IdFactory, format_uuid
 from scrapy_ingest._redact import redact_value
 from scrapy_ingest._stats import stat_key
+from scrapy_ingest.backends import check_driver
 from scrapy_ingest.batching import BatchWriter, BufferBudget
 from scrapy_ingest.config import IngestConfig
-from scrapy_ingest.exceptions import IngestError, JobIdConflict
+from scrapy_ingest.exceptions import ConfigError, IngestError, JobIdConflict
 from scrapy_ingest.hosting import create_host
 from scrapy_ingest.records import RecordEncoder
-from scrapy_ingest.schema import all_tables
+from scrapy_ingest.router import Route, Router
+from scrapy_ingest.schema import all_tables, table_spec
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -99,14 +103,11 @@ class IngestRuntime:
             raise NotConfigured("INGEST_ENABLED is False")
         assert crawler.stats is not None
         self.stats = crawler.stats
+        #: the default table of each kind, named with INGEST_TABLE_PREFIX
         self.tables = {t.kind: t for t in all_tables(config.table_prefix)}
-        self.host: Host = create_host(
-            config.database_url,
-            list(self.tables.values()),
-            create_tables=config.create_tables,
-            retry_timeout=config.retry_timeout,
-            writer_process=config.writer_process,
-        )
+        #: open databases by URL, the default (INGEST_DATABASE_URL) first
+        self._backends: dict[str, _Backend] = {}
+        self.router: Router | None = None
         self.budget = BufferBudget(config.max_buffer_bytes)
         self.new_id = IdFactory()
         self.encoder = RecordEncoder(on_value=self._count_value)
@@ -120,7 +121,7 @@ class IngestRuntime:
         self.requests_count: int | None = None
         #: log records seen per level name, by the logs extension (None: it is not enabled)
         self.log_counts: dict[str, int] | None = None
-        self._writers: dict[str, BatchWriter] = {}
+        self._writers: dict[tuple[str, str], BatchWriter] = {}
         self._state = "new"  # new -> opening -> open -> closed (or failed)
         self._open_error: BaseException | None = None
         self._open_waiters: list[Deferred[None]] = []
@@ -172,8 +173,101 @@ class IngestRuntime:
 
     async def _open(self) -> None:
         self.job = self._make_job()
-        await maybe_deferred_to_future(self.host.open())
-        row = {
+        self.router = router = Router(
+            self.config.rules(), self.config.database_url, self.job.spider, self._custom_router()
+        )
+        try:
+            for url in router.static_urls():
+                await self.open_backend(url)
+        except BaseException:
+            await self._close_backends()
+            raise
+        urls = ", ".join(backend.host.url for backend in self._backends.values())
+        logger.info("Storing crawl data in %s (job_id %s)", urls, self.job.job_id)
+        self._flush_loop = LoopingCall(self._flush_old)
+        self._flush_loop.start(self.config.flush_interval / 4, now=False)
+
+    def _custom_router(self) -> Any:
+        path = self.config.router
+        if path is None:
+            return None
+        try:
+            cls = load_object(path) if isinstance(path, str) else path
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(
+                f"INGEST_ROUTER ({path!r}) is invalid: it cannot be imported ({exc}). Fix: give "
+                "the import path of a class with a route(kind, record) method."
+            ) from None
+        router = build_from_crawler(cls, self.crawler) if hasattr(cls, "from_crawler") else cls()
+        if not callable(getattr(router, "route", None)):
+            raise ConfigError(
+                f"INGEST_ROUTER ({path!r}) is invalid: it has no route(kind, record) method. "
+                "Fix: give it one that returns a scrapy_ingest.router.Route or None."
+            )
+        return router
+
+    async def open_backend(self, url: str) -> None:
+        """Start the host of *url*, prepare its tables and insert the job row there (once)."""
+        if url in self._backends:
+            return
+        assert self.job is not None and self.router is not None
+        source = self.router.describe(url)
+        check_driver(url, source)
+        tables = self._tables_for(url)
+        host = create_host(
+            url,
+            list(tables.values()),
+            create_tables=self.config.create_tables,
+            retry_timeout=self.config.retry_timeout,
+            writer_process=self.config.writer_process,
+        )
+        backend = self._backends[url] = _Backend(url, host, tables)
+        try:
+            await maybe_deferred_to_future(host.open())
+        except IngestError as exc:
+            del self._backends[url]
+            raise type(exc)(f"{exc} (the database of {source})") from None
+        except BaseException:
+            del self._backends[url]
+            raise
+        try:
+            inserted = await maybe_deferred_to_future(
+                host.insert_job(self.tables["jobs"], self._job_row())
+            )
+        except BaseException:
+            await self._close_backends()
+            raise
+        if not inserted:
+            await self._close_backends()
+            raise JobIdConflict(
+                f"a job with job_id {self.job.job_id!r} exists already in "
+                f"{self.tables['jobs'].name} at {host.url}: storing this crawl under "
+                "it would merge two crawls. Fix: leave INGEST_JOB_ID unset (a fresh id per "
+                "crawl), or give each crawl its own INGEST_JOB_ID; use INGEST_CRAWL_ID to group "
+                "the jobs of one crawl."
+            )
+        backend.has_job = True
+
+    def _tables_for(self, url: str) -> dict[str, TableSpec]:
+        """The tables to prepare at *url*: its routed tables, plus jobs and dead letters."""
+        assert self.router is not None
+        prefix = self.config.table_prefix
+        names = ["jobs", "dead_letters", "schema_version"]
+        specs = [self.tables[kind] for kind in names]
+        rules = self.router.rules
+        if url == self.router.default.url:
+            # the kinds of which some records may fall through to the default
+            for kind in ("items", "requests", "logs"):
+                if not any(r.kind == kind and r.item_type is None for r in rules):
+                    specs.append(self.tables[kind])
+        for rule in rules:
+            if rule.url == url and rule.kind != "jobs":
+                specs.append(table_spec(rule.kind, prefix, rule.table))
+        return {spec.name: spec for spec in specs}
+
+    def _job_row(self) -> dict[str, Any]:
+        assert self.job is not None
+        return {
             "job_id": self.job.job_id,
             "crawl_id": self.job.crawl_id,
             "spider": self.job.spider,
@@ -188,25 +282,6 @@ class IngestRuntime:
             "log_counts": self._job_encoder.encode({}),
             "settings": self._job_encoder.encode(settings_snapshot(self.crawler.settings)),
         }
-        try:
-            inserted = await maybe_deferred_to_future(
-                self.host.insert_job(self.tables["jobs"], row)
-            )
-        except BaseException:
-            await maybe_deferred_to_future(self.host.close())
-            raise
-        if not inserted:
-            await maybe_deferred_to_future(self.host.close())
-            raise JobIdConflict(
-                f"a job with job_id {self.job.job_id!r} exists already in "
-                f"{self.tables['jobs'].name} at {self.host.url}: storing this crawl under "
-                "it would merge two crawls. Fix: leave INGEST_JOB_ID unset (a fresh id per "
-                "crawl), or give each crawl its own INGEST_JOB_ID; use INGEST_CRAWL_ID to group "
-                "the jobs of one crawl."
-            )
-        logger.info("Storing crawl data in %s (job_id %s)", self.host.url, self.job.job_id)
-        self._flush_loop = LoopingCall(self._flush_old)
-        self._flush_loop.start(self.config.flush_interval / 4, now=False)
 
     def _make_job(self) -> JobInfo:
         spider = self.crawler.spider
@@ -229,37 +304,70 @@ class IngestRuntime:
 
     # writing
 
-    def writer(self, kind: str) -> BatchWriter:
-        """Return the writer of the *kind* table (``items``, ``dead_letters``...)."""
-        writer = self._writers.get(kind)
+    def writer(self, kind: str, route: Route | None = None) -> BatchWriter:
+        """The writer of *route* (by default, the route of the *kind*) for rows of *kind*.
+
+        The database of the route must be open: the routes known from the
+        settings are opened with the runtime, others by :meth:`open_backend`.
+        """
+        assert self.router is not None, "writer() before open()"
+        if route is None:
+            route = self.router.route(kind) if kind != "dead_letters" else self.router.default
+        spec = self.tables[kind]
+        if route.table is not None and route.table != spec.name:
+            spec = table_spec(kind, self.config.table_prefix, route.table)
+        writer = self._writers.get((route.url, spec.name))
         if writer is None:
             config = self.config
-            writer = self._writers[kind] = BatchWriter(
-                self.host,
-                self.tables[kind],
+            writer = self._writers[route.url, spec.name] = BatchWriter(
+                self._backends[route.url].host,
+                spec,
                 budget=self.budget,
                 batch_rows=config.batch_rows,
                 batch_bytes=config.batch_bytes,
-                on_outcome=self._count_outcome,
+                on_outcome=partial(self._count_outcome, route.url),
             )
         return writer
+
+    async def drain(self, kind: str) -> None:
+        """Write every buffered row of *kind*, to whichever database it is routed."""
+        for writer in [w for w in self._writers.values() if w.table.kind == kind]:
+            await maybe_deferred_to_future(writer.drain())
+
+    def item_writer(self, item: Any) -> BatchWriter | Route:
+        """The writer for *item*; or its route, when that database is not open yet."""
+        assert self.router is not None, "item_writer() before open()"
+        route = self.router.item_route(item)
+        if route.url not in self._backends:
+            return route
+        return self.writer("items", route)
 
     def sink(self, kind: str) -> RecordSink:
         """The job, the id factory and the writer of the *kind* table, once open."""
         assert self.job is not None, "sink() before open()"
         return RecordSink(self.job.job_id, self.job.spider, self.new_id, self.writer(kind).add)
 
-    def dead_letter(self, kind: str, reason: str, payload: str | None) -> None:
-        """Store a record that cannot be stored where it belongs, with the reason."""
-        assert self.job is not None
+    def dead_letter(
+        self, kind: str, reason: str, payload: str | None, url: str | None = None
+    ) -> None:
+        """Store a record that cannot be stored where it belongs, with the reason.
+
+        It goes to the database the record was meant for (*url*), by default
+        to ``INGEST_DATABASE_URL``'s.
+        """
+        assert self.job is not None and self.router is not None
         if payload is not None and len(payload) > DEAD_LETTER_PAYLOAD_MAX:
             payload = payload[:DEAD_LETTER_PAYLOAD_MAX] + "...[truncated]"
         row = (self.new_id(), self.job.job_id, kind, reason, payload, time.time())
-        self.writer("dead_letters").add(row, len(payload or "") + ROW_OVERHEAD)
+        if url not in self._backends:
+            url = self.router.default.url
+            if url not in self._backends:  # every kind is routed elsewhere
+                url = next(iter(self._backends))
+        self.writer("dead_letters", Route(url)).add(row, len(payload or "") + ROW_OVERHEAD)
         self.stats.inc_value(stat_key(kind, "dead_letter"))
         logger.warning("A record of kind %s went to the dead-letter table: %s", kind, reason)
 
-    def _count_outcome(self, table: TableSpec, outcome: WriteOutcome) -> None:
+    def _count_outcome(self, url: str, table: TableSpec, outcome: WriteOutcome) -> None:
         stats, kind = self.stats, table.kind
         if outcome.written:
             stats.inc_value(stat_key(kind, "stored"), outcome.written)
@@ -276,7 +384,7 @@ class IngestRuntime:
                 logger.error("A dead-letter record was refused too (%s); it is lost", reason)
             else:
                 payload = _row_payload(kind, row)
-                self.dead_letter(kind, f"the database refused it: {reason}", payload)
+                self.dead_letter(kind, f"the database refused it: {reason}", payload, url)
 
     def _count_value(self, kind: str) -> None:
         self.stats.inc_value(stat_key("values", kind))
@@ -295,7 +403,7 @@ class IngestRuntime:
 
     def _flush_old(self) -> None:
         self._tick()
-        for writer in self._writers.values():
+        for writer in list(self._writers.values()):
             writer.flush_older_than(self.config.flush_interval)
 
     def _forget_item(self, item: Any) -> None:
@@ -326,11 +434,21 @@ class IngestRuntime:
         }
         if reason is not None:
             values.update(status="finished", close_reason=reason, finished_at=now)
-        # a late heartbeat must not overwrite the final row
-        update = self.host.update_job(
-            self.tables["jobs"], self.job.job_id, values, only_running=reason is None
-        )
-        await maybe_deferred_to_future(update)
+        # a late heartbeat must not overwrite the final row; every database with the row
+        # gets the update, even when another one fails
+        failure: BaseException | None = None
+        for backend in list(self._backends.values()):
+            if not backend.has_job:
+                continue
+            update = backend.host.update_job(
+                self.tables["jobs"], self.job.job_id, values, only_running=reason is None
+            )
+            try:
+                await maybe_deferred_to_future(update)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     # closing
 
@@ -345,15 +463,34 @@ class IngestRuntime:
             callback()
         self._tick()
         # dead letters last: draining the others can produce some (and create their writer)
-        for kind in [k for k in self._writers if k != "dead_letters"]:
-            await maybe_deferred_to_future(self._writers[kind].drain())
-        if "dead_letters" in self._writers:
-            await maybe_deferred_to_future(self._writers["dead_letters"].drain())
+        for writer in [w for w in self._writers.values() if w.table.kind != "dead_letters"]:
+            await maybe_deferred_to_future(writer.drain())
+        await self.drain("dead_letters")
         try:
             await self.update_job(reason=reason)
         except Exception:
             logger.exception("Could not close the job row of %s", self.job)
-        await maybe_deferred_to_future(self.host.close())
+        await self._close_backends()
+
+    async def _close_backends(self) -> None:
+        backends, self._backends = list(self._backends.values()), {}
+        for backend in backends:
+            try:
+                await maybe_deferred_to_future(backend.host.close())
+            except Exception:
+                logger.exception("Could not close the connection to %s", backend.host.url)
+
+
+@dataclass
+class _Backend:
+    """An open database of one crawler."""
+
+    url: str
+    host: Host
+    #: the tables prepared at open, by name (others are created on their first write)
+    tables: dict[str, TableSpec]
+    #: whether the job row has been inserted there
+    has_job: bool = False
 
 
 def _row_payload(kind: str, row: Row) -> str:

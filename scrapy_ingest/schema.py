@@ -150,10 +150,13 @@ _TABLES: dict[str, tuple[tuple[Column, ...], str, tuple[tuple[str, ...], ...]]] 
 TABLE_KINDS: tuple[str, ...] = tuple(_TABLES)
 
 
-def table_spec(kind: str, prefix: str) -> TableSpec:
-    """Return the :class:`TableSpec` of *kind* (``items``, ``jobs``...) named with *prefix*."""
+def table_spec(kind: str, prefix: str, name: str | None = None) -> TableSpec:
+    """Return the :class:`TableSpec` of *kind* (``items``, ``jobs``...) named with *prefix*.
+
+    *name* gives another name to a table of that kind (a route's ``table``).
+    """
     columns, primary_key, indexes = _TABLES[kind]
-    return TableSpec(kind, f"{prefix}{kind}", columns, primary_key, indexes)
+    return TableSpec(kind, name or f"{prefix}{kind}", columns, primary_key, indexes)
 
 
 def all_tables(prefix: str) -> list[TableSpec]:

@@ -17,7 +17,7 @@ Arguments (JSON object, all optional except ``base_url``):
 - ``pages``, ``per_page``: the spider fetches ``pages`` pages and yields ``per_page`` items
   from each, item ``idx`` = ``page * per_page + i``, ``title`` = ``item-<idx:05d>``;
 - ``delay_ms``: fetch ``/delay?ms=...`` pages instead of ``/items`` (a slow crawl);
-- ``kind``: item type, one of ``ITEM_KINDS``;
+- ``kind``: item type, one of ``ITEM_KINDS``, or ``"mixed"`` (``Product`` and dict in turn);
 - ``size``: bytes of padding per item;
 - ``awkward``: put ``AWKWARD[k]`` into the ``extra`` field of item ``idx = k * 50 + 7``;
 - ``poison``: idx values of items that get a ``poison`` key;
@@ -202,6 +202,25 @@ def title(idx: int) -> str:
     return f"item-{idx:05d}"
 
 
+class ProductRouter:
+    """An INGEST_ROUTER: ``Product`` items to the ``products`` table of ``TEST_PRODUCTS_URL``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> ProductRouter:
+        return cls(crawler.settings["TEST_PRODUCTS_URL"])
+
+    def route(self, kind: str, record: Any) -> Any:
+        from scrapy_ingest.router import Route
+
+        # by name: this module runs as __main__, and is imported again as _crawl_script
+        if kind == "items" and type(record).__name__ == "Product":
+            return Route(self.url, table="products")
+        return None
+
+
 ITEM_KINDS = {
     "dict": "dict",
     "scrapy.Item": "Product",
@@ -212,6 +231,8 @@ ITEM_KINDS = {
 
 def make_item(kind: str, idx: int, page_url: str, pad: str, extra: dict[str, Any]) -> Any:
     fields = {"title": title(idx), "idx": idx, "page_url": page_url, "price": idx + 0.5, "pad": pad}
+    if kind == "mixed":  # even items are Products, odd ones dicts
+        kind = "scrapy.Item" if idx % 2 == 0 else "dict"
     if kind == "dict":
         return {**fields, **extra}
     if kind == "scrapy.Item":

@@ -47,9 +47,10 @@ def _log(level: int, message: str, *, name: str = "some.library", **extra: Any) 
 
 
 def test_the_handler_is_added_beside_the_others_and_removed_at_close(tmp_path: Path) -> None:
+    crawler = _crawler(tmp_path)  # Scrapy 2.13 adds its own handler here
     root = logging.getLogger()
     level, handlers, stdout = root.level, list(root.handlers), sys.stdout
-    ext = IngestLogsExtension.from_crawler(_crawler(tmp_path))
+    ext = IngestLogsExtension.from_crawler(crawler)
     assert root.handlers == [*handlers, ext.handler]
     assert (root.level, sys.stdout) == (level, stdout)
     ext._close()
@@ -121,7 +122,8 @@ def test_a_bad_format_string_keeps_the_record(extension: Any) -> None:
 
 
 def test_disabled_by_setting(tmp_path: Path) -> None:
+    crawler = _crawler(tmp_path, INGEST_LOGS_ENABLED=False)
     handlers = list(logging.getLogger().handlers)
     with pytest.raises(NotConfigured):
-        IngestLogsExtension.from_crawler(_crawler(tmp_path, INGEST_LOGS_ENABLED=False))
+        IngestLogsExtension.from_crawler(crawler)
     assert logging.getLogger().handlers == handlers

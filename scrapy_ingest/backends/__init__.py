@@ -28,16 +28,38 @@ __all__ = [
     "LocalHost",
     "Row",
     "WriteOutcome",
+    "check_driver",
+    "check_url",
     "local_host",
     "url_scheme",
 ]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+#: every URL scheme a backend takes
+SUPPORTED_SCHEMES = ("sqlite", *POSTGRES_SCHEMES)
 
 
 def url_scheme(url: str) -> str:
     """``postgresql+psycopg://...`` -> ``postgresql``."""
     return url.split(":", 1)[0].split("+", 1)[0].lower()
+
+
+def check_url(url: str, source: str = "INGEST_DATABASE_URL") -> None:
+    """Raise ConfigError, naming *source* (the setting), for a URL that no backend takes."""
+    scheme = url_scheme(url) if "://" in url else None
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ConfigError(
+            f"{source} ({redact_url(url)!r}) is invalid: it must be a database URL whose scheme "
+            f"is one of {', '.join(SUPPORTED_SCHEMES)}. Fix: use e.g. 'sqlite:///ingest.sqlite3' "
+            "or 'postgresql://user:password@host/dbname'."
+        )
+
+
+def check_driver(url: str, source: str = "INGEST_DATABASE_URL") -> None:
+    """Raise ConfigError, naming *source*, when the driver *url* needs is not installed."""
+    if url_scheme(url) in POSTGRES_SCHEMES:
+        _require("psycopg", "postgres", url, source)
+        _require("psycopg_pool", "postgres", url, source)
 
 
 def local_host(
@@ -49,28 +71,23 @@ def local_host(
     abort: Callable[[], bool] | None = None,
 ) -> LocalHost:
     """Return a host that runs the backend of *url* in the calling thread."""
+    check_url(url)
     scheme = url_scheme(url)
     if scheme in POSTGRES_SCHEMES:
-        _require("psycopg", "postgres", url)
-        _require("psycopg_pool", "postgres", url)
+        check_driver(url)
         from scrapy_ingest.backends.postgres import PostgresBackend
 
         backend: Backend = PostgresBackend(url, tables, create_tables=create_tables)
-    elif scheme == "sqlite":
+    else:
         from scrapy_ingest.backends.sqlalchemy import SqlAlchemyBackend
 
         backend = SqlAlchemyBackend(url, tables, create_tables=create_tables)
-    else:
-        raise ConfigError(
-            f"INGEST_DATABASE_URL ({redact_url(url)!r}) is invalid: the scheme {scheme!r} is "
-            "not supported. Fix: use a sqlite:/// or postgresql:// URL."
-        )
-    return LocalHost(backend, retry_timeout, abort=abort)
+    return LocalHost(backend, retry_timeout, abort=abort, tables=tables)
 
 
-def _require(module: str, extra: str, url: str) -> None:
+def _require(module: str, extra: str, url: str, source: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ConfigError(
-            f"INGEST_DATABASE_URL ({redact_url(url)!r}) needs the Python package {module}, "
+            f"{source} ({redact_url(url)!r}) needs the Python package {module}, "
             f"which is not installed. Fix: pip install 'scrapy-ingestion[{extra}]'."
         )

@@ -54,6 +54,9 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release connections."""
 
+    def create_table(self, table: TableSpec) -> None:
+        """Create *table* if it is missing (unless tables may not be created)."""
+
     def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
         """Store *rows* in one transaction; with *idempotent*, skip ids that exist."""
 
@@ -300,8 +303,11 @@ class LocalHost:
         retry_timeout: float,
         *,
         abort: Callable[[], bool] | None = None,
+        tables: Sequence[TableSpec] = (),
     ) -> None:
         self.backend = backend
+        #: names of the tables prepared by open(); others are created at their first write
+        self._ready = {table.name for table in tables}
         self.url = backend.url
         self.threads = backend.threads
         self._retry_timeout = retry_timeout
@@ -347,6 +353,19 @@ class LocalHost:
                 describe_error(exc),
             )
             return WriteOutcome(lost=len(rows))
+        if table.name not in self._ready:
+            try:
+                self._retry(lambda: self.backend.create_table(table), f"Creating {table.name}")
+            except Exception as exc:
+                logger.error(
+                    "Giving up on %d rows for %s: the table cannot be created at %s (%s)",
+                    len(rows),
+                    table.name,
+                    self.url,
+                    describe_error(exc),
+                )
+                return WriteOutcome(lost=len(rows))
+            self._ready.add(table.name)
         return store_batch(
             self.backend,
             table,

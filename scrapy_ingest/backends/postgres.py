@@ -27,7 +27,7 @@ from scrapy_ingest.backends.base import (
     needs_migration,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
-from scrapy_ingest.schema import SCHEMA_VERSION
+from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -56,17 +56,19 @@ class PostgresBackend:
         # SQLAlchemy-style "postgresql+psycopg://" is accepted too
         self._conninfo = re.sub(r"^[a-z]+(\+[a-z0-9_]+)?://", "postgresql://", url)
         self.url = redact_url(url)
-        self._tables = {t.kind: t for t in tables}
+        self._tables = {t.name: t for t in tables}
+        self._versions = next(t for t in tables if t.kind == "schema_version")
         self._create_tables = create_tables
         self._pool: ConnectionPool | None = None
         self._format_ts = TimestampFormatter()
+        # by kind: tables of one kind have the same columns, whatever their name
         self._conversions: dict[str, list[tuple[int, Callable[[Any], Any]]]] = {
-            t.kind: [
+            kind: [
                 (i, conversion)
-                for i, c in enumerate(t.columns)
+                for i, c in enumerate(table_spec(kind, "").columns)
                 if (conversion := self._conversion(c.kind)) is not None
             ]
-            for t in tables
+            for kind in TABLE_KINDS
         }
 
     # lifecycle
@@ -100,7 +102,7 @@ class PostgresBackend:
             self._pool = None
 
     def _prepare_schema(self, conn: psycopg.Connection[Any]) -> None:
-        versions = self._tables["schema_version"]
+        versions = self._versions
         with conn.transaction():
             # one process creates the tables; the others wait here, then find them
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(versions.name)])
@@ -152,6 +154,17 @@ class PostgresBackend:
                             sql.SQL(_TYPES[column.kind]),
                         )
                     )
+
+    def create_table(self, table: TableSpec) -> None:
+        """Create *table* (a table a custom route names) and its indexes, if missing."""
+        assert self._pool is not None, "create_table() before open()"
+        if not self._create_tables:
+            return
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(self._versions.name)])
+            conn.execute(_create_table(table))
+            for columns in table.indexes:
+                conn.execute(_create_index(table, columns))
 
     # writing
 

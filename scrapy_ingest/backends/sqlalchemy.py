@@ -31,7 +31,7 @@ from scrapy_ingest.backends.base import (
     needs_migration,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
-from scrapy_ingest.schema import SCHEMA_VERSION
+from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -64,10 +64,11 @@ class SqlAlchemyBackend:
     def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
         self._url = url
         self.url = redact_url(url)
-        self._specs = {t.kind: t for t in tables}
+        self._versions = next(t for t in tables if t.kind == "schema_version")
         self._create_tables = create_tables
         self._metadata = sa.MetaData()
-        self._tables = {t.kind: self._sa_table(t) for t in tables}
+        #: by table name
+        self._tables = {t.name: self._sa_table(t) for t in tables}
         self._engine: sa.Engine | None = None
         self._format_ts = TimestampFormatter()
         self._converters: dict[str, list[Callable[[Any], Any]]] = {}
@@ -104,9 +105,12 @@ class SqlAlchemyBackend:
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _begin_immediate)
         self._engine = engine
+        # by kind: tables of one kind have the same columns, whatever their name
         self._converters = {
-            kind: [self._converter(c.kind, engine.dialect.name) for c in spec.columns]
-            for kind, spec in self._specs.items()
+            kind: [
+                self._converter(c.kind, engine.dialect.name) for c in table_spec(kind, "").columns
+            ]
+            for kind in TABLE_KINDS
         }
         try:
             with engine.begin() as conn:
@@ -122,7 +126,7 @@ class SqlAlchemyBackend:
             self._engine = None
 
     def _prepare_schema(self, conn: sa.Connection) -> None:
-        versions = self._tables["schema_version"]
+        versions = self._tables[self._versions.name]
         if self._create_tables:
             for table in self._tables.values():
                 conn.execute(CreateTable(table, if_not_exists=True))
@@ -139,7 +143,7 @@ class SqlAlchemyBackend:
         if current is not None:
             self._add_missing_columns(conn)
         row = self._convert_values(
-            self._specs["schema_version"],
+            self._versions,
             {"version": SCHEMA_VERSION, "applied_at": time.time()},
         )
         conn.execute(self._insert_ignoring_duplicates(versions, conn.dialect.name), [row])
@@ -161,11 +165,24 @@ class SqlAlchemyBackend:
                         )
                     )
 
+    def create_table(self, table: TableSpec) -> None:
+        """Create *table* (a table a custom route names) and its indexes, if missing."""
+        assert self._engine is not None, "create_table() before open()"
+        sa_table = self._tables.get(table.name)
+        if sa_table is None:
+            sa_table = self._tables[table.name] = self._sa_table(table)
+        if not self._create_tables:
+            return
+        with self._engine.begin() as conn:
+            conn.execute(CreateTable(sa_table, if_not_exists=True))
+            for index in sorted(sa_table.indexes, key=lambda i: str(i.name)):
+                conn.execute(CreateIndex(index, if_not_exists=True))
+
     # writing
 
     def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
         assert self._engine is not None, "write() before open()"
-        sa_table = self._tables[table.kind]
+        sa_table = self._tables[table.name]
         names = table.column_names
         converters = self._converters[table.kind]
         params = [
@@ -216,7 +233,7 @@ class SqlAlchemyBackend:
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
         assert self._engine is not None, "insert_job() before open()"
-        jobs = self._tables[table.kind]
+        jobs = self._tables[table.name]
         try:
             with self._engine.begin() as conn:
                 conn.execute(jobs.insert(), [self._convert_values(table, row)])
@@ -234,7 +251,7 @@ class SqlAlchemyBackend:
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
     ) -> None:
         assert self._engine is not None, "update_job() before open()"
-        jobs = self._tables[table.kind]
+        jobs = self._tables[table.name]
         stmt = jobs.update().where(jobs.c.job_id == job_id)
         if only_running:
             stmt = stmt.where(jobs.c.status == "running")
