@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 import scrapy_ingest
 from scrapy_ingest import exceptions
 from scrapy_ingest._redact import redact_url
-from scrapy_ingest.backends import POSTGRES_SCHEMES, local_host, url_scheme
+from scrapy_ingest.backends import local_host, url_scheme
 from scrapy_ingest.backends._process import HEADER, frame, receive
 from scrapy_ingest.exceptions import BackendUnavailable, IngestError
 
@@ -78,7 +78,8 @@ def create_host(
 ) -> Host:
     """Return the host for the backend of *url*; raise ConfigError for a bad URL or driver."""
     local = local_host(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
-    if url_scheme(url) in POSTGRES_SCHEMES and writer_process and sys.executable:
+    # network databases, and chDB's engine, get a process of their own; SQLite a thread
+    if url_scheme(url) != "sqlite" and writer_process and sys.executable:
         return ProcessHost(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
     return ThreadHost(local)
 

@@ -152,11 +152,13 @@ def wait_for(
 
 
 def parse_timestamp(value: Any) -> dt.datetime:
-    """A timestamp column as an aware datetime: PostgreSQL gives one, SQLite gives text."""
+    """A timestamp column as an aware datetime: PostgreSQL gives one, SQLite gives text, and
+    ClickHouse (through JSON) naive text in UTC."""
     if isinstance(value, dt.datetime):
         return value
     assert isinstance(value, str), value
-    return dt.datetime.fromisoformat(value)
+    parsed = dt.datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 def parse_json(value: Any) -> Any:
@@ -171,7 +173,12 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.kind = "postgres" if url.startswith(("postgresql", "postgres")) else "sqlite"
+        if url.startswith(("postgresql", "postgres")):
+            self.kind = "postgres"
+        elif url.startswith(("chdb", "clickhouse")):
+            self.kind = "clickhouse"
+        else:
+            self.kind = "sqlite"
 
     def __repr__(self) -> str:
         return f"Database({self.kind})"
@@ -183,6 +190,9 @@ class Database:
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run *sql* (``%s`` placeholders) and return all rows."""
+        if self.kind == "clickhouse":
+            assert not params, "no parameters for ClickHouse here"
+            return [tuple(row) for row in clickhouse_query(self.url, sql)[1]]
         if self.kind == "postgres":
             import psycopg
 
@@ -233,6 +243,8 @@ class Database:
         return answers
 
     def table_exists(self, name: str) -> bool:
+        if self.kind == "clickhouse":
+            return bool(self.query(f"EXISTS TABLE {name}")[0][0])
         if self.kind == "sqlite" and not self.sqlite_path.exists():
             return False  # and do not create the file by looking
         if self.kind == "postgres":
@@ -294,6 +306,12 @@ class Database:
         """Every column of *table*'s rows as dicts: ids as text, timestamps and JSON parsed."""
         if not self.table_exists(table):
             return []
+        if self.kind == "clickhouse":
+            # FINAL: one row per sorting key (the latest version of a job row)
+            columns, found = clickhouse_query(
+                self.url, f"SELECT * FROM {table} FINAL WHERE {where}"
+            )
+            return [_typed(dict(zip(columns, row, strict=True))) for row in found]
         if self.kind == "postgres":
             import psycopg
             from psycopg.rows import dict_row
@@ -323,6 +341,31 @@ class Database:
             f"SELECT {', '.join(names)} FROM ingest_dead_letters WHERE {where}", params
         )
         return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+_CLICKHOUSE_QUERY = """
+import json, sys
+import clickhouse_connect
+client = clickhouse_connect.get_client(dsn=sys.argv[1])
+result = client.query(sys.argv[2])
+print(json.dumps([list(result.column_names), [list(r) for r in result.result_rows]], default=str))
+"""
+
+
+def clickhouse_query(url: str, sql: str) -> tuple[list[str], list[list[Any]]]:
+    """Run *sql* on ClickHouse in a subprocess: chDB lets a process open one data path only,
+    and each crawl's writer process needs the test's path while it runs."""
+    out = subprocess.run(
+        [sys.executable, "-c", _CLICKHOUSE_QUERY, url, sql],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise AssertionError(f"ClickHouse query failed: {sql}\n{out.stderr[-3000:]}")
+    columns, rows = json.loads(out.stdout)
+    return columns, rows
 
 
 def _has_code(statement: str) -> bool:

@@ -90,6 +90,41 @@ def pg_url(postgres_dsn: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def chdb_url(tmp_path: Path) -> str:
+    """URL of a fresh chDB data directory: the ClickHouse engine, embedded in the writer
+    process (no ClickHouse server can be installed on the CI machine)."""
+    import importlib.util
+
+    for module, package in (("chdb", "chdb"), ("clickhouse_connect", "clickhouse-connect")):
+        if importlib.util.find_spec(module) is None:
+            service_missing(f"{package} is not installed (pip install -e '.[test]')")
+    return f"chdb://{tmp_path / 'chdb'}"
+
+
+@pytest.fixture
+def clickhouse_http_url() -> Iterator[str]:
+    """URL of a fresh database on a real ClickHouse server, from SCRAPY_INGEST_TEST_CH_URL
+    (``clickhouse://user:pw@host:8123``). Without it the test is skipped, in CI too: no
+    ClickHouse server can run on the CI machine, whose ClickHouse tests use chDB."""
+    import os
+    import secrets
+
+    base = os.environ.get("SCRAPY_INGEST_TEST_CH_URL")
+    if not base:
+        pytest.skip("no ClickHouse server: set SCRAPY_INGEST_TEST_CH_URL to run HTTP tests")
+    import clickhouse_connect
+
+    name = f"t_{secrets.token_hex(6)}"
+    admin = clickhouse_connect.get_client(dsn=base)
+    admin.command(f"CREATE DATABASE {name}")
+    try:
+        yield f"{base.rstrip('/')}/{name}"
+    finally:
+        admin.command(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'ingest.sqlite3'}"
 

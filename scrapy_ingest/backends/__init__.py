@@ -35,8 +35,9 @@ __all__ = [
 ]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+CLICKHOUSE_SCHEMES = ("clickhouse", "clickhouses", "chdb")
 #: every URL scheme a backend takes
-SUPPORTED_SCHEMES = ("sqlite", *POSTGRES_SCHEMES)
+SUPPORTED_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, *CLICKHOUSE_SCHEMES)
 
 
 def url_scheme(url: str) -> str:
@@ -57,9 +58,14 @@ def check_url(url: str, source: str = "INGEST_DATABASE_URL") -> None:
 
 def check_driver(url: str, source: str = "INGEST_DATABASE_URL") -> None:
     """Raise ConfigError, naming *source*, when the driver *url* needs is not installed."""
-    if url_scheme(url) in POSTGRES_SCHEMES:
+    scheme = url_scheme(url)
+    if scheme in POSTGRES_SCHEMES:
         _require("psycopg", "postgres", url, source)
         _require("psycopg_pool", "postgres", url, source)
+    elif scheme in CLICKHOUSE_SCHEMES:
+        _require("clickhouse_connect", "clickhouse", url, source)
+        if scheme == "chdb":
+            _require("chdb", "clickhouse", url, source)
 
 
 def local_host(
@@ -78,6 +84,11 @@ def local_host(
         from scrapy_ingest.backends.postgres import PostgresBackend
 
         backend: Backend = PostgresBackend(url, tables, create_tables=create_tables)
+    elif scheme in CLICKHOUSE_SCHEMES:
+        check_driver(url)
+        from scrapy_ingest.backends.clickhouse import ClickHouseBackend
+
+        backend = ClickHouseBackend(url, tables, create_tables=create_tables)
     else:
         from scrapy_ingest.backends.sqlalchemy import SqlAlchemyBackend
 

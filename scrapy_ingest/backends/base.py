@@ -283,6 +283,14 @@ def needs_migration(current: int | None, url: str, *, create_tables: bool) -> bo
     return True
 
 
+def safe_text(value: str) -> str:
+    """Text every database can store: no NUL, no lone surrogate (both become U+FFFD)."""
+    if value.isascii() and "\x00" not in value:
+        return value
+    value = value.replace("\x00", "\ufffd")
+    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def log_migration(url: str, old: int) -> None:
     logger.info("Migrated the tables in %s from schema version %s to %s", url, old, SCHEMA_VERSION)
 

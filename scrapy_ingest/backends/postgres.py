@@ -25,6 +25,7 @@ from scrapy_ingest.backends.base import (
     is_same_job,
     log_migration,
     needs_migration,
+    safe_text,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
@@ -219,7 +220,7 @@ class PostgresBackend:
         if kind == "uuid":
             return _uuid_text
         if kind == "text":
-            return _safe_text
+            return safe_text
         return None
 
     def classify(self, exc: BaseException) -> Failure:
@@ -293,14 +294,6 @@ class PostgresBackend:
 def _uuid_text(value: int | str) -> str:
     # PostgreSQL reads 32 hex digits as a uuid, so ints need no dashes
     return f"{value:032x}" if type(value) is int else str(value)
-
-
-def _safe_text(value: str) -> str:
-    """Text PostgreSQL can store: no NUL, no lone surrogate (both become U+FFFD)."""
-    if value.isascii() and "\x00" not in value:
-        return value
-    value = value.replace("\x00", "\ufffd")
-    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _create_table(table: TableSpec) -> sql.Composed:

@@ -1,0 +1,152 @@
+"""The ClickHouse backend, on chDB (the ClickHouse engine embedded in the writer process; the
+only ClickHouse the CI machine can run), and on a real server when SCRAPY_INGEST_TEST_CH_URL
+names one. Reads go through a subprocess: chDB lets a process open one data path only."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from _helpers import Database, run_crawl
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from services import LocalSite
+
+pytestmark = pytest.mark.crawl
+
+#: download attempts of the tree crawl without its refused and TLS links: /tree, 4 pages, a
+#: redirect and its target, a 404, and 3 attempts each of a 500 and a timeout
+TREE_ROWS = 1 + 4 + 2 + 1 + 2 * 3
+
+
+def _tree(site: LocalSite, settings: dict, tmp_path: Path) -> dict:
+    result = run_crawl(
+        {"base_url": site.base_url, "spider": "tree", "settings": settings}, tmp_path
+    )
+    assert result.returncode == 0, result.describe()
+    assert result.stats.get("finish_reason") == "finished", result.describe()
+    return result.stats
+
+
+def test_a_crawl_into_chdb(site: LocalSite, chdb_url: str, tmp_path: Path) -> None:
+    db = Database(chdb_url)
+    stats = _tree(site, {"INGEST_DATABASE_URL": chdb_url}, tmp_path)
+    items = db.rows("ingest_items")
+    assert len(items) == stats["item_scraped_count"] == 5
+    assert {item["data"]["page"] for item in items} == {item["url"] for item in items}
+    requests = db.rows("ingest_requests")
+    assert len(requests) == stats["ingest/requests/stored"] == TREE_ROWS
+    assert {r["status"] for r in requests} >= {200, 302, 404, 500, None}
+    logs = db.rows("ingest_logs")
+    assert any("boom on" in (log["exception"] or "") for log in logs)
+    [job] = db.rows("ingest_jobs")  # FINAL: the last version of the row
+    assert (job["status"], job["close_reason"]) == ("finished", "finished")
+    assert job["items_count"] == 5
+    assert job["requests_count"] == TREE_ROWS
+    assert job["log_counts"]["WARNING"] == 5
+    # the types of docs/backends.md, and JSON queried as JSON
+    create = db.query("SHOW CREATE TABLE ingest_items")[0][0]
+    assert "`data` JSON" in create
+    assert "DateTime64(6, 'UTC')" in create
+    assert "ReplacingMergeTree" in create
+    assert "ORDER BY (job_id, scraped_at, id)" in create
+    assert "PARTITION BY toYYYYMM(scraped_at)" in create
+    assert "LowCardinality(String)" in create
+    pages = db.query("SELECT toString(data.page) FROM ingest_items ORDER BY id")
+    assert [p for (p,) in pages] == [
+        item["data"]["page"] for item in sorted(items, key=lambda i: i["id"])
+    ]
+
+
+@pytest.mark.postgres
+def test_items_to_clickhouse_requests_to_postgres_logs_to_sqlite(
+    site: LocalSite, chdb_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    items, requests = Database(chdb_url), Database(pg_url)
+    logs = Database(f"sqlite:///{tmp_path / 'logs.sqlite3'}")
+    routes = {"items": items.url, "requests": requests.url, "logs": logs.url}
+    stats = _tree(site, {"INGEST_DATABASE_URL": logs.url, "INGEST_ROUTES": routes}, tmp_path)
+    assert len(items.rows("ingest_items")) == stats["item_scraped_count"] == 5
+    assert requests.count("ingest_requests") == TREE_ROWS
+    assert logs.count("ingest_logs") == stats["ingest/logs/stored"] > 0
+    assert not items.table_exists("ingest_requests")
+    assert not requests.table_exists("ingest_items")
+    # one job row in each database, so that joins on job_id work inside each one
+    job_ids = set()
+    for db in (items, requests, logs):
+        [job] = db.rows("ingest_jobs")
+        assert job["status"] == "finished"
+        assert job["items_count"] == 5
+        job_ids.add(job["job_id"])
+    assert len(job_ids) == 1
+    [(joined,)] = items.query(
+        "SELECT count() FROM ingest_items AS i JOIN ingest_jobs AS j FINAL ON i.job_id = j.job_id"
+    )
+    assert int(joined) == 5
+
+
+def test_a_custom_router_sends_products_to_a_clickhouse_table(
+    site: LocalSite, chdb_url: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    products, default = Database(chdb_url), Database(sqlite_url)
+    settings = {
+        "INGEST_DATABASE_URL": default.url,
+        "INGEST_ROUTER": "_crawl_script.ProductRouter",
+        "TEST_PRODUCTS_URL": products.url,
+    }
+    result = run_crawl(
+        {
+            "base_url": site.base_url,
+            "settings": settings,
+            "pages": 2,
+            "per_page": 10,
+            "kind": "mixed",
+        },
+        tmp_path,
+    )
+    result.assert_clean()
+    stored = products.rows("products")
+    assert sorted(row["data"]["idx"] for row in stored) == list(range(0, 20, 2))
+    assert sorted(r["data"]["idx"] for r in default.rows("ingest_items")) == list(range(1, 20, 2))
+    [job] = products.rows("ingest_jobs")
+    assert job["status"] == "finished"
+
+
+def test_a_batch_written_again_is_stored_once(chdb_url: str, tmp_path: Path) -> None:
+    # run in a subprocess of its own: chDB allows one data path per process
+    import subprocess
+    import sys
+
+    script = f"""
+import time, orjson
+from scrapy_ingest.backends import Batch, local_host
+from scrapy_ingest._ids import IdFactory
+from scrapy_ingest.schema import all_tables
+tables = {{t.kind: t for t in all_tables("ingest_")}}
+host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
+host.open()
+new_id, now = IdFactory(), time.time()
+rows = [(new_id(now), "j", "s", "dict", None, now, orjson.dumps({{"i": i}})) for i in range(50)]
+host.store(tables["items"], Batch(rows))
+# the same batch again, as after a failure whose outcome was unknown: the idempotent path
+again = rows[:30] + [(new_id(now), "j", "s", "dict", None, now, b'{{"i": 50}}')]
+host.backend.write(tables["items"], again, idempotent=True)
+client = host.backend._client
+print(client.query("SELECT count(), count(DISTINCT id) FROM ingest_items").result_rows[0])
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "(51, 51)"
+
+
+def test_a_real_clickhouse_server_over_http(
+    site: LocalSite, clickhouse_http_url: str, tmp_path: Path
+) -> None:
+    db = Database(clickhouse_http_url)
+    stats = _tree(site, {"INGEST_DATABASE_URL": clickhouse_http_url}, tmp_path)
+    assert len(db.rows("ingest_items")) == stats["item_scraped_count"]
+    assert len(db.rows("ingest_requests")) == stats["ingest/requests/stored"]
