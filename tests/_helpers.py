@@ -6,6 +6,7 @@ functions and classes that a test imports by name.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -154,8 +155,8 @@ def wait_for(
 def parse_timestamp(value: Any) -> dt.datetime:
     """A timestamp column as an aware datetime: PostgreSQL gives one, SQLite gives text, and
     ClickHouse (through JSON) naive text in UTC."""
-    if isinstance(value, dt.datetime):
-        return value
+    if isinstance(value, dt.datetime):  # MySQL's DATETIME is naive, in UTC by convention
+        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
     assert isinstance(value, str), value
     parsed = dt.datetime.fromisoformat(value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
@@ -177,6 +178,8 @@ class Database:
             self.kind = "postgres"
         elif url.startswith(("chdb", "clickhouse")):
             self.kind = "clickhouse"
+        elif url.startswith(("mysql", "mariadb")):
+            self.kind = "mysql"
         else:
             self.kind = "sqlite"
 
@@ -193,6 +196,12 @@ class Database:
         if self.kind == "clickhouse":
             assert not params, "no parameters for ClickHouse here"
             return [tuple(row) for row in clickhouse_query(self.url, sql)[1]]
+        if self.kind == "mysql":
+            from services import _mysql_connect
+
+            with contextlib.closing(_mysql_connect(self.url)) as conn, conn.cursor() as cur:
+                cur.execute(sql, params or None)
+                return list(cur.fetchall())
         if self.kind == "postgres":
             import psycopg
 
@@ -245,6 +254,14 @@ class Database:
     def table_exists(self, name: str) -> bool:
         if self.kind == "clickhouse":
             return bool(self.query(f"EXISTS TABLE {name}")[0][0])
+        if self.kind == "mysql":
+            return bool(
+                self.query(
+                    "SELECT 1 FROM information_schema.tables WHERE table_schema = DATABASE() "
+                    "AND table_name = %s",
+                    (name,),
+                )
+            )
         if self.kind == "sqlite" and not self.sqlite_path.exists():
             return False  # and do not create the file by looking
         if self.kind == "postgres":
@@ -306,6 +323,15 @@ class Database:
         """Every column of *table*'s rows as dicts: ids as text, timestamps and JSON parsed."""
         if not self.table_exists(table):
             return []
+        if self.kind == "mysql":
+            from pymysql.cursors import DictCursor
+            from services import _mysql_connect
+
+            connection = contextlib.closing(_mysql_connect(self.url))
+            with connection as conn, conn.cursor(DictCursor) as cur:
+                cur.execute(f"SELECT * FROM {table} WHERE {where}", params or None)
+                found = list(cur.fetchall())
+            return [_typed(row) for row in found]
         if self.kind == "clickhouse":
             # FINAL: one row per sorting key (the latest version of a job row)
             columns, found = clickhouse_query(

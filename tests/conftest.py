@@ -18,9 +18,12 @@ from services import (
     LocalSite,
     ServiceUnavailable,
     create_database,
+    create_mysql_database,
     drop_database,
+    drop_mysql_database,
     running_site,
     services_required,
+    start_mariadb,
     start_postgres,
     with_database,
 )
@@ -87,6 +90,34 @@ def pg_url(postgres_dsn: str) -> Iterator[str]:
         yield with_database(postgres_dsn, name)
     finally:
         drop_database(postgres_dsn, name)
+
+
+@pytest.fixture(scope="session")
+def _mariadb_server() -> Iterator[str]:
+    try:
+        import pymysql  # noqa: F401
+    except ImportError:
+        service_missing("pymysql is not installed (pip install -e '.[test]')")
+    with contextlib.ExitStack() as stack:
+        try:
+            url, _source = start_mariadb(stack)
+        except ServiceUnavailable as exc:
+            reason = str(exc)
+        else:
+            yield url
+            return
+    service_missing(reason)
+
+
+@pytest.fixture
+def mysql_url(_mariadb_server: str) -> Iterator[str]:
+    """URL of a fresh, empty database on MariaDB (env ``SCRAPY_INGEST_TEST_MYSQL_URL``, else
+    a throwaway local server from Debian's mariadb-server), dropped after the test."""
+    name = create_mysql_database(_mariadb_server)
+    try:
+        yield f"{_mariadb_server.rstrip('/')}/{name}"
+    finally:
+        drop_mysql_database(_mariadb_server, name)
 
 
 @pytest.fixture

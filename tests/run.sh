@@ -49,9 +49,13 @@ ensure_postgres_binaries() {
 }
 
 # tinyproxy (a real HTTP proxy with a password) and Chromium (scrapy-playwright's browser;
-# `playwright install` cannot download one here) for the request-log tests.
+# `playwright install` cannot download one here) for the request-log tests; MariaDB, unless a
+# server is given through SCRAPY_INGEST_TEST_MYSQL_URL.
 ensure_other_services() {
     local missing=()
+    if [[ -z "${SCRAPY_INGEST_TEST_MYSQL_URL:-}" ]] && [[ ! -x /usr/sbin/mariadbd ]]; then
+        missing+=(mariadb-server)
+    fi
     command -v tinyproxy >/dev/null || [[ -x /usr/bin/tinyproxy ]] || missing+=(tinyproxy-bin)
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     if [[ ${#missing[@]} -eq 0 ]]; then

@@ -338,6 +338,91 @@ def start_postgres(stack: contextlib.ExitStack) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
+# MariaDB: env URL, else a throwaway local server (Debian's mariadb-server)
+# --------------------------------------------------------------------------------------------
+
+MYSQL_URL_ENV = "SCRAPY_INGEST_TEST_MYSQL_URL"
+
+
+def start_mariadb(stack: contextlib.ExitStack) -> tuple[str, str]:
+    """Return ``(url, source)`` of a MariaDB or MySQL server (``mysql+pymysql://...``, no
+    database); cleanup is pushed onto ``stack``."""
+    url = os.environ.get(MYSQL_URL_ENV)
+    if url:
+        return url, "env"
+    server = shutil.which("mariadbd", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
+    install = shutil.which("mariadb-install-db")
+    if server is None or install is None:
+        raise ServiceUnavailable(
+            f"no MariaDB server for tests: {MYSQL_URL_ENV} is not set and mariadb-server is "
+            "not installed (apt-get install -y mariadb-server)"
+        )
+    base = Path(tempfile.mkdtemp(prefix="scrapy_ingest_mariadb_"))
+    stack.callback(shutil.rmtree, base, ignore_errors=True)
+    data, socket_path, port = base / "data", base / "mysqld.sock", free_port()
+    user = ["--user=root"] if os.geteuid() == 0 else []
+    done = subprocess.run(
+        [install, "--no-defaults", f"--datadir={data}", "--skip-test-db",
+         "--auth-root-authentication-method=normal", *user],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise ServiceUnavailable(f"mariadb-install-db failed: {_tail(done.stderr or done.stdout)}")
+    log = (base / "server.log").open("wb")
+    stack.callback(log.close)
+    process = subprocess.Popen(
+        [server, "--no-defaults", f"--datadir={data}", f"--socket={socket_path}",
+         f"--port={port}", "--bind-address=127.0.0.1", "--skip-grant-tables",
+         "--skip-name-resolve", "--innodb-buffer-pool-size=64M", *user],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    stack.callback(_stop, process)
+    deadline = time.monotonic() + 60
+    while not _port_answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            text = (base / "server.log").read_text(errors="replace")
+            raise ServiceUnavailable(f"mariadbd did not start: {_tail(text)}")
+        time.sleep(0.1)
+    return f"mysql+pymysql://root@127.0.0.1:{port}", "local"
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def create_mysql_database(admin_url: str) -> str:
+    name = f"t_{secrets.token_hex(6)}"
+    with contextlib.closing(_mysql_connect(admin_url)) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    return name
+
+
+def drop_mysql_database(admin_url: str, name: str) -> None:
+    with contextlib.closing(_mysql_connect(admin_url)) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+def _mysql_connect(url: str) -> Any:
+    import pymysql
+
+    parts = urlsplit(url)
+    return pymysql.connect(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 3306,
+        user=parts.username or "root",
+        password=parts.password or "",
+        database=parts.path.lstrip("/") or None,
+        autocommit=True,
+        charset="utf8mb4",
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # tinyproxy: a real HTTP proxy that asks for a user name and password
 # --------------------------------------------------------------------------------------------
 

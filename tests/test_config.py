@@ -185,7 +185,7 @@ def test_every_bad_setting_is_reported_at_once() -> None:
     "url",
     [
         "mongodb://scraper:hunter2@db.example/scraping",
-        "mysql://scraper:hunter2@[db/scraping",  # not even a valid URL
+        "oracle://scraper:hunter2@[db/scraping",  # not even a valid URL
         "redis://:hunter2@cache:6379/0",
     ],
 )

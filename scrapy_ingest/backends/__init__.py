@@ -36,8 +36,9 @@ __all__ = [
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 CLICKHOUSE_SCHEMES = ("clickhouse", "clickhouses", "chdb")
+MYSQL_SCHEMES = ("mysql", "mariadb")
 #: every URL scheme a backend takes
-SUPPORTED_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, *CLICKHOUSE_SCHEMES)
+SUPPORTED_SCHEMES = ("sqlite", *POSTGRES_SCHEMES, *CLICKHOUSE_SCHEMES, *MYSQL_SCHEMES)
 
 
 def url_scheme(url: str) -> str:
@@ -62,6 +63,10 @@ def check_driver(url: str, source: str = "INGEST_DATABASE_URL") -> None:
     if scheme in POSTGRES_SCHEMES:
         _require("psycopg", "postgres", url, source)
         _require("psycopg_pool", "postgres", url, source)
+    elif scheme in MYSQL_SCHEMES:
+        driver = url.split("://", 1)[0].partition("+")[2] or "pymysql"
+        module = {"pymysql": "pymysql", "mysqldb": "MySQLdb", "mariadbconnector": "mariadb"}
+        _require(module.get(driver, driver), "mysql", url, source)
     elif scheme in CLICKHOUSE_SCHEMES:
         _require("clickhouse_connect", "clickhouse", url, source)
         if scheme == "chdb":
@@ -78,14 +83,13 @@ def local_host(
 ) -> LocalHost:
     """Return a host that runs the backend of *url* in the calling thread."""
     check_url(url)
+    check_driver(url)
     scheme = url_scheme(url)
     if scheme in POSTGRES_SCHEMES:
-        check_driver(url)
         from scrapy_ingest.backends.postgres import PostgresBackend
 
         backend: Backend = PostgresBackend(url, tables, create_tables=create_tables)
     elif scheme in CLICKHOUSE_SCHEMES:
-        check_driver(url)
         from scrapy_ingest.backends.clickhouse import ClickHouseBackend
 
         backend = ClickHouseBackend(url, tables, create_tables=create_tables)

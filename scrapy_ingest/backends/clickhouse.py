@@ -150,9 +150,7 @@ class ClickHouseBackend:
         self._tables[table.name] = table
 
     def _create_table_sql(self, table: TableSpec) -> str:
-        columns = ", ".join(
-            f"{_quote(c.name)} {self._column_type(c)}" for c in table.columns
-        )
+        columns = ", ".join(f"{_quote(c.name)} {self._column_type(c)}" for c in table.columns)
         if table.kind == "jobs":
             engine = "ReplacingMergeTree(updated_at) ORDER BY job_id"
         elif table.kind == "schema_version":

@@ -1,4 +1,11 @@
-"""SQLAlchemy Core backend: SQLite by default (any SQLAlchemy URL on a best-effort basis).
+"""SQLAlchemy Core backend: SQLite by default, MySQL and MariaDB, and on a best-effort basis
+any other SQLAlchemy URL.
+
+MySQL and MariaDB (``mysql+pymysql://user:password@host/db``, or ``mariadb+pymysql://``)
+get ``JSON`` columns, ``DATETIME(6)`` in UTC, ``VARCHAR(255)`` for the text
+columns that are indexed, ``utf8mb4``, and ``INSERT ... ON DUPLICATE KEY UPDATE``
+on the id, so that a batch written twice stores its rows once (``INSERT
+IGNORE`` would also silence bad values).
 
 SQLite gets WAL journaling and a busy timeout, so several crawl processes can
 share one file, and ``INSERT ... ON CONFLICT DO NOTHING``, so a batch written
@@ -11,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import re
 import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from scrapy_ingest._ids import format_uuid
@@ -29,6 +37,7 @@ from scrapy_ingest.backends.base import (
     is_same_job,
     log_migration,
     needs_migration,
+    safe_text,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
@@ -43,17 +52,32 @@ logger = logging.getLogger(__name__)
 _BUSY_TIMEOUT_MS = 30_000
 
 
-def _sa_type(kind: ColumnKind) -> sa.types.TypeEngine[Any]:
+class _JsonText(sa.types.UserDefinedType[str]):
+    """A ``JSON`` column that takes our JSON text as it is (SQLAlchemy's JSON would encode it
+    again)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "JSON"
+
+
+def _sa_type(kind: ColumnKind, indexed: bool) -> sa.types.TypeEngine[Any]:
     types: dict[ColumnKind, sa.types.TypeEngine[Any]] = {
         "uuid": sa.String(36),
-        "text": sa.Text(),
+        # MySQL indexes no TEXT column without a prefix length
+        "text": sa.Text().with_variant(mysql.VARCHAR(255), "mysql", "mariadb")
+        if indexed
+        else sa.Text(),
         "int": sa.Integer(),
         "bigint": sa.BigInteger(),
-        "float": sa.Float(),
+        "float": sa.Float().with_variant(mysql.DOUBLE(), "mysql", "mariadb"),
         "bool": sa.Boolean(),
         # text in SQLite, so that the offset is kept and date functions read it
-        "timestamp": sa.DateTime(timezone=True).with_variant(sa.String(32), "sqlite"),
-        "json": sa.Text(),
+        "timestamp": sa.DateTime(timezone=True)
+        .with_variant(sa.String(32), "sqlite")
+        .with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
+        "json": sa.Text().with_variant(_JsonText(), "mysql", "mariadb"),
     }
     return types[kind]
 
@@ -62,7 +86,8 @@ class SqlAlchemyBackend:
     threads = 1  # SQLite takes one writer at a time anyway
 
     def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
-        self._url = url
+        # mysql:// and mariadb:// with no driver: PyMySQL, which the [mysql] extra installs
+        self._url = re.sub(r"^(mysql|mariadb)://", r"\1+pymysql://", url)
         self.url = redact_url(url)
         self._versions = next(t for t in tables if t.kind == "schema_version")
         self._create_tables = create_tables
@@ -80,7 +105,11 @@ class SqlAlchemyBackend:
             *(
                 sa.Column(
                     c.name,
-                    _sa_type(c.kind),
+                    _sa_type(
+                        c.kind,
+                        indexed=any(c.name in i for i in spec.indexes)
+                        or c.name == spec.primary_key,
+                    ),
                     primary_key=c.name == spec.primary_key,
                     nullable=c.nullable,
                     autoincrement=False,
@@ -96,11 +125,12 @@ class SqlAlchemyBackend:
 
     def open(self) -> None:
         is_sqlite = self._url.startswith("sqlite")
-        engine = sa.create_engine(
-            self._url,
-            connect_args={"check_same_thread": False} if is_sqlite else {},
-            pool_pre_ping=not is_sqlite,
-        )
+        connect_args: dict[str, Any] = {}
+        if is_sqlite:
+            connect_args["check_same_thread"] = False
+        elif self._url.startswith(("mysql", "mariadb")):
+            connect_args["charset"] = "utf8mb4"  # all of Unicode, not MySQL's 3-byte utf8
+        engine = sa.create_engine(self._url, connect_args=connect_args, pool_pre_ping=not is_sqlite)
         if is_sqlite:
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _begin_immediate)
@@ -203,7 +233,9 @@ class SqlAlchemyBackend:
         if dialect == "sqlite":
             return sqlite.insert(table).on_conflict_do_nothing()
         if dialect in ("mysql", "mariadb"):
-            return table.insert().prefix_with("IGNORE")
+            statement = mysql.insert(table)
+            key = table.primary_key.columns[0]
+            return statement.on_duplicate_key_update({key.name: key})
         return table.insert()
 
     def _converter(self, kind: ColumnKind, dialect: str) -> Callable[[Any], Any]:
@@ -212,8 +244,15 @@ class SqlAlchemyBackend:
         if kind == "uuid":
             return lambda v: None if v is None else format_uuid(v)
         if kind == "timestamp":
-            fmt = self._format_ts if dialect == "sqlite" else utc_from_epoch
+            if dialect == "sqlite":
+                fmt: Callable[[float], Any] = self._format_ts
+            elif dialect in ("mysql", "mariadb"):
+                fmt = _naive_utc  # DATETIME has no time zone: UTC, by convention
+            else:
+                fmt = utc_from_epoch
             return lambda v: None if v is None else fmt(v)
+        if kind == "text" and dialect in ("mysql", "mariadb"):
+            return lambda v: None if v is None else safe_text(v)
         return _identity
 
     def _convert_values(self, table: TableSpec, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,7 +261,8 @@ class SqlAlchemyBackend:
 
     def classify(self, exc: BaseException) -> Failure:
         if isinstance(exc, sa.exc.IntegrityError):
-            return Failure.DUPLICATE if "UNIQUE" in str(exc.orig) else Failure.DATA
+            duplicate = "UNIQUE" in str(exc.orig) or "Duplicate entry" in str(exc.orig)
+            return Failure.DUPLICATE if duplicate else Failure.DATA
         if isinstance(exc, sa.exc.OperationalError):
             return Failure.TRANSIENT
         if isinstance(exc, (sa.exc.DataError, sa.exc.StatementError, ValueError, OverflowError)):
@@ -297,6 +337,10 @@ def _begin_immediate(conn: sa.Connection) -> None:
     the same moment hit exactly that while preparing the tables.
     """
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _naive_utc(epoch: float) -> dt.datetime:
+    return utc_from_epoch(epoch).replace(tzinfo=None)
 
 
 def _identity(value: Any) -> Any:
