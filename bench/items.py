@@ -8,6 +8,8 @@ PostgreSQL database. PostgreSQL comes from SCRAPY_INGEST_BENCH_PG_DSN (or
 SCRAPY_INGEST_TEST_PG_DSN), else a throwaway local server like the tests'.
 Prints every run, then the medians and each mode's ratio to no pipeline.
 The target (issue 2): ingest >= 0.90 of none, with every item stored.
+With --clickhouse, the add-on writes into a fresh chDB directory per run
+instead (issue 4's target is the same 0.90).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +51,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument(
+        "--clickhouse",
+        action="store_true",
+        help="write into ClickHouse (a fresh chDB directory per run) instead of PostgreSQL",
+    )
+    parser.add_argument(
         "--partial",
         action="store_true",
         help="also run 'encode' and 'buffer', the partial stacks that bound any write path",
@@ -56,11 +64,13 @@ def main() -> None:
     modes = (*MODES, *PARTIAL) if options.partial else MODES
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with contextlib.ExitStack() as stack:
-        admin = postgres(stack)
+        admin = "" if options.clickhouse else postgres(stack)
         for n in range(options.pairs):
             for mode in modes:
                 url = None
-                if mode in ("ingest", "buffer"):
+                if mode in ("ingest", "buffer") and options.clickhouse:
+                    url = f"chdb://{stack.enter_context(tempfile.TemporaryDirectory())}/chdb"
+                elif mode in ("ingest", "buffer"):
                     url = services.with_database(admin, services.create_database(admin))
                 result = crawl(mode, options.items, url)
                 if mode == "ingest" and result["stored"] != options.items:

@@ -232,6 +232,17 @@ class Database:
         and ``CREATE INDEX CONCURRENTLY`` work); return the rows of each one that has rows."""
         statements = [s for s in re.split(r";\s*(?:\n|$)", sql) if _has_code(s)]
         answers = []
+        if self.kind == "clickhouse":
+            return [rows for _, rows in clickhouse_queries(self.url, statements)]
+        if self.kind == "mysql":
+            from services import _mysql_connect
+
+            with contextlib.closing(_mysql_connect(self.url)) as conn, conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+                    if cur.description is not None:
+                        answers.append(list(cur.fetchall()))
+            return answers
         if self.kind == "postgres":
             import psycopg
 
@@ -369,29 +380,35 @@ class Database:
         return [dict(zip(names, row, strict=True)) for row in rows]
 
 
-_CLICKHOUSE_QUERY = """
+_CLICKHOUSE_QUERIES = """
 import json, sys
 import clickhouse_connect
 client = clickhouse_connect.get_client(dsn=sys.argv[1])
-result = client.query(sys.argv[2])
-print(json.dumps([list(result.column_names), [list(r) for r in result.result_rows]], default=str))
+results = []
+for sql in json.loads(sys.argv[2]):
+    result = client.query(sql)
+    results.append([list(result.column_names), [list(r) for r in result.result_rows]])
+print(json.dumps(results, default=str))
 """
 
 
-def clickhouse_query(url: str, sql: str) -> tuple[list[str], list[list[Any]]]:
-    """Run *sql* on ClickHouse in a subprocess: chDB lets a process open one data path only,
-    and each crawl's writer process needs the test's path while it runs."""
+def clickhouse_queries(url: str, queries: list[str]) -> list[tuple[list[str], list[list[Any]]]]:
+    """Run *queries* on ClickHouse in one subprocess: chDB lets a process open one data path
+    only, and each crawl's writer process needs the test's path while it runs."""
     out = subprocess.run(
-        [sys.executable, "-c", _CLICKHOUSE_QUERY, url, sql],
+        [sys.executable, "-c", _CLICKHOUSE_QUERIES, url, json.dumps(queries)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
     if out.returncode != 0:
-        raise AssertionError(f"ClickHouse query failed: {sql}\n{out.stderr[-3000:]}")
-    columns, rows = json.loads(out.stdout)
-    return columns, rows
+        raise AssertionError(f"ClickHouse queries failed: {queries}\n{out.stderr[-3000:]}")
+    return [(columns, rows) for columns, rows in json.loads(out.stdout)]
+
+
+def clickhouse_query(url: str, sql: str) -> tuple[list[str], list[list[Any]]]:
+    return clickhouse_queries(url, [sql])[0]
 
 
 def _has_code(statement: str) -> bool:

@@ -17,6 +17,7 @@ if str(Path(__file__).parent) not in sys.path:
 from services import (
     LocalSite,
     ServiceUnavailable,
+    clickhouse_server,
     create_database,
     create_mysql_database,
     drop_database,
@@ -132,24 +133,38 @@ def chdb_url(tmp_path: Path) -> str:
     return f"chdb://{tmp_path / 'chdb'}"
 
 
+@pytest.fixture(scope="session")
+def _clickhouse_server() -> Iterator[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("clickhouse_connect") is None:
+        pytest.skip("clickhouse-connect is not installed")
+    with contextlib.ExitStack() as stack:
+        try:
+            url = clickhouse_server(stack)
+        except ServiceUnavailable as exc:
+            reason = str(exc)
+        else:
+            yield url
+            return
+    # skipped, in CI too: no ClickHouse server can run on the CI machine (its ClickHouse
+    # tests use chDB); these tests are for a server given by env or by Docker
+    pytest.skip(f"no ClickHouse server: {reason}")
+
+
 @pytest.fixture
-def clickhouse_http_url() -> Iterator[str]:
-    """URL of a fresh database on a real ClickHouse server, from SCRAPY_INGEST_TEST_CH_URL
-    (``clickhouse://user:pw@host:8123``). Without it the test is skipped, in CI too: no
-    ClickHouse server can run on the CI machine, whose ClickHouse tests use chDB."""
-    import os
+def clickhouse_http_url(_clickhouse_server: str) -> Iterator[str]:
+    """URL of a fresh database on a real ClickHouse server (``SCRAPY_INGEST_TEST_CH_URL``,
+    ``clickhouse://user:pw@host:8123`` without a database, or testcontainers)."""
     import secrets
 
-    base = os.environ.get("SCRAPY_INGEST_TEST_CH_URL")
-    if not base:
-        pytest.skip("no ClickHouse server: set SCRAPY_INGEST_TEST_CH_URL to run HTTP tests")
     import clickhouse_connect
 
     name = f"t_{secrets.token_hex(6)}"
-    admin = clickhouse_connect.get_client(dsn=base)
+    admin = clickhouse_connect.get_client(dsn=_clickhouse_server)
     admin.command(f"CREATE DATABASE {name}")
     try:
-        yield f"{base.rstrip('/')}/{name}"
+        yield f"{_clickhouse_server.rstrip('/')}/{name}"
     finally:
         admin.command(f"DROP DATABASE IF EXISTS {name}")
         admin.close()

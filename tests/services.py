@@ -168,6 +168,46 @@ def _docker_answers(docker: Any) -> bool:
         gc.collect()
 
 
+CH_URL_ENV = "SCRAPY_INGEST_TEST_CH_URL"
+CH_IMAGE = "clickhouse/clickhouse-server:25.8"
+
+
+def clickhouse_server(stack: contextlib.ExitStack) -> str:
+    """URL (``clickhouse://user:pw@host:port``, no database) of a real ClickHouse server:
+    ``SCRAPY_INGEST_TEST_CH_URL``, else a testcontainers one when a Docker engine answers."""
+    url = os.environ.get(CH_URL_ENV)
+    if url:
+        return url
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import docker
+            from testcontainers.core.container import DockerContainer
+            from testcontainers.core.waiting_utils import wait_for_logs
+        except ImportError:
+            raise ServiceUnavailable(
+                f"{CH_URL_ENV} is not set and testcontainers is missing"
+            ) from None
+        if not _docker_answers(docker):
+            raise ServiceUnavailable(f"{CH_URL_ENV} is not set and no Docker engine answers")
+        container = (
+            DockerContainer(CH_IMAGE)
+            .with_env("CLICKHOUSE_USER", "test")
+            .with_env("CLICKHOUSE_PASSWORD", "test")
+            .with_exposed_ports(8123)
+        )
+        try:
+            container.start()
+            wait_for_logs(container, "Ready for connections", timeout=120)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                container.stop()
+            raise ServiceUnavailable(f"testcontainers could not start {CH_IMAGE}: {exc}") from None
+    stack.callback(container.stop)
+    host, port = container.get_container_host_ip(), container.get_exposed_port(8123)
+    return f"clickhouse://test:test@{host}:{port}"
+
+
 def _import_postgres_container() -> type:
     # testcontainers >= 4.14 moved it to .community; older 4.x only has the top-level module.
     try:

@@ -176,32 +176,29 @@ class ClickHouseBackend:
 
     def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
         assert self._client is not None, "write() before open()"
-        conversions = self._conversions[table.kind]
-        values = []
-        for row in rows:
-            converted = list(row)
-            for index, convert in conversions:
-                value = converted[index]
-                if value is not None:
-                    converted[index] = convert(value)
-            values.append(converted)
         if idempotent:
-            values = self._without_stored_ids(table, values)
-            if not values:
+            rows = self._without_stored_ids(table, rows)
+            if not rows:
                 return
-        self._client.insert(table.name, values, column_names=list(table.column_names))
+        # column by column: one comprehension per column converts faster than a loop per row
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        for index, convert in self._conversions[table.kind]:
+            columns[index] = [None if v is None else convert(v) for v in columns[index]]
+        self._client.insert(
+            table.name, columns, column_names=list(table.column_names), column_oriented=True
+        )
 
-    def _without_stored_ids(self, table: TableSpec, values: list[list[Any]]) -> list[list[Any]]:
+    def _without_stored_ids(self, table: TableSpec, rows: Sequence[Row]) -> list[Row]:
         assert self._client is not None
         position = table.column_names.index(table.primary_key)
-        ids = [row[position] for row in values]
+        ids = [format_uuid(row[position]) for row in rows]
         found = self._client.query(
             f"SELECT toString({_quote(table.primary_key)}) FROM {_quote(table.name)} "
-            f"WHERE {_quote(table.primary_key)} IN {{ids:Array(String)}}",
-            parameters={"ids": [str(i) for i in ids]},
+            f"WHERE {_quote(table.primary_key)} IN {{ids:Array(UUID)}}",
+            parameters={"ids": ids},
         )
         stored = {row[0] for row in found.result_rows}
-        return [row for row in values if str(row[position]) not in stored]
+        return [row for row, id_ in zip(rows, ids, strict=True) if id_ not in stored]
 
     def classify(self, exc: BaseException) -> Failure:
         if isinstance(exc, (ch_errors.DataError, ch_errors.ProgrammingError)):
@@ -277,15 +274,18 @@ def _has_json_type(client: Client) -> bool:
 
 
 def _conversion(kind: ColumnKind) -> Callable[[Any], Any] | None:
+    # ids stay ints: clickhouse-connect writes a UUID column from ints as they are
     if kind == "json":
         return _json_text
     if kind == "timestamp":
         return _ticks
-    if kind == "uuid":
-        return format_uuid
     if kind == "text":
-        return safe_text
+        return _clean_text
     return None
+
+
+def _clean_text(value: str) -> str:
+    return value if value.isascii() and "\x00" not in value else safe_text(value)
 
 
 def _json_text(value: Any) -> str:
