@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._redact import redact_url
-from scrapy_ingest.backends import SUPPORTED_SCHEMES, check_url, url_scheme
+from scrapy_ingest.backends import SUPPORTED_SCHEMES, check_url
 from scrapy_ingest.exceptions import ConfigError
 from scrapy_ingest.router import Rule, parse_routes
 
@@ -114,8 +114,10 @@ class IngestConfig(BaseModel):
     @field_validator("database_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if "://" not in value or url_scheme(value) not in SUPPORTED_SCHEMES:
-            raise ValueError("unsupported scheme")
+        try:
+            check_url(value)
+        except ConfigError:
+            raise ValueError("unsupported scheme") from None
         return value
 
     @field_validator("log_level", mode="before")

@@ -27,9 +27,9 @@ from twisted.internet.task import LoopingCall
 
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._ids import IdFactory, format_uuid
-from scrapy_ingest._redact import redact_value
+from scrapy_ingest._redact import redact_url, redact_value
 from scrapy_ingest._stats import stat_key
-from scrapy_ingest.backends import check_driver
+from scrapy_ingest.backends import check_driver, is_best_effort
 from scrapy_ingest.batching import BatchWriter, BufferBudget
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import ConfigError, IngestError, JobIdConflict
@@ -213,6 +213,14 @@ class IngestRuntime:
         assert self.job is not None and self.router is not None
         source = self.router.describe(url)
         check_driver(url, source)
+        if is_best_effort(url):
+            logger.warning(
+                "%s: %s is not one of the databases scrapy_ingest is tested with (SQLite, "
+                "PostgreSQL, ClickHouse, MySQL/MariaDB); writing to it through SQLAlchemy, on a "
+                "best-effort basis",
+                source,
+                redact_url(url),
+            )
         tables = self._tables_for(url)
         host = create_host(
             url,

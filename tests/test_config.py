@@ -185,7 +185,7 @@ def test_every_bad_setting_is_reported_at_once() -> None:
     "url",
     [
         "mongodb://scraper:hunter2@db.example/scraping",
-        "oracle://scraper:hunter2@[db/scraping",  # not even a valid URL
+        "cassandra://scraper:hunter2@[db/scraping",  # not even a valid URL
         "redis://:hunter2@cache:6379/0",
     ],
 )
@@ -227,3 +227,8 @@ def test_bad_log_level_is_named_with_the_fix(value: Any) -> None:
         f"INGEST_LOG_LEVEL ({value!r}) is invalid: it must be a logging level"
     )
     assert "Fix: set INGEST_LOG_LEVEL to e.g. 'INFO'" in message
+
+
+def test_other_sqlalchemy_urls_are_taken_on_a_best_effort_basis() -> None:
+    url = "mssql+pyodbc://scraper:pw@db/scraping?driver=ODBC+Driver+18+for+SQL+Server"
+    assert _config({"INGEST_DATABASE_URL": url}).database_url == url

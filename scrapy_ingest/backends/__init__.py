@@ -30,6 +30,7 @@ __all__ = [
     "WriteOutcome",
     "check_driver",
     "check_url",
+    "is_best_effort",
     "local_host",
     "url_scheme",
 ]
@@ -47,14 +48,33 @@ def url_scheme(url: str) -> str:
 
 
 def check_url(url: str, source: str = "INGEST_DATABASE_URL") -> None:
-    """Raise ConfigError, naming *source* (the setting), for a URL that no backend takes."""
+    """Raise ConfigError, naming *source* (the setting), for a URL that no backend takes.
+
+    Besides the schemes we test (``SUPPORTED_SCHEMES``), any URL of a database
+    SQLAlchemy has a dialect for is taken, on a best-effort basis.
+    """
     scheme = url_scheme(url) if "://" in url else None
-    if scheme not in SUPPORTED_SCHEMES:
+    if scheme not in SUPPORTED_SCHEMES and not _sqlalchemy_dialect(url):
         raise ConfigError(
             f"{source} ({redact_url(url)!r}) is invalid: it must be a database URL whose scheme "
             f"is one of {', '.join(SUPPORTED_SCHEMES)}. Fix: use e.g. 'sqlite:///ingest.sqlite3' "
             "or 'postgresql://user:password@host/dbname'."
         )
+
+
+def _sqlalchemy_dialect(url: str) -> bool:
+    import sqlalchemy as sa
+
+    try:
+        sa.engine.make_url(url).get_dialect()
+    except Exception:  # unknown scheme, malformed URL: not a SQLAlchemy URL
+        return False
+    return True
+
+
+def is_best_effort(url: str) -> bool:
+    """Whether *url* goes to a database SQLAlchemy knows but our tests do not cover."""
+    return url_scheme(url) not in SUPPORTED_SCHEMES
 
 
 def check_driver(url: str, source: str = "INGEST_DATABASE_URL") -> None:
