@@ -30,7 +30,7 @@ from services import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 _POSTGRES_FIXTURES = {"postgres_dsn", "pg_url"}
 
@@ -41,6 +41,23 @@ def service_missing(reason: str) -> NoReturn:
     if services_required():
         pytest.fail(f"{reason} (required because SCRAPY_INGEST_REQUIRE_SERVICES=1)", pytrace=False)
     pytest.skip(reason)
+
+
+def _serve(
+    start: Callable[[contextlib.ExitStack], str], missing: Callable[[str], NoReturn]
+) -> Iterator[str]:
+    """Yield the URL *start* gives (it pushes its cleanup onto the stack); else call
+    *missing* with the reason."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = start(stack)
+        except ServiceUnavailable as exc:
+            reason = str(exc)
+        else:
+            yield url
+            return
+    # Outside the except block, so the report is the reason alone, not a chained traceback.
+    missing(reason)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,16 +88,7 @@ def postgres_dsn() -> Iterator[str]:
         import psycopg  # noqa: F401  (every consumer needs it; say so before starting a server)
     except ImportError:
         service_missing("psycopg is not installed (pip install -e '.[test]')")
-    with contextlib.ExitStack() as stack:
-        try:
-            url, _source = start_postgres(stack)
-        except ServiceUnavailable as exc:
-            reason = str(exc)
-        else:
-            yield url
-            return
-    # Outside the except block, so the report is the reason alone, not a chained traceback.
-    service_missing(reason)
+    yield from _serve(lambda stack: start_postgres(stack)[0], service_missing)
 
 
 @pytest.fixture
@@ -99,15 +107,7 @@ def _mariadb_server() -> Iterator[str]:
         import pymysql  # noqa: F401
     except ImportError:
         service_missing("pymysql is not installed (pip install -e '.[test]')")
-    with contextlib.ExitStack() as stack:
-        try:
-            url, _source = start_mariadb(stack)
-        except ServiceUnavailable as exc:
-            reason = str(exc)
-        else:
-            yield url
-            return
-    service_missing(reason)
+    yield from _serve(lambda stack: start_mariadb(stack)[0], service_missing)
 
 
 @pytest.fixture
@@ -139,17 +139,11 @@ def _clickhouse_server() -> Iterator[str]:
 
     if importlib.util.find_spec("clickhouse_connect") is None:
         pytest.skip("clickhouse-connect is not installed")
-    with contextlib.ExitStack() as stack:
-        try:
-            url = clickhouse_server(stack)
-        except ServiceUnavailable as exc:
-            reason = str(exc)
-        else:
-            yield url
-            return
     # skipped, in CI too: no ClickHouse server can run on the CI machine (its ClickHouse
     # tests use chDB); these tests are for a server given by env or by Docker
-    pytest.skip(f"no ClickHouse server: {reason}")
+    yield from _serve(
+        clickhouse_server, lambda reason: pytest.skip(f"no ClickHouse server: {reason}")
+    )
 
 
 @pytest.fixture

@@ -87,33 +87,6 @@ def test_items_to_clickhouse_requests_to_postgres_logs_to_sqlite(
     assert int(joined) == 5
 
 
-def test_a_custom_router_sends_products_to_a_clickhouse_table(
-    site: LocalSite, chdb_url: str, sqlite_url: str, tmp_path: Path
-) -> None:
-    products, default = Database(chdb_url), Database(sqlite_url)
-    settings = {
-        "INGEST_DATABASE_URL": default.url,
-        "INGEST_ROUTER": "_crawl_script.ProductRouter",
-        "TEST_PRODUCTS_URL": products.url,
-    }
-    result = run_crawl(
-        {
-            "base_url": site.base_url,
-            "settings": settings,
-            "pages": 2,
-            "per_page": 10,
-            "kind": "mixed",
-        },
-        tmp_path,
-    )
-    result.assert_clean()
-    stored = products.rows("products")
-    assert sorted(row["data"]["idx"] for row in stored) == list(range(0, 20, 2))
-    assert sorted(r["data"]["idx"] for r in default.rows("ingest_items")) == list(range(1, 20, 2))
-    [job] = products.rows("ingest_jobs")
-    assert job["status"] == "finished"
-
-
 def test_a_batch_written_again_is_stored_once(chdb_url: str, tmp_path: Path) -> None:
     # run in a subprocess of its own: chDB allows one data path per process
     import subprocess

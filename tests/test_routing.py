@@ -63,11 +63,17 @@ def test_each_kind_goes_to_its_own_database(site: LocalSite, pg_url: str, tmp_pa
     ) == [(3,)]
 
 
-@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "products_db", [pytest.param("pg_url", marks=pytest.mark.postgres), "chdb_url"]
+)
 def test_a_custom_router_sends_products_to_their_own_table(
-    site: LocalSite, pg_url: str, sqlite_url: str, tmp_path: Path
+    site: LocalSite,
+    sqlite_url: str,
+    tmp_path: Path,
+    products_db: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    products, default = Database(pg_url), Database(sqlite_url)
+    products, default = Database(request.getfixturevalue(products_db)), Database(sqlite_url)
     settings = {
         "INGEST_DATABASE_URL": default.url,
         "INGEST_ROUTER": "_crawl_script.ProductRouter",

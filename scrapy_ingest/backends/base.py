@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from scrapy_ingest._redact import redact_text
 from scrapy_ingest.exceptions import SchemaError
-from scrapy_ingest.schema import SCHEMA_VERSION
+from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from scrapy_ingest.schema import TableSpec
+    from scrapy_ingest.schema import ColumnKind, TableSpec
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +281,23 @@ def needs_migration(current: int | None, url: str, *, create_tables: bool) -> bo
             "tables and columns), or apply the changes docs/tables.md lists."
         )
     return True
+
+
+def conversions_by_kind(
+    conversion: Callable[[ColumnKind], Callable[[Any], Any] | None],
+) -> dict[str, list[tuple[int, Callable[[Any], Any]]]]:
+    """For each record kind, the (column index, conversion) of the columns that need one.
+
+    By kind: tables of one kind have the same columns, whatever their name.
+    """
+    return {
+        kind: [
+            (i, convert)
+            for i, column in enumerate(table_spec(kind, "").columns)
+            if (convert := conversion(column.kind)) is not None
+        ]
+        for kind in TABLE_KINDS
+    }
 
 
 def safe_text(value: str) -> str:

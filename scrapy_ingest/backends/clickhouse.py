@@ -35,13 +35,14 @@ from scrapy_ingest._redact import redact_secrets_of, redact_url
 from scrapy_ingest.backends.base import (
     Failure,
     Row,
+    conversions_by_kind,
     is_same_job,
     log_migration,
     needs_migration,
     safe_text,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
-from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
+from scrapy_ingest.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -83,15 +84,7 @@ class ClickHouseBackend:
         self._create_tables = create_tables
         self._client: Client | None = None
         self._json_type = False
-        # by kind: tables of one kind have the same columns, whatever their name
-        self._conversions: dict[str, list[tuple[int, Callable[[Any], Any]]]] = {
-            kind: [
-                (i, conversion)
-                for i, c in enumerate(table_spec(kind, "").columns)
-                if (conversion := _conversion(c.kind)) is not None
-            ]
-            for kind in TABLE_KINDS
-        }
+        self._conversions = conversions_by_kind(_conversion)
 
     # lifecycle
 

@@ -22,13 +22,14 @@ from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.backends.base import (
     Failure,
     Row,
+    conversions_by_kind,
     is_same_job,
     log_migration,
     needs_migration,
     safe_text,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
-from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
+from scrapy_ingest.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -62,15 +63,7 @@ class PostgresBackend:
         self._create_tables = create_tables
         self._pool: ConnectionPool | None = None
         self._format_ts = TimestampFormatter()
-        # by kind: tables of one kind have the same columns, whatever their name
-        self._conversions: dict[str, list[tuple[int, Callable[[Any], Any]]]] = {
-            kind: [
-                (i, conversion)
-                for i, c in enumerate(table_spec(kind, "").columns)
-                if (conversion := self._conversion(c.kind)) is not None
-            ]
-            for kind in TABLE_KINDS
-        }
+        self._conversions = conversions_by_kind(self._conversion)
 
     # lifecycle
 
