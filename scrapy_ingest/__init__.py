@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from scrapy_ingest.downloadermiddlewares.requestlog import RequestLogMiddleware
     from scrapy_ingest.extensions.jobs import IngestJobsExtension
     from scrapy_ingest.extensions.logs import IngestLogsExtension
+    from scrapy_ingest.extensions.metrics import PrometheusExtension
     from scrapy_ingest.pipelines import IngestPipeline
     from scrapy_ingest.spidermiddlewares.source import SourceMiddleware
 
@@ -20,6 +21,7 @@ __all__ = [
     "IngestJobsExtension",
     "IngestLogsExtension",
     "IngestPipeline",
+    "PrometheusExtension",
     "RequestLogMiddleware",
     "SourceMiddleware",
     "__version__",
@@ -32,6 +34,7 @@ _EXPORTS = {
     "IngestJobsExtension": "scrapy_ingest.extensions.jobs",
     "IngestLogsExtension": "scrapy_ingest.extensions.logs",
     "IngestPipeline": "scrapy_ingest.pipelines",
+    "PrometheusExtension": "scrapy_ingest.extensions.metrics",
     "RequestLogMiddleware": "scrapy_ingest.downloadermiddlewares.requestlog",
     "SourceMiddleware": "scrapy_ingest.spidermiddlewares.source",
 }

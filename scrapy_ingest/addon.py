@@ -4,12 +4,13 @@
 
     ADDONS = {"scrapy_ingest.IngestAddon": 300}
 
-It adds the item pipeline (900), the jobs and logs extensions (500), the
+It adds the item pipeline (900), the jobs, logs and metrics extensions (500), the
 request log downloader middleware (950) and the source spider middleware
 (10), each only where the project has not placed or disabled that component
 itself: a project setting always wins. With ``INGEST_ENABLED = False`` it
 adds nothing; ``INGEST_REQUESTS_ENABLED`` and ``INGEST_LOGS_ENABLED`` turn off
-their component.
+their component, and the metrics extension does nothing unless
+``INGEST_METRICS_ENABLED`` is true.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from scrapy_ingest import settings as defaults
 from scrapy_ingest.downloadermiddlewares.requestlog import RequestLogMiddleware
 from scrapy_ingest.extensions.jobs import IngestJobsExtension
 from scrapy_ingest.extensions.logs import IngestLogsExtension
+from scrapy_ingest.extensions.metrics import PrometheusExtension
 from scrapy_ingest.pipelines import IngestPipeline
 from scrapy_ingest.spidermiddlewares.source import SourceMiddleware
 
@@ -30,6 +32,7 @@ COMPONENTS: tuple[tuple[str, type, int], ...] = (
     ("ITEM_PIPELINES", IngestPipeline, 900),
     ("EXTENSIONS", IngestJobsExtension, 500),
     ("EXTENSIONS", IngestLogsExtension, 500),
+    ("EXTENSIONS", PrometheusExtension, 500),
     ("DOWNLOADER_MIDDLEWARES", RequestLogMiddleware, 950),
     ("SPIDER_MIDDLEWARES", SourceMiddleware, 10),
 )

@@ -65,7 +65,7 @@ class BatchWriter:
         budget: BufferBudget,
         batch_rows: int,
         batch_bytes: int,
-        on_outcome: Callable[[TableSpec, WriteOutcome], None],
+        on_outcome: Callable[[TableSpec, WriteOutcome, float], None],
     ) -> None:
         self.host = host
         self.table = table
@@ -78,7 +78,8 @@ class BatchWriter:
         self._payload = bytearray()
         self._bytes = 0
         self._first_at = 0.0
-        self._inflight: set[Deferred[Any]] = set()
+        #: batches handed over and not answered yet -> when they were handed over (monotonic)
+        self._inflight: dict[Deferred[Any], float] = {}
 
     def append_json(self, data: bytes) -> int:
         """Append a row's JSON to the batch; return the offset to put in its JSON column.
@@ -116,7 +117,7 @@ class BatchWriter:
         # maybeDeferred: a hand-over that fails at once (say, /dev/shm full) is counted like
         # any failed batch, and its bytes go back to the budget
         d: Deferred[Any] = maybeDeferred(self.host.store, self.table, batch)
-        self._inflight.add(d)
+        self._inflight[d] = time.monotonic()
         d.addBoth(self._stored, d, len(batch.packed_rows), size)
 
     def flush_older_than(self, age: float) -> None:
@@ -128,10 +129,14 @@ class BatchWriter:
         self.flush()
         return DeferredList(list(self._inflight), consumeErrors=True)
 
+    def oldest_inflight(self) -> float | None:
+        """When the oldest batch still unanswered was handed over (monotonic), if any."""
+        return min(self._inflight.values(), default=None)
+
     def _stored(
         self, result: WriteOutcome | Failure, d: Deferred[Any], count: int, size: int
     ) -> None:
-        self._inflight.discard(d)
+        seconds = time.monotonic() - self._inflight.pop(d)
         self._budget.release(size)
         if isinstance(result, Failure):
             logger.error(
@@ -141,4 +146,4 @@ class BatchWriter:
                 exc_info=result.value,
             )
             result = WriteOutcome(lost=count)
-        self._on_outcome(self.table, result)
+        self._on_outcome(self.table, result, seconds)

@@ -66,6 +66,26 @@ _RULES: dict[str, tuple[str, str]] = {
         "set {name} to e.g. 10.0",
     ),
     "writer_process": ("it must be a boolean", "set {name} to True or False"),
+    "metrics_enabled": ("it must be a boolean", "set {name} to True or False"),
+    "metrics_host": ("it must be a host name or IP address", "set {name} to e.g. '127.0.0.1'"),
+    "metrics_port": (
+        "it must be a port (0 for any free port), a [first, last] range of ports, or None "
+        "(no HTTP server, pushes only)",
+        "set {name} to e.g. 9410, [9410, 9440] or 0",
+    ),
+    "metrics_pushgateway": (
+        "it must be the http(s) URL of a pushgateway, or None",
+        "set {name} to e.g. 'http://pushgateway:9091'",
+    ),
+    "metrics_push_interval": ("it must be a positive number of seconds", "set {name} to e.g. 15.0"),
+    "metrics_labels": (
+        "it must be a dict of label names ([a-zA-Z_][a-zA-Z0-9_]*, not 'spider') to strings",
+        "set {name} to e.g. {'team': 'pricing'}",
+    ),
+    "metrics_unhealthy_after": (
+        "it must be a positive number of seconds",
+        "set {name} to e.g. 30.0",
+    ),
     "requests_enabled": ("it must be a boolean", "set {name} to True or False"),
     "requests_store_headers": ("it must be a boolean", "set {name} to True or False"),
     "logs_enabled": ("it must be a boolean", "set {name} to True or False"),
@@ -79,6 +99,11 @@ _RULES: dict[str, tuple[str, str]] = {
         "set {name} to e.g. 60.0",
     ),
 }
+
+#: label names the metrics use themselves
+_RESERVED_LABELS = frozenset(
+    {"spider", "backend", "table", "stat", "reason", "kind", "status_class", "exception"}
+)
 
 _Id = Field(default=None, min_length=1, max_length=200)
 
@@ -105,6 +130,14 @@ class IngestConfig(BaseModel):
     routes: Any = None
     #: an import path or a class; see :mod:`scrapy_ingest.router`
     router: Any = None
+    metrics_enabled: bool
+    metrics_host: str = Field(min_length=1)
+    #: [first, last] ports, or None
+    metrics_port: list[int] | None
+    metrics_pushgateway: str | None
+    metrics_push_interval: float = Field(gt=0)
+    metrics_labels: dict[str, str]
+    metrics_unhealthy_after: float = Field(gt=0)
     requests_enabled: bool
     requests_store_headers: bool
     logs_enabled: bool
@@ -119,6 +152,46 @@ class IngestConfig(BaseModel):
         except ConfigError:
             raise ValueError("unsupported scheme") from None
         return value
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _check_port(cls, value: Any) -> list[int] | None:
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in value)
+            or not 0 <= value[0] <= value[1] <= 65535
+            or (value[0] == 0 and value[1] != 0)
+        ):
+            raise ValueError("bad port")
+        return [value[0], value[1]]
+
+    @field_validator("metrics_pushgateway")
+    @classmethod
+    def _check_gateway(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/\s]+", value):
+            raise ValueError("bad pushgateway URL")
+        return value
+
+    @field_validator("metrics_labels", mode="before")
+    @classmethod
+    def _check_labels(cls, value: Any) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("labels must be a dict")
+        for name in value:
+            if not isinstance(name, str) or not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name):
+                raise ValueError("bad label name")
+            if name in _RESERVED_LABELS:
+                raise ValueError("reserved label")
+        return {str(k): str(v) for k, v in value.items()}
 
     @field_validator("log_level", mode="before")
     @classmethod

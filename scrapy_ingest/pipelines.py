@@ -90,6 +90,7 @@ class IngestPipeline:
 
     @pipeline_hook
     async def close_spider(self, spider: Spider | None = None) -> None:
+        self._runtime.closing = True
         if not self._open:  # the runtime failed to open; nothing was queued
             return
         self._publish_stats()

@@ -128,6 +128,11 @@ class IngestRuntime:
         self._flush_loop: LoopingCall | None = None
         self._tickers: list[Callable[[], None]] = []
         self._closers: list[Callable[[], None]] = []
+        self._outcome_observers: list[Callable[[str, TableSpec, WriteOutcome, float], None]] = []
+        #: (database URL, table name) -> [rows written, rows refused or lost]
+        self._write_counts: dict[tuple[str, str], list[int]] = {}
+        #: whether the spider is closing (the engine stops; writers drain)
+        self.closing = False
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
         crawler.signals.connect(self._forget_item, signal=signals.item_dropped)
         crawler.signals.connect(self._forget_item, signal=signals.item_error)
@@ -375,8 +380,15 @@ class IngestRuntime:
         self.stats.inc_value(stat_key(kind, "dead_letter"))
         logger.warning("A record of kind %s went to the dead-letter table: %s", kind, reason)
 
-    def _count_outcome(self, url: str, table: TableSpec, outcome: WriteOutcome) -> None:
+    def _count_outcome(
+        self, url: str, table: TableSpec, outcome: WriteOutcome, seconds: float
+    ) -> None:
         stats, kind = self.stats, table.kind
+        counts = self._write_counts.setdefault((url, table.name), [0, 0])
+        counts[0] += outcome.written
+        counts[1] += outcome.lost + len(outcome.dead)
+        for observer in self._outcome_observers:
+            observer(url, table, outcome, seconds)
         if outcome.written:
             stats.inc_value(stat_key(kind, "stored"), outcome.written)
             stats.inc_value(stat_key("batches", "written"))
@@ -400,6 +412,28 @@ class IngestRuntime:
     def on_tick(self, callback: Callable[[], None]) -> None:
         """Call *callback* a few times per ``INGEST_FLUSH_INTERVAL`` and before the job closes."""
         self._tickers.append(callback)
+
+    def on_outcome(self, callback: Callable[[str, TableSpec, WriteOutcome, float], None]) -> None:
+        """Call ``callback(url, table, outcome, seconds)`` for each batch answered."""
+        self._outcome_observers.append(callback)
+
+    def oldest_pending_write(self) -> float | None:
+        """When the oldest batch not yet answered by its database was handed over, if any.
+
+        A batch is answered once written, or given up on: one that stays unanswered for long
+        means its database is failing (its host is retrying).
+        """
+        return min(
+            (t for w in list(self._writers.values()) if (t := w.oldest_inflight()) is not None),
+            default=None,
+        )
+
+    def write_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(database URL, credentials redacted; table) -> (rows written, rows not written)."""
+        return {
+            (redact_url(url), table): (counts[0], counts[1])
+            for (url, table), counts in list(self._write_counts.items())
+        }
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Call *callback* when the spider closes, before the writers drain."""
@@ -461,6 +495,7 @@ class IngestRuntime:
     # closing
 
     async def _spider_closed(self, reason: str) -> None:
+        self.closing = True
         if self._state != "open":
             return
         self._state = "closed"

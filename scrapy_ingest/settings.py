@@ -23,6 +23,10 @@ Why these numbers (see ``docs/performance.md`` for the measurements):
 * ``INGEST_LOG_LEVEL``: ``INFO`` keeps what an operator reads (warnings,
   errors, the crawl's milestones) without Scrapy's two ``DEBUG`` lines per
   page, which would make ``ingest_logs`` the biggest table of a crawl.
+* ``INGEST_METRICS_ENABLED``: off, since it opens a port; ``INGEST_METRICS_PORT``
+  a range, like Scrapy's ``TELNETCONSOLE_PORT``, so that several crawls on one
+  machine each find one; ``INGEST_METRICS_UNHEALTHY_AFTER`` half of
+  ``INGEST_RETRY_TIMEOUT``: unhealthy well before rows are given up on.
 * ``INGEST_REQUESTS_STORE_HEADERS``: off, since headers are most of a request
   row's size and rarely queried.
 """
@@ -40,6 +44,13 @@ INGEST_JOB_ID = None
 INGEST_LOG_LEVEL = "INFO"
 INGEST_LOGS_ENABLED = True
 INGEST_MAX_BUFFER_BYTES = 64 * 1024 * 1024
+INGEST_METRICS_ENABLED = False
+INGEST_METRICS_HOST = "127.0.0.1"
+INGEST_METRICS_LABELS: dict[str, str] = {}
+INGEST_METRICS_PORT = [9410, 9440]
+INGEST_METRICS_PUSH_INTERVAL = 15.0
+INGEST_METRICS_PUSHGATEWAY = None
+INGEST_METRICS_UNHEALTHY_AFTER = 30.0
 INGEST_REQUESTS_ENABLED = True
 INGEST_REQUESTS_STORE_HEADERS = False
 INGEST_RETRY_TIMEOUT = 60.0

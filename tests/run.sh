@@ -49,8 +49,9 @@ ensure_postgres_binaries() {
 }
 
 # tinyproxy (a real HTTP proxy with a password) and Chromium (scrapy-playwright's browser;
-# `playwright install` cannot download one here) for the request-log tests; MariaDB, unless a
-# server is given through SCRAPY_INGEST_TEST_MYSQL_URL.
+# `playwright install` cannot download one here) for the request-log tests; Prometheus and its
+# pushgateway for the metrics tests; MariaDB, unless a server is given through
+# SCRAPY_INGEST_TEST_MYSQL_URL.
 ensure_other_services() {
     local missing=()
     if [[ -z "${SCRAPY_INGEST_TEST_MYSQL_URL:-}" ]] && [[ ! -x /usr/sbin/mariadbd ]]; then
@@ -58,6 +59,8 @@ ensure_other_services() {
     fi
     command -v tinyproxy >/dev/null || [[ -x /usr/bin/tinyproxy ]] || missing+=(tinyproxy-bin)
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    command -v prometheus >/dev/null || missing+=(prometheus)
+    command -v prometheus-pushgateway >/dev/null || missing+=(prometheus-pushgateway)
     if [[ ${#missing[@]} -eq 0 ]]; then
         return 0
     fi

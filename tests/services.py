@@ -261,6 +261,20 @@ class LocalPostgres:
         self.stop()
         raise ServiceUnavailable(f"local PostgreSQL did not start: {last_error}")
 
+    def pause(self) -> None:
+        """Stop the server, keeping its data, so that :meth:`resume` can start it again."""
+        assert self.base is not None
+        self._run(
+            [self._bin("pg_ctl"), "-D", str(self.base / "data"), "-m", "fast", "-w", "stop"],
+            timeout=60,
+            check=True,
+        )
+
+    def resume(self) -> None:
+        ok, error = self._pg_ctl_start()
+        if not ok:
+            raise ServiceUnavailable(f"local PostgreSQL did not start again: {error}")
+
     def stop(self) -> None:
         if self.base is None:
             return

@@ -1,0 +1,397 @@
+"""The Prometheus extension: live crawl and ingest metrics on ``/metrics``, ``/healthz``,
+and pushes to a pushgateway.
+
+Enabled by the add-on when ``INGEST_METRICS_ENABLED`` is true (it opens a
+port, so it is off by default); alone::
+
+    EXTENSIONS = {"scrapy_ingest.PrometheusExtension": 500}
+    INGEST_METRICS_ENABLED = True
+
+Needs the ``metrics`` extra (prometheus-client). Settings:
+``INGEST_METRICS_HOST`` (``127.0.0.1``), ``INGEST_METRICS_PORT`` (a port, or
+a ``[first, last]`` range tried in order like Scrapy's ``TELNETCONSOLE_PORT``;
+0: any free port), ``INGEST_METRICS_PUSHGATEWAY``,
+``INGEST_METRICS_PUSH_INTERVAL``, ``INGEST_METRICS_LABELS``,
+``INGEST_METRICS_UNHEALTHY_AFTER``.
+
+How it stays off the reactor thread: almost every metric is read, when
+scraped or pushed, from what the crawl counts anyway (Scrapy's stats, the
+writers' counts): a collector on the HTTP server's thread copies them. The
+reactor thread only adds each response's download latency and each batch's
+write time to two histograms (a bucket increment each). Each crawler has its
+own ``CollectorRegistry`` and server, so two crawlers in one process never
+collide. ``docs/metrics.md`` lists every metric.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import make_server
+
+from scrapy import signals
+from scrapy.exceptions import NotConfigured
+from scrapy.utils.defer import maybe_deferred_to_future
+from twisted.internet import threads
+from twisted.internet.task import LoopingCall
+
+from scrapy_ingest._redact import redact_url
+from scrapy_ingest.runtime import IngestRuntime
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+
+    from scrapy.crawler import Crawler
+    from scrapy.http import Request, Response
+    from typing_extensions import Self
+
+    from scrapy_ingest.backends import WriteOutcome
+    from scrapy_ingest.schema import TableSpec
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "scrapy_ingest"
+#: seconds
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FLUSH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+#: Scrapy stats that have metrics of their own (the generic bridge leaves them out)
+_COVERED = re.compile(
+    r"^(item_scraped_count|item_dropped_count|response_received_count"
+    r"|downloader/response_status_count/|downloader/response_bytes"
+    r"|retry/reason_count/|downloader/exception_type_count/|ingest/)"
+)
+
+
+class _Histogram:
+    """Bucket counts kept by the reactor thread, read by the collector: no lock, one increment."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        counts, total, out = list(self.counts), 0, []
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out
+
+
+class PrometheusExtension:
+    def __init__(self, crawler: Crawler) -> None:
+        runtime = IngestRuntime.of(crawler)
+        config = runtime.config
+        if not config.metrics_enabled:
+            raise NotConfigured("INGEST_METRICS_ENABLED is False")
+        try:
+            from prometheus_client import CollectorRegistry
+        except ImportError:
+            raise NotConfigured(
+                "INGEST_METRICS_ENABLED is True but prometheus-client is not installed. "
+                "Fix: pip install 'scrapy-ingestion[metrics]'"
+            ) from None
+        self.crawler = crawler
+        self._runtime = runtime
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.latency = _Histogram(LATENCY_BUCKETS)
+        #: (backend, table) -> write times of its batches
+        self.flush: dict[tuple[str, str], _Histogram] = {}
+        self.items_errored = 0
+        self.port: int | None = None
+        self._server: Any = None
+        self._push_loop: LoopingCall | None = None
+        self.registry.register(_Collector(self))
+        runtime.on_outcome(self._batch_answered)
+        crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
+        crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
+        crawler.signals.connect(self._response_received, signal=signals.response_received)
+        crawler.signals.connect(self._item_error, signal=signals.item_error)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    # labels
+
+    @property
+    def spider(self) -> str:
+        spider = self.crawler.spider
+        return spider.name if spider is not None else ""
+
+    # the reactor thread: one increment per event
+
+    def _response_received(self, response: Response, request: Request) -> None:
+        latency = request.meta.get("download_latency")
+        if latency is not None:
+            self.latency.observe(latency)
+
+    def _item_error(self) -> None:
+        self.items_errored += 1
+
+    def _batch_answered(
+        self, url: str, table: TableSpec, outcome: WriteOutcome, seconds: float
+    ) -> None:
+        key = (redact_url(url), table.name)
+        histogram = self.flush.get(key)
+        if histogram is None:
+            histogram = self.flush[key] = _Histogram(FLUSH_BUCKETS)
+        histogram.observe(seconds)
+
+    # serving
+
+    async def _spider_opened(self) -> None:
+        config = self._runtime.config
+        if config.metrics_port is not None:
+            self._serve(config.metrics_host, config.metrics_port)
+        if config.metrics_pushgateway:
+            self._push_loop = LoopingCall(self._push)
+            self._push_loop.start(config.metrics_push_interval, now=False)
+
+    def _serve(self, host: str, ports: list[int]) -> None:
+        from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+        app = _App(self)
+        first, last = ports[0], ports[-1]
+        error: OSError | None = None
+        for port in range(first, last + 1):
+            try:
+                server = make_server(
+                    host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler
+                )
+            except OSError as exc:
+                error = exc
+                continue
+            break
+        else:
+            logger.error(
+                "Cannot serve metrics: no port of %s-%s is free on %s (%s). Fix: set "
+                "INGEST_METRICS_PORT to a free port, a wider range, or 0 for any free port.",
+                first,
+                last,
+                host,
+                error,
+            )
+            return
+        self._server = server
+        self.port = server.server_port
+        threading.Thread(
+            target=server.serve_forever, name="scrapy_ingest_metrics", daemon=True
+        ).start()
+        # on the job row too, in its stats
+        self._runtime.stats.set_value("ingest/metrics/port", self.port)
+        logger.info("Prometheus metrics on http://%s:%s/metrics", host, self.port)
+
+    def _push(self) -> Any:
+        return threads.deferToThread(self._push_now).addErrback(self._push_failed)
+
+    def _push_now(self) -> None:
+        from prometheus_client import push_to_gateway
+
+        runtime = self._runtime
+        gateway = runtime.config.metrics_pushgateway
+        assert gateway is not None
+        grouping = {"spider": self.spider, "instance": socket.gethostname()}
+        if runtime.job is not None:
+            grouping["job_id"] = runtime.job.job_id
+        push_to_gateway(
+            gateway,
+            job=PREFIX,
+            registry=self.registry,
+            grouping_key=grouping,
+            timeout=10,
+        )
+
+    def _push_failed(self, failure: Any) -> None:
+        gateway = redact_url(str(self._runtime.config.metrics_pushgateway))
+        logger.warning("Could not push metrics to %s: %s", gateway, failure.value)
+
+    async def _spider_closed(self) -> None:
+        if self._push_loop is not None:
+            if self._push_loop.running:
+                self._push_loop.stop()
+            # one last push, with the final counts, for short crawls
+            await maybe_deferred_to_future(self._push())
+        if self._server is not None:
+            server, self._server = self._server, None
+            await maybe_deferred_to_future(threads.deferToThread(_shut_down, server))
+
+    # health
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, reason), read from the HTTP server's thread."""
+        runtime = self._runtime
+        if runtime.closing:
+            return False, "the crawl is shutting down"
+        oldest = runtime.oldest_pending_write()
+        limit = runtime.config.metrics_unhealthy_after
+        if oldest is not None and time.monotonic() - oldest > limit:
+            waited = time.monotonic() - oldest
+            return False, f"a batch has waited {waited:.0f} s for its database (limit {limit:g} s)"
+        return True, "ok"
+
+
+def _shut_down(server: Any) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+class _App:
+    """The WSGI app: ``/healthz`` here, everything else is prometheus-client's ``/metrics``."""
+
+    def __init__(self, extension: PrometheusExtension) -> None:
+        from prometheus_client import make_wsgi_app
+
+        self._extension = extension
+        self._metrics = make_wsgi_app(extension.registry)
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            healthy, reason = self._extension.health()
+            body = json.dumps({"status": "ok" if healthy else "unhealthy", "reason": reason})
+            status = "200 OK" if healthy else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "application/json")])
+            return [body.encode()]
+        answer: Iterable[bytes] = self._metrics(environ, start_response)
+        return answer
+
+
+class _Collector:
+    """Builds every metric when scraped (or pushed), from counts the crawl keeps anyway."""
+
+    def __init__(self, extension: PrometheusExtension) -> None:
+        self._extension = extension
+
+    def collect(self) -> Iterator[Any]:
+        ext = self._extension
+        stats: dict[str, Any] = dict(ext._runtime.stats.get_stats())  # one C-level copy
+        labels = ext._runtime.config.metrics_labels
+        family = _Families(["spider", *labels], [ext.spider, *labels.values()])
+        yield from self._crawl(family, stats)
+        yield from self._ingest(family, stats)
+        yield from self._bridge(family, stats)
+
+    def _crawl(self, family: _Families, stats: dict[str, Any]) -> Iterator[Any]:
+        ext, base, number = self._extension, family.values, _numbers(stats)
+        for name, doc, value in (
+            ("items_scraped", "Items scraped", number("item_scraped_count")),
+            (
+                "items_dropped",
+                "Items dropped by a pipeline (DropItem)",
+                number("item_dropped_count"),
+            ),
+            ("items_errored", "Items whose pipeline raised an error", ext.items_errored),
+            ("response_bytes", "Bytes of responses received", number("downloader/response_bytes")),
+        ):
+            metric = family.counter(name, doc)
+            metric.add_metric(base, value)
+            yield metric
+        responses = family.counter("responses", "Responses, by status class", ("status_class",))
+        retries = family.counter("retries", "Requests retried, by reason", ("reason",))
+        exceptions = family.counter("download_exceptions", "Download errors", ("exception",))
+        by_class: dict[str, float] = {}
+        for key, value in stats.items():
+            if key.startswith("downloader/response_status_count/"):
+                status_class = key.rsplit("/", 1)[1][:1] + "xx"
+                by_class[status_class] = by_class.get(status_class, 0) + value
+            elif key.startswith("retry/reason_count/"):
+                retries.add_metric([*base, key.split("/", 2)[2]], value)
+            elif key.startswith("downloader/exception_type_count/"):
+                exceptions.add_metric([*base, key.split("/", 2)[2].rsplit(".", 1)[-1]], value)
+        for status_class, value in sorted(by_class.items()):
+            responses.add_metric([*base, status_class], value)
+        yield from (responses, retries, exceptions)
+        in_flight = family.gauge("requests_in_flight", "Requests in the downloader, unanswered")
+        in_flight.add_metric(
+            base,
+            number("downloader/request_count")
+            - number("downloader/response_count")
+            - number("downloader/exception_count"),
+        )
+        queued = family.gauge("scheduler_queue_size", "Requests waiting in the scheduler")
+        queued.add_metric(base, number("scheduler/enqueued") - number("scheduler/dequeued"))
+        latency = family.histogram(
+            "download_latency_seconds",
+            "Download latency (Scrapy's download_latency: to the response headers)",
+        )
+        latency.add_metric(base, ext.latency.buckets(), ext.latency.sum)
+        yield from (in_flight, queued, latency)
+
+    def _ingest(self, family: _Families, stats: dict[str, Any]) -> Iterator[Any]:
+        ext, base = self._extension, family.values
+        runtime = ext._runtime
+        where = ("backend", "table")
+        rows = family.counter("ingest_rows_written", "Rows the database accepted", where)
+        failed = family.counter(
+            "ingest_rows_failed", "Rows not written: refused (dead-lettered) or given up", where
+        )
+        for (backend, table), (written, not_written) in sorted(runtime.write_counts().items()):
+            rows.add_metric([*base, backend, table], written)
+            failed.add_metric([*base, backend, table], not_written)
+        flush = family.histogram(
+            "ingest_flush_duration_seconds", "From handing a batch over to its answer", where
+        )
+        for (backend, table), histogram in sorted(dict(ext.flush).items()):
+            flush.add_metric([*base, backend, table], histogram.buckets(), histogram.sum)
+        buffered = family.gauge("ingest_buffered_bytes", "Bytes of rows buffered or in flight")
+        buffered.add_metric(base, runtime.budget.used)
+        dead = family.counter("ingest_dead_letters", "Records sent to dead letters", ("kind",))
+        for key, value in stats.items():
+            if key.startswith("ingest/") and key.endswith("/dead_letter"):
+                dead.add_metric([*base, key.split("/")[1]], value)
+        healthy = family.gauge("healthy", "1 while /healthz answers 200, else 0")
+        healthy.add_metric(base, 1.0 if ext.health()[0] else 0.0)
+        yield from (rows, failed, flush, buffered, dead, healthy)
+
+    def _bridge(self, family: _Families, stats: dict[str, Any]) -> Iterator[Any]:
+        bridge = family.gauge(
+            "scrapy_stat", "Numeric Scrapy stats without a metric of their own", ("stat",)
+        )
+        for key, value in sorted(stats.items()):
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and not _COVERED.match(key):
+                bridge.add_metric([*family.values, key], float(value))
+        yield bridge
+
+
+class _Families:
+    """Metric families with the crawl's labels (``spider`` and ``INGEST_METRICS_LABELS``)."""
+
+    def __init__(self, names: list[str], values: list[str]) -> None:
+        self.names = names
+        self.values = values
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=[*self.names, *labels])
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=[*self.names, *labels])
+
+    def histogram(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+        from prometheus_client.core import HistogramMetricFamily
+
+        return HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=[*self.names, *labels])
+
+
+def _numbers(stats: dict[str, Any]) -> Callable[[str], float]:
+    def number(key: str) -> float:
+        value = stats.get(key, 0)
+        return float(value) if isinstance(value, (int, float)) else 0.0
+
+    return number

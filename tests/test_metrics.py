@@ -1,0 +1,273 @@
+"""The Prometheus extension over real HTTP: /metrics while the crawl runs, /healthz, a real
+Prometheus server scraping it, a real pushgateway, and two crawlers in one process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from _helpers import Crawl, Database, wait_for
+from conftest import service_missing
+from services import _port_answers, free_port
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from services import LocalSite
+
+pytestmark = pytest.mark.crawl
+
+METRICS_LINE = re.compile(r"Prometheus metrics on http://127\.0\.0\.1:(\d+)/metrics")
+
+
+def _slow_crawl(site: LocalSite, db_url: str, tmp_path: Path, **settings: Any) -> Crawl:
+    # 30 pages of 300 ms, 2 at a time: a crawl of about 5 s to watch
+    return Crawl(
+        {
+            "base_url": site.base_url,
+            "pages": 30,
+            "per_page": 3,
+            "delay_ms": 300,
+            "settings": {
+                "INGEST_DATABASE_URL": db_url,
+                "INGEST_METRICS_ENABLED": True,
+                "INGEST_METRICS_PORT": 0,
+                "CONCURRENT_REQUESTS": 2,
+                "INGEST_FLUSH_INTERVAL": 0.2,
+                **settings,
+            },
+        },
+        tmp_path,
+    )
+
+
+def _port(crawl: Crawl) -> int:
+    def found() -> int | None:
+        match = METRICS_LINE.search(crawl.log_path.read_text(errors="replace"))
+        return int(match[1]) if match else None
+
+    return int(wait_for(found, timeout=60, what="the metrics port in the crawl log"))
+
+
+def _get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.headers.get("Content-Type", ""), answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("Content-Type", ""), error.read().decode()
+
+
+def _value(text: str, name: str) -> float | None:
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match[1]) if match else None
+
+
+def test_metrics_and_health_over_http_while_the_crawl_runs(
+    site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    crawl = _slow_crawl(site, sqlite_url, tmp_path, INGEST_METRICS_LABELS={"team": "pricing"})
+    try:
+        base = f"http://127.0.0.1:{_port(crawl)}"
+        first = wait_for(
+            lambda: _value(_get(f"{base}/metrics")[2], "scrapy_ingest_items_scraped_total"),
+            timeout=30,
+            what="a first item",
+        )
+        status, content_type, text = _get(f"{base}/metrics")
+        assert status == 200 and content_type.startswith("text/plain")
+        assert 'spider="ingest_test"' in text and 'team="pricing"' in text
+        assert "scrapy_ingest_download_latency_seconds_bucket" in text
+        status, _, body = _get(f"{base}/healthz")
+        assert (status, json.loads(body)["status"]) == (200, "ok")
+        later = wait_for(
+            lambda: (
+                (v := _value(_get(f"{base}/metrics")[2], "scrapy_ingest_items_scraped_total"))
+                and v > first
+                and v
+            ),
+            timeout=30,
+            what="the item counter to grow",
+        )
+        assert later > first
+        # OpenMetrics, when asked
+        request = urllib.request.Request(
+            f"{base}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert answer.read().decode().rstrip().endswith("# EOF")
+        result = crawl.wait()
+    finally:
+        crawl.kill()
+    result.assert_clean()
+    # the port is on the job row, in its stats; the server is gone with the crawl
+    [job] = Database(sqlite_url).rows("ingest_jobs")
+    assert job["stats"]["ingest/metrics/port"] == int(base.rsplit(":", 1)[1])
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{base}/metrics", timeout=2)
+
+
+def test_health_goes_unhealthy_when_postgresql_stops(site: LocalSite, tmp_path: Path) -> None:
+    import services
+
+    bindir = services.find_pg_bindir()
+    if bindir is None:
+        service_missing("no PostgreSQL binaries (apt-get install -y postgresql)")
+    with contextlib.ExitStack() as stack:
+        # a server of this test's own, which it stops and starts again
+        server = services.LocalPostgres(bindir)
+        stack.callback(server.stop)
+        try:
+            server_url = server.start()
+        except services.ServiceUnavailable as exc:
+            service_missing(str(exc))
+        url = services.with_database(server_url, services.create_database(server_url))
+        crawl = _slow_crawl(
+            site, url, tmp_path, INGEST_METRICS_UNHEALTHY_AFTER=1, INGEST_RETRY_TIMEOUT=60
+        )
+        try:
+            base = f"http://127.0.0.1:{_port(crawl)}"
+            wait_for(lambda: _get(f"{base}/healthz")[0] == 200, timeout=30, what="healthy")
+            server.pause()  # the database goes away mid-crawl
+            _, _, body = wait_for(
+                lambda: (answer := _get(f"{base}/healthz"))[0] == 503 and answer,
+                timeout=30,
+                what="/healthz to say 503",
+            )
+            assert "waited" in json.loads(body)["reason"]
+            assert _value(_get(f"{base}/metrics")[2], "scrapy_ingest_healthy") == 0
+            server.resume()  # back: the crawl ends normally, nothing lost
+            result = crawl.wait()
+        finally:
+            crawl.kill()
+    assert result.stats.get("ingest/items/lost", 0) == 0
+    assert result.stats["ingest/items/stored"] == 90
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    for name in ("prometheus",):
+        if path := shutil.which(name):
+            return path
+    service_missing("prometheus is not installed (apt-get install -y prometheus)")
+
+
+def _start(command: list[str], port: int, stack: contextlib.ExitStack) -> None:
+    # the server's output, shown if it does not start
+    log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop() -> None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    stack.callback(stop)
+    deadline = time.monotonic() + 30
+    while not _port_answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            raise AssertionError(f"{command[0]} did not start: {log.read().decode()[-2000:]}")
+        time.sleep(0.1)
+
+
+def test_a_real_prometheus_scrapes_the_crawl(
+    site: LocalSite, sqlite_url: str, tmp_path: Path, prometheus_binary: str
+) -> None:
+    metrics_port, prometheus_port = free_port(), free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: crawl\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{metrics_port}']\n"
+    )
+    with contextlib.ExitStack() as stack:
+        _start(
+            [prometheus_binary, f"--config.file={config}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+            prometheus_port,
+            stack,
+        )  # fmt: skip
+        crawl = _slow_crawl(site, sqlite_url, tmp_path, INGEST_METRICS_PORT=metrics_port)
+        stack.callback(crawl.kill)
+        query = (
+            f"http://127.0.0.1:{prometheus_port}/api/v1/query?"
+            "query=scrapy_ingest_items_scraped_total"
+        )
+
+        def scraped() -> float | None:
+            answer = json.loads(_get(query)[2])
+            results = answer["data"]["result"]
+            value = float(results[0]["value"][1]) if results else 0.0
+            return value if value > 0 else None
+
+        value = wait_for(scraped, timeout=60, interval=0.5, what="Prometheus to see items")
+        assert value > 0
+        crawl.wait().assert_clean()
+
+
+def test_metrics_are_pushed_to_a_real_pushgateway(
+    site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    binary = shutil.which("prometheus-pushgateway")
+    if binary is None:
+        service_missing("prometheus-pushgateway is not installed (apt-get install -y ...)")
+    port = free_port()
+    with contextlib.ExitStack() as stack:
+        _start([binary, f"--web.listen-address=127.0.0.1:{port}"], port, stack)
+        crawl = _slow_crawl(
+            site,
+            sqlite_url,
+            tmp_path,
+            INGEST_METRICS_PORT=None,  # pushes only
+            INGEST_METRICS_PUSHGATEWAY=f"http://127.0.0.1:{port}",
+            INGEST_METRICS_PUSH_INTERVAL=1,
+        )
+        try:
+            result = crawl.wait()
+        finally:
+            crawl.kill()
+        result.assert_clean()
+        text = _get(f"http://127.0.0.1:{port}/metrics")[2]
+    # the last push, at close, holds the final count
+    value = _value(text, "scrapy_ingest_items_scraped_total")
+    assert value == result.stats["item_scraped_count"] == 90
+    assert 'job="scrapy_ingest"' in text
+
+
+def test_two_crawlers_in_one_process_serve_their_own_metrics(
+    site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = {"INGEST_METRICS_ENABLED": True, "INGEST_METRICS_PORT": 0}
+    twins = [{**settings, "INGEST_JOB_ID": "a"}, {**settings, "INGEST_JOB_ID": "b"}]
+    from _helpers import run_crawl
+
+    result = run_crawl(
+        {
+            "base_url": site.base_url,
+            "spider": "tree",
+            "twins": True,
+            "twin_settings": twins,
+            "settings": {"INGEST_DATABASE_URL": sqlite_url},
+        },
+        tmp_path,
+    )
+    assert result.returncode == 0, result.describe()
+    ports = {int(p) for p in METRICS_LINE.findall(result.output)}
+    assert len(ports) == 2
+    assert {stats["ingest/metrics/port"] for stats in result.all_stats} == ports
+    assert "Duplicated timeseries" not in result.output
+    assert "[scrapy_ingest.extensions.metrics] ERROR" not in result.output
