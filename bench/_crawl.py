@@ -3,7 +3,8 @@
 Usage: python bench/_crawl.py MODE ITEMS [DATABASE_URL]
 
 MODE is ``none`` (no pipeline), ``feed`` (JSON Lines feed export), ``ingest``
-(the add-on), or one of two partial stacks that bound what any write path
+(the add-on), ``metrics`` (the add-on with the Prometheus extension serving,
+scraped by bench/items.py every second), or one of two partial stacks that bound what any write path
 can reach: ``encode`` (a pipeline that only encodes each item with our
 encoder and keeps nothing) and ``buffer`` (the add-on, whose batches are
 kept and handed over but never written). Prints one JSON line.
@@ -95,6 +96,19 @@ def _never_write() -> None:
     ProcessHost.store = store  # type: ignore[method-assign,assignment]
 
 
+def _scrape_every_second(crawler: object) -> None:
+    """What Prometheus does to the crawl: GET /metrics every second (its server thread formats
+    them in the crawl process, which is the cost to measure)."""
+    import urllib.request
+
+    while True:
+        time.sleep(1)
+        port = crawler.stats.get_value("ingest/metrics/port") if crawler.stats else None  # type: ignore[attr-defined]
+        if port:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                answer.read()
+
+
 def main() -> None:
     mode, count = sys.argv[1], int(sys.argv[2])
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
@@ -115,12 +129,17 @@ def main() -> None:
         _never_write()
         settings["ADDONS"] = {"scrapy_ingest.IngestAddon": 300}
         settings["INGEST_DATABASE_URL"] = sys.argv[3]
-    elif mode == "ingest":
+    elif mode in ("ingest", "metrics"):
         settings["ADDONS"] = {"scrapy_ingest.IngestAddon": 300}
         settings["INGEST_DATABASE_URL"] = sys.argv[3]
+        if mode == "metrics":
+            settings["INGEST_METRICS_ENABLED"] = True
+            settings["INGEST_METRICS_PORT"] = 0
     process = CrawlerProcess(settings=settings)
     crawler = process.create_crawler(ItemsSpider)
     process.crawl(crawler, url=url, count=count)
+    if mode == "metrics":
+        threading.Thread(target=_scrape_every_second, args=(crawler,), daemon=True).start()
     started, cpu_started = time.perf_counter(), time.thread_time()
     process.start()
     seconds = time.perf_counter() - started

@@ -8,6 +8,9 @@ PostgreSQL database. PostgreSQL comes from SCRAPY_INGEST_BENCH_PG_DSN (or
 SCRAPY_INGEST_TEST_PG_DSN), else a throwaway local server like the tests'.
 Prints every run, then the medians and each mode's ratio to no pipeline.
 The target (issue 2): ingest >= 0.90 of none, with every item stored.
+With --metrics, the add-on runs with and without the Prometheus extension
+(scraped every second while it runs); issue 5's target: metrics costs at most
+3% more than ingest.
 With --clickhouse, the add-on writes into a fresh chDB directory per run
 instead (issue 4's target is the same 0.90).
 """
@@ -51,6 +54,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="compare ingest with and without the Prometheus extension (scraped every second)",
+    )
+    parser.add_argument(
         "--clickhouse",
         action="store_true",
         help="write into ClickHouse (a fresh chDB directory per run) instead of PostgreSQL",
@@ -62,18 +70,20 @@ def main() -> None:
     )
     options = parser.parse_args()
     modes = (*MODES, *PARTIAL) if options.partial else MODES
+    if options.metrics:
+        modes = ("none", "ingest", "metrics")
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with contextlib.ExitStack() as stack:
         admin = "" if options.clickhouse else postgres(stack)
         for n in range(options.pairs):
             for mode in modes:
                 url = None
-                if mode in ("ingest", "buffer") and options.clickhouse:
+                if mode in ("ingest", "buffer", "metrics") and options.clickhouse:
                     url = f"chdb://{stack.enter_context(tempfile.TemporaryDirectory())}/chdb"
-                elif mode in ("ingest", "buffer"):
+                elif mode in ("ingest", "buffer", "metrics"):
                     url = services.with_database(admin, services.create_database(admin))
                 result = crawl(mode, options.items, url)
-                if mode == "ingest" and result["stored"] != options.items:
+                if mode in ("ingest", "metrics") and result["stored"] != options.items:
                     sys.exit(f"ingest run {n}: stored {result['stored']} of {options.items}")
                 runs[mode].append(result)
                 print(f"run {n + 1} {mode:<6} {json.dumps(result)}", flush=True)

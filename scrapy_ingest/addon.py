@@ -8,9 +8,9 @@ It adds the item pipeline (900), the jobs, logs and metrics extensions (500), th
 request log downloader middleware (950) and the source spider middleware
 (10), each only where the project has not placed or disabled that component
 itself: a project setting always wins. With ``INGEST_ENABLED = False`` it
-adds nothing; ``INGEST_REQUESTS_ENABLED`` and ``INGEST_LOGS_ENABLED`` turn off
-their component, and the metrics extension does nothing unless
-``INGEST_METRICS_ENABLED`` is true.
+adds nothing; ``INGEST_REQUESTS_ENABLED``, ``INGEST_LOGS_ENABLED`` and
+``INGEST_METRICS_ENABLED`` (off by default) decide whether their component is
+placed.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from scrapy_ingest.spidermiddlewares.source import SourceMiddleware
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
 
-COMPONENTS: tuple[tuple[str, type, int], ...] = (
-    ("ITEM_PIPELINES", IngestPipeline, 900),
-    ("EXTENSIONS", IngestJobsExtension, 500),
-    ("EXTENSIONS", IngestLogsExtension, 500),
-    ("EXTENSIONS", PrometheusExtension, 500),
-    ("DOWNLOADER_MIDDLEWARES", RequestLogMiddleware, 950),
-    ("SPIDER_MIDDLEWARES", SourceMiddleware, 10),
+#: (setting, component, order, the INGEST_* switch that must be on for it, if any)
+COMPONENTS: tuple[tuple[str, type, int, str | None], ...] = (
+    ("ITEM_PIPELINES", IngestPipeline, 900, None),
+    ("EXTENSIONS", IngestJobsExtension, 500, None),
+    ("EXTENSIONS", IngestLogsExtension, 500, "INGEST_LOGS_ENABLED"),
+    ("EXTENSIONS", PrometheusExtension, 500, "INGEST_METRICS_ENABLED"),
+    ("DOWNLOADER_MIDDLEWARES", RequestLogMiddleware, 950, "INGEST_REQUESTS_ENABLED"),
+    ("SPIDER_MIDDLEWARES", SourceMiddleware, 10, None),
 )
 
 
@@ -42,5 +43,7 @@ class IngestAddon:
     def update_settings(self, settings: BaseSettings) -> None:
         if not settings.getbool("INGEST_ENABLED", defaults.INGEST_ENABLED):
             return
-        for setting, component, order in COMPONENTS:
-            settings.setdefault_in_component_priority_dict(setting, component, order)
+        for setting, component, order, switch in COMPONENTS:
+            # a component switched off is not placed (placed, it would only say it is disabled)
+            if switch is None or settings.getbool(switch, getattr(defaults, switch)):
+                settings.setdefault_in_component_priority_dict(setting, component, order)

@@ -69,7 +69,7 @@ _RULES: dict[str, tuple[str, str]] = {
     "metrics_enabled": ("it must be a boolean", "set {name} to True or False"),
     "metrics_host": ("it must be a host name or IP address", "set {name} to e.g. '127.0.0.1'"),
     "metrics_port": (
-        "it must be a port (0 for any free port), a [first, last] range of ports, or None "
+        "it must be a port (0 for any free port), a [first, last] range of ports, or False "
         "(no HTTP server, pushes only)",
         "set {name} to e.g. 9410, [9410, 9440] or 0",
     ),
@@ -80,7 +80,7 @@ _RULES: dict[str, tuple[str, str]] = {
     "metrics_push_interval": ("it must be a positive number of seconds", "set {name} to e.g. 15.0"),
     "metrics_labels": (
         "it must be a dict of label names ([a-zA-Z_][a-zA-Z0-9_]*, not 'spider') to strings",
-        "set {name} to e.g. {'team': 'pricing'}",
+        "set {name} to e.g. {{'team': 'pricing'}}",
     ),
     "metrics_unhealthy_after": (
         "it must be a positive number of seconds",
@@ -156,8 +156,8 @@ class IngestConfig(BaseModel):
     @field_validator("metrics_port", mode="before")
     @classmethod
     def _check_port(cls, value: Any) -> list[int] | None:
-        if value is None:
-            return None
+        if value is False or (isinstance(value, str) and value.strip().lower() == "false"):
+            return None  # no server: pushes only
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):

@@ -14,6 +14,7 @@ from scrapy_ingest import (
     IngestJobsExtension,
     IngestLogsExtension,
     IngestPipeline,
+    PrometheusExtension,
     RequestLogMiddleware,
     SourceMiddleware,
 )
@@ -237,3 +238,13 @@ def test_redact_value_of_nested_containers() -> None:
     }
     assert "pw" not in repr(redacted)
     assert value["backend"]["token"] == "t0k"  # the original is left alone
+
+
+def test_switched_off_components_are_not_placed(db_url: str) -> None:
+    crawler = _crawler(db_url)  # metrics are off by default: nothing to say "disabled" about
+    assert PrometheusExtension not in _components(crawler, "EXTENSIONS")
+    on = _crawler(db_url, INGEST_METRICS_ENABLED=True, INGEST_METRICS_PORT=0)
+    assert _components(on, "EXTENSIONS")[PrometheusExtension] == 500
+    off = _crawler(db_url, INGEST_REQUESTS_ENABLED=False, INGEST_LOGS_ENABLED="false")
+    assert RequestLogMiddleware not in _components(off, "DOWNLOADER_MIDDLEWARES")
+    assert IngestLogsExtension not in _components(off, "EXTENSIONS")

@@ -173,10 +173,12 @@ def test_a_killed_crawl_leaves_no_writer_process_nor_batch_files(
     )
     try:
         writers = wait_for(lambda: _children(crawl.process.pid), timeout=30, what="a writer")
-        [batches] = wait_for(lambda: _writer_dirs() - before, timeout=30, what="its batch dir")
+        new = wait_for(lambda: _writer_dirs() - before, timeout=30, what="its batch dir")
         crawl.process.send_signal(signal.SIGKILL)  # no chance to close anything
         crawl.process.wait()
-        wait_for(lambda: not batches.exists(), timeout=30, what="the batch dir to go")
+        wait_for(
+            lambda: not any(d.exists() for d in new), timeout=30, what=f"the batch dirs {new} to go"
+        )
         for pid in writers:
             wait_for(
                 lambda pid=pid: not Path(f"/proc/{pid}").exists() or _zombie(pid),

@@ -232,3 +232,33 @@ def test_bad_log_level_is_named_with_the_fix(value: Any) -> None:
 def test_other_sqlalchemy_urls_are_taken_on_a_best_effort_basis() -> None:
     url = "mssql+pyodbc://scraper:pw@db/scraping?driver=ODBC+Driver+18+for+SQL+Server"
     assert _config({"INGEST_DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize(
+    ("value", "ports"),
+    [(0, [0, 0]), (9410, [9410, 9410]), ([9410, 9440], [9410, 9440]), ("9411", [9411, 9411]),
+     (False, None), ("false", None)],
+)  # fmt: skip
+def test_metrics_port_by_number_or_range(value: Any, ports: list[int] | None) -> None:
+    assert _config({"INGEST_METRICS_PORT": value}).metrics_port == ports
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("INGEST_METRICS_PORT", [9440, 9410]),
+        ("INGEST_METRICS_PORT", 70000),
+        ("INGEST_METRICS_PORT", [0, 10]),
+        ("INGEST_METRICS_PORT", "http"),
+        ("INGEST_METRICS_PUSHGATEWAY", "pushgateway:9091"),
+        ("INGEST_METRICS_LABELS", {"spider": "x"}),
+        ("INGEST_METRICS_LABELS", {"bad-name": "x"}),
+        ("INGEST_METRICS_PUSH_INTERVAL", 0),
+        ("INGEST_METRICS_UNHEALTHY_AFTER", -1),
+    ],
+)
+def test_bad_metrics_settings_are_named_with_the_fix(name: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        _config({name: value})
+    assert str(info.value).startswith(f"{name} ({value!r}) is invalid:")
+    assert "Fix:" in str(info.value)

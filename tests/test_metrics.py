@@ -15,7 +15,7 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from _helpers import Crawl, Database, wait_for
+from _helpers import REPO_DIR, Crawl, Database, wait_for
 from conftest import service_missing
 from services import _port_answers, free_port
 
@@ -26,15 +26,18 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.crawl
 
+MONITORING = REPO_DIR / "examples" / "monitoring"
 METRICS_LINE = re.compile(r"Prometheus metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 
-def _slow_crawl(site: LocalSite, db_url: str, tmp_path: Path, **settings: Any) -> Crawl:
-    # 30 pages of 300 ms, 2 at a time: a crawl of about 5 s to watch
+def _slow_crawl(
+    site: LocalSite, db_url: str, tmp_path: Path, pages: int = 30, **settings: Any
+) -> Crawl:
+    # pages of 300 ms, 2 at a time: 30 pages make a crawl of about 5 s to watch
     return Crawl(
         {
             "base_url": site.base_url,
-            "pages": 30,
+            "pages": pages,
             "per_page": 3,
             "delay_ms": 300,
             "settings": {
@@ -71,6 +74,25 @@ def _value(text: str, name: str) -> float | None:
     return float(match[1]) if match else None
 
 
+def dashboard_metrics() -> set[str]:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return set(re.findall(r"scrapy_ingest_\w+", " ".join(exprs)))
+
+
+def test_the_example_prometheus_configuration_is_valid() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        service_missing("promtool is not installed (apt-get install -y prometheus)")
+    done = subprocess.run(
+        [promtool, "check", "config", str(MONITORING / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_metrics_and_health_over_http_while_the_crawl_runs(
     site: LocalSite, sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -86,6 +108,14 @@ def test_metrics_and_health_over_http_while_the_crawl_runs(
         assert status == 200 and content_type.startswith("text/plain")
         assert 'spider="ingest_test"' in text and 'team="pricing"' in text
         assert "scrapy_ingest_download_latency_seconds_bucket" in text
+        # every metric of the example Grafana dashboard is served
+        served = set(re.findall(r"^(scrapy_ingest_\w+?)(?:{| )", text, re.MULTILINE))
+        for name, kind in re.findall(r"^# TYPE (scrapy_ingest_\w+) (\w+)", text, re.MULTILINE):
+            # families with no sample yet (no retries so far) are declared all the same
+            suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+            served |= {name + suffix for suffix in suffixes}
+            served.add(name if kind != "counter" or name.endswith("_total") else name + "_total")
+        assert dashboard_metrics() <= served, dashboard_metrics() - served
         status, _, body = _get(f"{base}/healthz")
         assert (status, json.loads(body)["status"]) == (200, "ok")
         later = wait_for(
@@ -201,7 +231,8 @@ def test_a_real_prometheus_scrapes_the_crawl(
             prometheus_port,
             stack,
         )  # fmt: skip
-        crawl = _slow_crawl(site, sqlite_url, tmp_path, INGEST_METRICS_PORT=metrics_port)
+        # long enough for a Prometheus that starts slowly on a busy machine to scrape it
+        crawl = _slow_crawl(site, sqlite_url, tmp_path, pages=90, INGEST_METRICS_PORT=metrics_port)
         stack.callback(crawl.kill)
         query = (
             f"http://127.0.0.1:{prometheus_port}/api/v1/query?"
@@ -209,7 +240,10 @@ def test_a_real_prometheus_scrapes_the_crawl(
         )
 
         def scraped() -> float | None:
-            answer = json.loads(_get(query)[2])
+            status, _, body = _get(query)
+            if status != 200:  # still starting ("Service Unavailable")
+                return None
+            answer = json.loads(body)
             results = answer["data"]["result"]
             value = float(results[0]["value"][1]) if results else 0.0
             return value if value > 0 else None
@@ -232,7 +266,7 @@ def test_metrics_are_pushed_to_a_real_pushgateway(
             site,
             sqlite_url,
             tmp_path,
-            INGEST_METRICS_PORT=None,  # pushes only
+            INGEST_METRICS_PORT=False,  # pushes only
             INGEST_METRICS_PUSHGATEWAY=f"http://127.0.0.1:{port}",
             INGEST_METRICS_PUSH_INTERVAL=1,
         )
@@ -241,6 +275,7 @@ def test_metrics_are_pushed_to_a_real_pushgateway(
         finally:
             crawl.kill()
         result.assert_clean()
+        assert "Prometheus metrics on" not in result.output  # no server: pushes only
         text = _get(f"http://127.0.0.1:{port}/metrics")[2]
     # the last push, at close, holds the final count
     value = _value(text, "scrapy_ingest_items_scraped_total")
