@@ -430,9 +430,9 @@ def start_mariadb(stack: contextlib.ExitStack) -> tuple[str, str]:
          "--skip-name-resolve", "--innodb-buffer-pool-size=64M", *user],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    stack.callback(_stop, process)
+    stack.callback(stop_process, process)
     deadline = time.monotonic() + 60
-    while not _port_answers(port):
+    while not port_answers(port):
         if process.poll() is not None or time.monotonic() > deadline:
             text = (base / "server.log").read_text(errors="replace")
             raise ServiceUnavailable(f"mariadbd did not start: {_tail(text)}")
@@ -440,10 +440,11 @@ def start_mariadb(stack: contextlib.ExitStack) -> tuple[str, str]:
     return f"mysql+pymysql://root@127.0.0.1:{port}", "local"
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Terminate *process*, and kill it if it has not exited after *timeout* seconds."""
     process.terminate()
     try:
-        process.wait(30)
+        process.wait(timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
@@ -532,25 +533,20 @@ def running_tinyproxy(user: str, password: str) -> Iterator[Proxy]:
     )
     try:
         deadline = time.monotonic() + 10
-        while not _port_answers(port):
+        while not port_answers(port):
             if process.poll() is not None or time.monotonic() > deadline:
                 error = process.stderr.read().decode() if process.stderr else ""
                 raise ServiceUnavailable(f"tinyproxy did not start: {error.strip()}")
             time.sleep(0.05)
         yield Proxy("127.0.0.1", port, user, password, log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 10)
         if process.stderr is not None:
             process.stderr.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _port_answers(port: int) -> bool:
+def port_answers(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.2)
         return sock.connect_ex(("127.0.0.1", port)) == 0

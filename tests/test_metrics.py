@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from _helpers import REPO_DIR, Crawl, Database, wait_for
 from conftest import service_missing
-from services import _port_answers, free_port
+from services import free_port, port_answers, stop_process
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -195,18 +195,9 @@ def _start(command: list[str], port: int, stack: contextlib.ExitStack) -> None:
     # the server's output, shown if it does not start
     log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-    def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    stack.callback(stop)
+    stack.callback(stop_process, process, 10)
     deadline = time.monotonic() + 30
-    while not _port_answers(port):
+    while not port_answers(port):
         if process.poll() is not None or time.monotonic() > deadline:
             log.seek(0)
             raise AssertionError(f"{command[0]} did not start: {log.read().decode()[-2000:]}")
