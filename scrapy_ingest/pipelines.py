@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from scrapy.utils.defer import maybe_deferred_to_future
 
 from scrapy_ingest._compat import pipeline_hook
+from scrapy_ingest._redact import redact_url
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.exceptions import IngestError
 from scrapy_ingest.records import EncodeError
@@ -118,6 +119,8 @@ class IngestPipeline:
             return item
         if self._per_item:
             writer = await self._routed_writer(item)
+            if writer is None:  # its database cannot be used: dead-lettered
+                return item
             append_json, add = writer.append_json, writer.add
         else:
             append_json, add = self._append_json, self._add
@@ -143,12 +146,19 @@ class IngestPipeline:
             await maybe_deferred_to_future(budget.wait())
         return item
 
-    async def _routed_writer(self, item: Any) -> BatchWriter:
-        found = self._runtime.item_writer(item)
-        if isinstance(found, Route):  # a database INGEST_ROUTER names for the first time
-            await self._runtime.open_backend(found.url)
-            return self._runtime.writer("items", found)
-        return found
+    async def _routed_writer(self, item: Any) -> BatchWriter | None:
+        runtime = self._runtime
+        found = runtime.item_writer(item)
+        if not isinstance(found, Route):
+            return found
+        # a database INGEST_ROUTER names for the first time
+        try:
+            await runtime.open_backend(found.url)
+        except IngestError as exc:
+            reason = f"its route ({redact_url(found.url)}) cannot be used: {exc}"
+            runtime.dead_letter("items", reason, _safe_repr(item))
+            return None
+        return runtime.writer("items", found)
 
 
 def _safe_repr(item: Any) -> str:

@@ -29,7 +29,7 @@ from scrapy_ingest import settings as defaults
 from scrapy_ingest._ids import IdFactory, format_uuid
 from scrapy_ingest._redact import redact_url, redact_value
 from scrapy_ingest._stats import stat_key
-from scrapy_ingest.backends import check_driver, is_best_effort
+from scrapy_ingest.backends import check_driver, check_url, is_best_effort
 from scrapy_ingest.batching import BatchWriter, BufferBudget
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import ConfigError, IngestError, JobIdConflict
@@ -107,6 +107,10 @@ class IngestRuntime:
         self.tables = {t.kind: t for t in all_tables(config.table_prefix)}
         #: open databases by URL, the default (INGEST_DATABASE_URL) first
         self._backends: dict[str, _Backend] = {}
+        #: databases that could not be opened during the crawl, with the error
+        self._unusable: dict[str, IngestError] = {}
+        #: databases being opened -> who waits for that
+        self._opening: dict[str, list[Deferred[None]]] = {}
         self.router: Router | None = None
         self.budget = BufferBudget(config.max_buffer_bytes)
         self.new_id = IdFactory()
@@ -212,11 +216,38 @@ class IngestRuntime:
         return router
 
     async def open_backend(self, url: str) -> None:
-        """Start the host of *url*, prepare its tables and insert the job row there (once)."""
+        """Start the host of *url*, prepare its tables and insert the job row there (once).
+
+        A database that cannot be opened during the crawl (one only ``INGEST_ROUTER`` names)
+        is not tried again for every record: the error is kept and raised again.
+        """
         if url in self._backends:
             return
+        known = self._unusable.get(url)
+        if known is not None:
+            raise known
+        waiters = self._opening.get(url)
+        if waiters is not None:  # being opened for another record: wait for that
+            waiter: Deferred[None] = Deferred()
+            waiters.append(waiter)
+            await maybe_deferred_to_future(waiter)
+            await self.open_backend(url)  # open now, or known to be unusable
+            return
+        self._opening[url] = []
+        try:
+            await self._open_backend(url)
+        except IngestError as exc:
+            if self._state == "open":
+                self._unusable[url] = exc
+            raise
+        finally:
+            for waiter in self._opening.pop(url):
+                waiter.callback(None)
+
+    async def _open_backend(self, url: str) -> None:
         assert self.job is not None and self.router is not None
         source = self.router.describe(url)
+        check_url(url, source)
         check_driver(url, source)
         if is_best_effort(url):
             logger.warning(
@@ -234,24 +265,19 @@ class IngestRuntime:
             retry_timeout=self.config.retry_timeout,
             writer_process=self.config.writer_process,
         )
-        backend = self._backends[url] = _Backend(url, host, tables)
         try:
             await maybe_deferred_to_future(host.open())
         except IngestError as exc:
-            del self._backends[url]
             raise type(exc)(f"{exc} (the database of {source})") from None
-        except BaseException:
-            del self._backends[url]
-            raise
         try:
             inserted = await maybe_deferred_to_future(
                 host.insert_job(self.tables["jobs"], self._job_row())
             )
         except BaseException:
-            await self._close_backends()
+            await maybe_deferred_to_future(host.close())
             raise
         if not inserted:
-            await self._close_backends()
+            await maybe_deferred_to_future(host.close())
             raise JobIdConflict(
                 f"a job with job_id {self.job.job_id!r} exists already in "
                 f"{self.tables['jobs'].name} at {host.url}: storing this crawl under "
@@ -259,7 +285,7 @@ class IngestRuntime:
                 "crawl), or give each crawl its own INGEST_JOB_ID; use INGEST_CRAWL_ID to group "
                 "the jobs of one crawl."
             )
-        backend.has_job = True
+        self._backends[url] = _Backend(url, host, tables, has_job=True)
 
     def _tables_for(self, url: str) -> dict[str, TableSpec]:
         """The tables to prepare at *url*: its routed tables, plus jobs and dead letters."""

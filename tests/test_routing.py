@@ -197,3 +197,32 @@ def test_rules_first_match_wins_and_unmatched_records_go_to_the_default() -> Non
         "sqlite:///i",
         "sqlite:///never",
     ]
+
+
+def test_items_a_router_sends_to_an_unusable_database_go_to_dead_letters(
+    site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    default = Database(sqlite_url)
+    down = f"postgresql://scraper:secretpw@127.0.0.1:{free_port()}/nothing"
+    settings = {
+        "INGEST_DATABASE_URL": default.url,
+        "INGEST_ROUTER": "_crawl_script.ProductRouter",
+        "TEST_PRODUCTS_URL": down,
+    }
+    result = run_crawl(
+        {"base_url": site.base_url, "settings": settings, "pages": 2, "per_page": 10,
+         "kind": "mixed"},
+        tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.describe()
+    assert result.stats["finish_reason"] == "finished"
+    # the dicts are stored; each Product is kept, with the reason, in the default database
+    assert sorted(r["data"]["idx"] for r in default.rows("ingest_items")) == list(range(1, 20, 2))
+    dead = default.dead_letters("items")
+    assert len(dead) == 10
+    assert all("cannot be used" in d["reason"] and "INGEST_ROUTER" in d["reason"] for d in dead)
+    assert all("scraper:***@" in d["reason"] for d in dead)
+    assert "secretpw" not in result.output
+    assert "secretpw" not in repr(dead)
+    # one attempt to open it (the first Product's); the others reuse its error
+    assert len({d["reason"] for d in dead}) == 1
