@@ -212,11 +212,16 @@ class Router:
         The default comes first, when some records may fall through to it: a
         kind no unconditional rule routes, or a custom router.
         """
-        routed = {r.kind for r in self.rules if r.item_type is None}
-        falls_through = self.custom is not None or not {"items", "requests", "logs"} <= routed
+        falls_through = self.custom is not None or any(
+            self.falls_through(kind) for kind in ("items", "requests", "logs")
+        )
         urls = [self.default.url] if falls_through else []
         urls += [rule.url for rule in self.rules]
         return list(dict.fromkeys(urls))
+
+    def falls_through(self, kind: str) -> bool:
+        """Whether some records of *kind* may go to the default: no rule takes them all."""
+        return not any(r.kind == kind and r.item_type is None for r in self.rules)
 
     def describe(self, url: str) -> str:
         """Which settings send records to *url*, for messages."""

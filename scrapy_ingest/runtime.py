@@ -297,7 +297,7 @@ class IngestRuntime:
         if url == self.router.default.url:
             # the kinds of which some records may fall through to the default
             for kind in ("items", "requests", "logs"):
-                if not any(r.kind == kind and r.item_type is None for r in rules):
+                if self.router.falls_through(kind):
                     specs.append(self.tables[kind])
         for rule in rules:
             if rule.url == url and rule.kind != "jobs":

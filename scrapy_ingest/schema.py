@@ -44,6 +44,10 @@ class TableSpec:
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 
+    def column_kind(self, name: str) -> ColumnKind:
+        """The kind of the column *name*."""
+        return next(c.kind for c in self.columns if c.name == name)
+
     def index_name(self, columns: tuple[str, ...]) -> str:
         return f"{self.name}_{'_'.join(columns)}_idx"
 

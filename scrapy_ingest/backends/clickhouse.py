@@ -223,7 +223,7 @@ class ClickHouseBackend:
         assert self._client is not None, "job access before open()"
         names = table.column_names
         select = ", ".join(
-            f"toFloat64({_quote(n)})" if _kind(table, n) == "timestamp" else _quote(n)
+            f"toFloat64({_quote(n)})" if table.column_kind(n) == "timestamp" else _quote(n)
             for n in names
         )
         found = self._client.query(
@@ -234,7 +234,7 @@ class ClickHouseBackend:
             return None
         job = dict(zip(names, found.result_rows[0], strict=True))
         for name in names:  # back to what rows hold: JSON as bytes
-            if _kind(table, name) == "json" and job[name] is not None:
+            if table.column_kind(name) == "json" and job[name] is not None:
                 value = job[name]
                 job[name] = value.encode() if isinstance(value, str) else _json_bytes(value)
         return job
@@ -244,7 +244,7 @@ class ClickHouseBackend:
         names = [n for n in table.column_names if n in job]
         row = [job[n] for n in names]
         for i, name in enumerate(names):
-            convert = _conversion(_kind(table, name))
+            convert = _conversion(table.column_kind(name))
             if convert is not None and row[i] is not None:
                 row[i] = convert(row[i])
         self._client.insert(table.name, [row], column_names=names)
@@ -292,10 +292,6 @@ def _json_bytes(value: Any) -> bytes:
 def _ticks(epoch: float) -> int:
     """Epoch seconds as DateTime64(6) ticks (microseconds), which clickhouse-connect takes."""
     return round(epoch * 1_000_000)
-
-
-def _kind(table: TableSpec, name: str) -> ColumnKind:
-    return next(c.kind for c in table.columns if c.name == name)
 
 
 def _time_column(table: TableSpec) -> str:

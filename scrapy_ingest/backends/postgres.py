@@ -266,17 +266,13 @@ class PostgresBackend:
         with self._pool.connection() as conn:
             conn.execute(query, [*(self._param(table, n, values[n]) for n in names), job_id])
 
-    @staticmethod
-    def _kind(table: TableSpec, name: str) -> ColumnKind:
-        return next(c.kind for c in table.columns if c.name == name)
-
     def _placeholder(self, table: TableSpec, name: str) -> sql.Composable:
-        return sql.SQL("%s::jsonb" if self._kind(table, name) == "json" else "%s")
+        return sql.SQL("%s::jsonb" if table.column_kind(name) == "json" else "%s")
 
     def _param(self, table: TableSpec, name: str, value: Any) -> Any:
         if value is None:
             return None
-        kind = self._kind(table, name)
+        kind = table.column_kind(name)
         if kind == "timestamp":
             return utc_from_epoch(value)
         if kind == "json":
