@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from scrapy_ingest.addon import IngestAddon
+    from scrapy_ingest.downloadermiddlewares.proxy import ProxyMiddleware
     from scrapy_ingest.downloadermiddlewares.requestlog import RequestLogMiddleware
+    from scrapy_ingest.downloadermiddlewares.retry import BackoffRetryMiddleware
     from scrapy_ingest.extensions.jobs import IngestJobsExtension
     from scrapy_ingest.extensions.logs import IngestLogsExtension
     from scrapy_ingest.extensions.metrics import PrometheusExtension
@@ -17,11 +19,13 @@ if TYPE_CHECKING:
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BackoffRetryMiddleware",
     "IngestAddon",
     "IngestJobsExtension",
     "IngestLogsExtension",
     "IngestPipeline",
     "PrometheusExtension",
+    "ProxyMiddleware",
     "RequestLogMiddleware",
     "SourceMiddleware",
     "__version__",
@@ -30,9 +34,11 @@ __all__ = [
 # Imported on first use, so that the writer process, which imports
 # scrapy_ingest.backends, does not pay for importing Scrapy.
 _EXPORTS = {
+    "BackoffRetryMiddleware": "scrapy_ingest.downloadermiddlewares.retry",
     "IngestAddon": "scrapy_ingest.addon",
     "IngestJobsExtension": "scrapy_ingest.extensions.jobs",
     "IngestLogsExtension": "scrapy_ingest.extensions.logs",
+    "ProxyMiddleware": "scrapy_ingest.downloadermiddlewares.proxy",
     "IngestPipeline": "scrapy_ingest.pipelines",
     "PrometheusExtension": "scrapy_ingest.extensions.metrics",
     "RequestLogMiddleware": "scrapy_ingest.downloadermiddlewares.requestlog",

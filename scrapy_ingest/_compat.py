@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 import scrapy
+from scrapy.downloadermiddlewares.retry import get_retry_request
+from scrapy.utils.conf import build_component_list
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
+from scrapy.utils.misc import load_object
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
     from scrapy.crawler import Crawler
+    from scrapy.settings import BaseSettings
 
 _P = ParamSpec("_P")
 
@@ -48,3 +53,38 @@ def pipeline_hook(method: Callable[_P, Coroutine[Any, Any, None]]) -> Callable[_
         return deferred_from_coro(method(*args, **kwargs))
 
     return wrapper
+
+
+#: Scrapy 2.17 added RETRY_GIVE_UP_LOG_LEVEL, and get_retry_request()'s give_up_log_level
+#: argument; 2.13 to 2.16 log a give-up as an error
+GIVE_UP_LOG_LEVEL = "give_up_log_level" in inspect.signature(get_retry_request).parameters
+
+
+def _scrapy_exceptions(*names: str) -> tuple[type[Exception], ...]:
+    import scrapy.exceptions
+
+    return tuple(
+        getattr(scrapy.exceptions, name) for name in names if hasattr(scrapy.exceptions, name)
+    )
+
+
+#: Scrapy 2.19 raises exceptions of its own for failed downloads (DownloadConnectionRefusedError
+#: and others) where 2.13 to 2.18 let Twisted's through
+DOWNLOAD_CONNECTION_ERRORS = _scrapy_exceptions(
+    "DownloadConnectionRefusedError",
+    "DownloadTimeoutError",
+    "DownloadFailedError",
+    "CannotResolveHostError",
+)
+
+
+def enabled_components(settings: BaseSettings, name: str) -> list[Any]:
+    """The components a component priority dict setting (``DOWNLOADER_MIDDLEWARES``...) enables,
+    in order, loaded. Scrapy 2.14+ merges the class and import-path keys of one component;
+    2.13 does not, so there ``{RetryMiddleware: None}`` leaves the base's path key enabled."""
+    with_base = getattr(settings, "get_component_priority_dict_with_base", None)
+    components = with_base(name) if with_base is not None else settings.getwithbase(name)
+    return [
+        load_object(component) if isinstance(component, str) else component
+        for component in build_component_list(components)
+    ]

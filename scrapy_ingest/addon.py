@@ -5,20 +5,31 @@
     ADDONS = {"scrapy_ingest.IngestAddon": 300}
 
 It adds the item pipeline (900), the jobs, logs and metrics extensions (500), the
-request log downloader middleware (950) and the source spider middleware
-(10), each only where the project has not placed or disabled that component
-itself: a project setting always wins. With ``INGEST_ENABLED = False`` it
+request log downloader middleware (950), the proxy downloader middleware (740,
+when ``INGEST_PROXY_LIST`` or ``INGEST_PROXY_FILE`` is set) and the source spider
+middleware (10), each only where the project has not placed or disabled that
+component itself: a project setting always wins. With ``INGEST_ENABLED = False`` it
 adds nothing; ``INGEST_REQUESTS_ENABLED``, ``INGEST_LOGS_ENABLED`` and
 ``INGEST_METRICS_ENABLED`` (off by default) decide whether their component is
 placed.
+
+With ``INGEST_RETRY_ENABLED = True`` (off by default) it places
+:class:`~scrapy_ingest.downloadermiddlewares.retry.BackoffRetryMiddleware` at
+550 and, where that placement stands, sets Scrapy's RetryMiddleware to
+``None``: a component in ``REPLACES`` takes the place of Scrapy's, unless the
+project placed Scrapy's itself.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from scrapy.utils.misc import load_object
+
 from scrapy_ingest import settings as defaults
+from scrapy_ingest.downloadermiddlewares.proxy import ProxyMiddleware
 from scrapy_ingest.downloadermiddlewares.requestlog import RequestLogMiddleware
+from scrapy_ingest.downloadermiddlewares.retry import BackoffRetryMiddleware
 from scrapy_ingest.extensions.jobs import IngestJobsExtension
 from scrapy_ingest.extensions.logs import IngestLogsExtension
 from scrapy_ingest.extensions.metrics import PrometheusExtension
@@ -28,15 +39,24 @@ from scrapy_ingest.spidermiddlewares.source import SourceMiddleware
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
 
-#: (setting, component, order, the INGEST_* switch that must be on for it, if any)
-COMPONENTS: tuple[tuple[str, type, int, str | None], ...] = (
+#: (setting, component, order, the INGEST_* switch that must be on for it, if any: a boolean
+#: setting, or settings of which one must be non-empty)
+COMPONENTS: tuple[tuple[str, type, int, str | tuple[str, ...] | None], ...] = (
     ("ITEM_PIPELINES", IngestPipeline, 900, None),
     ("EXTENSIONS", IngestJobsExtension, 500, None),
     ("EXTENSIONS", IngestLogsExtension, 500, "INGEST_LOGS_ENABLED"),
     ("EXTENSIONS", PrometheusExtension, 500, "INGEST_METRICS_ENABLED"),
     ("DOWNLOADER_MIDDLEWARES", RequestLogMiddleware, 950, "INGEST_REQUESTS_ENABLED"),
+    ("DOWNLOADER_MIDDLEWARES", BackoffRetryMiddleware, 550, "INGEST_RETRY_ENABLED"),
+    ("DOWNLOADER_MIDDLEWARES", ProxyMiddleware, 740, ("INGEST_PROXY_LIST", "INGEST_PROXY_FILE")),
     ("SPIDER_MIDDLEWARES", SourceMiddleware, 10, None),
 )
+
+#: our component -> the import path of the Scrapy component it takes the place of (set to
+#: None where ours is enabled, unless the project placed Scrapy's itself)
+REPLACES: dict[type, str] = {
+    BackoffRetryMiddleware: "scrapy.downloadermiddlewares.retry.RetryMiddleware",
+}
 
 
 class IngestAddon:
@@ -45,5 +65,38 @@ class IngestAddon:
             return
         for setting, component, order, switch in COMPONENTS:
             # a component switched off is not placed (placed, it would only say it is disabled)
-            if switch is None or settings.getbool(switch, getattr(defaults, switch)):
+            if _switched_on(settings, switch):
                 settings.setdefault_in_component_priority_dict(setting, component, order)
+                replaced = REPLACES.get(component)
+                if replaced is not None and _enabled(settings, setting, component):
+                    _disable_by_default(settings, setting, replaced)
+
+
+def _switched_on(settings: BaseSettings, switch: str | tuple[str, ...] | None) -> bool:
+    if switch is None:
+        return True
+    if isinstance(switch, str):
+        return settings.getbool(switch, getattr(defaults, switch))
+    return any(settings.get(name, getattr(defaults, name)) for name in switch)
+
+
+def _enabled(settings: BaseSettings, setting: str, component: type) -> bool:
+    """*component* has an order (not None) in the *setting* component dict."""
+    return any(
+        order is not None and (load_object(key) if isinstance(key, str) else key) is component
+        for key, order in settings.getdict(setting).items()
+    )
+
+
+def _disable_by_default(settings: BaseSettings, setting: str, path: str) -> None:
+    """Set the component at *path* to None in *setting*, unless the project placed it.
+
+    By its import path, the key of Scrapy's ``*_BASE`` settings: Scrapy 2.13 does not merge
+    a class key with the path key of the same component.
+    """
+    components = settings.getdict(setting)
+    cls = load_object(path)
+    if any((load_object(key) if isinstance(key, str) else key) is cls for key in components):
+        return
+    components[path] = None
+    settings.set(setting, components, settings.getpriority(setting) or 0)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scrapy_ingest import settings as defaults
-from scrapy_ingest._redact import redact_url
+from scrapy_ingest._redact import redact_url, redact_value
 from scrapy_ingest.backends import SUPPORTED_SCHEMES, check_url
+from scrapy_ingest.downloadermiddlewares._proxypool import check_proxy_url
 from scrapy_ingest.exceptions import ConfigError
 from scrapy_ingest.router import Rule, parse_routes
 
@@ -98,6 +99,56 @@ _RULES: dict[str, tuple[str, str]] = {
         "it must be a number of seconds, 0 or more",
         "set {name} to e.g. 60.0",
     ),
+    "retry_enabled": ("it must be a boolean", "set {name} to True or False"),
+    "retry_backoff_base": (
+        "it must be a positive number of seconds",
+        "set {name} to e.g. 0.5",
+    ),
+    "retry_backoff_max": (
+        "it must be a positive number of seconds, at least INGEST_RETRY_BACKOFF_BASE",
+        "set {name} to e.g. 60.0",
+    ),
+    "retry_after_max": (
+        "it must be a number of seconds, 0 or more",
+        "set {name} to e.g. 300.0",
+    ),
+    "proxy_list": (
+        "it must be a list of proxy URLs",
+        "set {name} to e.g. ['http://user:password@proxy1:3128', 'http://proxy2:3128']",
+    ),
+    "proxy_file": (
+        "it must be the path of a text file with one proxy URL per line, or None",
+        "set {name} to e.g. 'proxies.txt'",
+    ),
+    "proxy_policy": (
+        "it must be 'round_robin', 'random' or 'least_used'",
+        "set {name} to e.g. 'round_robin'",
+    ),
+    "proxy_sticky": (
+        "it must be 'none', 'domain' or 'cookiejar'",
+        "set {name} to e.g. 'domain'",
+    ),
+    "proxy_exclusive": ("it must be a boolean", "set {name} to True or False"),
+    "proxy_session_idle": ("it must be a positive number of seconds", "set {name} to e.g. 300.0"),
+    "proxy_ban_codes": (
+        "it must be a list of HTTP status codes (100 to 599)",
+        "set {name} to e.g. [403, 407, 429, 503]",
+    ),
+    "proxy_ban_policy": (
+        "it must be the import path of a class with response_is_ban(request, response) and "
+        "exception_is_ban(request, exception) methods, the class, or None",
+        "set {name} to e.g. 'myproject.proxies.BanPolicy'",
+    ),
+    "proxy_max_tries": ("it must be a positive integer", "set {name} to e.g. 5"),
+    "proxy_backoff_base": ("it must be a positive number of seconds", "set {name} to e.g. 60.0"),
+    "proxy_backoff_max": (
+        "it must be a number of seconds, at least INGEST_PROXY_BACKOFF_BASE",
+        "set {name} to e.g. 1800.0",
+    ),
+    "proxy_all_dead_timeout": (
+        "it must be a positive number of seconds",
+        "set {name} to e.g. 300.0",
+    ),
 }
 
 #: label names the metrics use themselves
@@ -125,6 +176,10 @@ class IngestConfig(BaseModel):
     crawl_id: str | None = _Id
     job_heartbeat: float = Field(gt=0)
     retry_timeout: float = Field(ge=0)
+    retry_enabled: bool
+    retry_backoff_base: float = Field(gt=0)
+    retry_backoff_max: float = Field(gt=0)
+    retry_after_max: float = Field(ge=0)
     writer_process: bool
     #: as given; see :meth:`rules`
     routes: Any = None
@@ -143,6 +198,19 @@ class IngestConfig(BaseModel):
     logs_enabled: bool
     #: the level as a number (a name given in the setting is turned into one)
     log_level: int
+    proxy_list: list[str]
+    proxy_file: str | None = Field(min_length=1)
+    proxy_policy: Literal["round_robin", "random", "least_used"]
+    proxy_sticky: Literal["none", "domain", "cookiejar"]
+    proxy_exclusive: bool
+    proxy_session_idle: float = Field(gt=0)
+    proxy_ban_codes: frozenset[int]
+    #: an import path or a class
+    proxy_ban_policy: Any = None
+    proxy_max_tries: int = Field(gt=0)
+    proxy_backoff_base: float = Field(gt=0)
+    proxy_backoff_max: float = Field(gt=0)
+    proxy_all_dead_timeout: float = Field(gt=0)
 
     @field_validator("database_url")
     @classmethod
@@ -208,6 +276,27 @@ class IngestConfig(BaseModel):
             raise ValueError("level out of range")
         return number
 
+    @field_validator("proxy_list", mode="before")
+    @classmethod
+    def _check_proxies(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):  # from the command line: -s INGEST_PROXY_LIST=a,b
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("not a list")
+        return list(value)  # each URL is checked in from_settings, to name the one at fault
+
+    @field_validator("proxy_ban_codes", mode="before")
+    @classmethod
+    def _check_codes(cls, value: Any) -> frozenset[int]:
+        if isinstance(value, str):
+            value = value.split(",")
+        codes = {int(code) for code in value}
+        if not all(100 <= code <= 599 for code in codes):
+            raise ValueError("status out of range")
+        return frozenset(codes)
+
     @field_validator("table_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
@@ -232,6 +321,27 @@ class IngestConfig(BaseModel):
                 f"INGEST_ROUTER ({config.router!r}) is invalid: it must be the import path of a "
                 "class, or the class. Fix: e.g. INGEST_ROUTER = 'myproject.routing.ShopRouter'."
             )
+        for index, url in enumerate(config.proxy_list):
+            if reason := check_proxy_url(url):
+                shown = redact_url(url) if isinstance(url, str) else url
+                raise ConfigError(
+                    f"INGEST_PROXY_LIST[{index}] ({shown!r}) is invalid: {reason}. Fix: write "
+                    "it as scheme://[user:password@]host:port, e.g. 'http://proxy1:3128'."
+                )
+        if config.proxy_ban_policy is not None and not isinstance(
+            config.proxy_ban_policy, (str, type)
+        ):
+            raise ConfigError(_message("proxy_ban_policy", config.proxy_ban_policy))
+        if config.proxy_backoff_max < config.proxy_backoff_base:
+            raise ConfigError(
+                _message("proxy_backoff_max", config.proxy_backoff_max)
+                + f" (INGEST_PROXY_BACKOFF_BASE is {config.proxy_backoff_base})"
+            )
+        if config.retry_backoff_max < config.retry_backoff_base:
+            raise ConfigError(
+                _message("retry_backoff_max", config.retry_backoff_max)
+                + f" (INGEST_RETRY_BACKOFF_BASE is {config.retry_backoff_base})"
+            )
         if config.max_buffer_bytes < config.batch_bytes:
             raise ConfigError(
                 _message("max_buffer_bytes", config.max_buffer_bytes)
@@ -251,8 +361,8 @@ def setting_name(field: str) -> str:
 
 def _message(field: str, value: Any) -> str:
     rule, fix = _RULES[field]
-    shown = redact_url(value) if field == "database_url" and isinstance(value, str) else value
     name = setting_name(field)
+    shown = redact_value(name, value)  # a database or proxy URL may carry a password
     return f"{name} ({shown!r}) is invalid: {rule}. Fix: {fix.format(name=name)}."
 
 

@@ -27,8 +27,21 @@ Why these numbers (see ``docs/performance.md`` for the measurements):
   a range, like Scrapy's ``TELNETCONSOLE_PORT``, so that several crawls on one
   machine each find one; ``INGEST_METRICS_UNHEALTHY_AFTER`` half of
   ``INGEST_RETRY_TIMEOUT``: unhealthy well before rows are given up on.
+* ``INGEST_PROXY_BACKOFF_BASE`` / ``INGEST_PROXY_BACKOFF_MAX``: a banned proxy
+  rests a minute, then 2, 4, ... up to half an hour, as scrapy-rotating-proxies
+  taught users to expect (sites ban for minutes, not seconds);
+  ``INGEST_PROXY_ALL_DEAD_TIMEOUT`` five minutes: long enough for a first
+  reanimation, short enough not to idle for the night. ``INGEST_PROXY_MAX_TRIES``
+  5: a page banned through five proxies is more likely banned for everyone.
 * ``INGEST_REQUESTS_STORE_HEADERS``: off, since headers are most of a request
   row's size and rarely queried.
+* ``INGEST_RETRY_ENABLED``: off, since it changes when Scrapy retries, which a
+  project should choose. ``INGEST_RETRY_BACKOFF_BASE`` 0.5 s: a first retry
+  waits 0.25 s on average, about one page of a polite crawl;
+  ``INGEST_RETRY_BACKOFF_MAX`` a minute, reached by the 8th failure round,
+  since rate limits and restarts usually last seconds to minutes;
+  ``INGEST_RETRY_AFTER_MAX`` five minutes: a site asking for more is better
+  retried by the next crawl than waited for with the crawl held open.
 """
 
 INGEST_ENABLED = True
@@ -51,8 +64,24 @@ INGEST_METRICS_PORT = [9410, 9440]
 INGEST_METRICS_PUSH_INTERVAL = 15.0
 INGEST_METRICS_PUSHGATEWAY = None
 INGEST_METRICS_UNHEALTHY_AFTER = 30.0
+INGEST_PROXY_ALL_DEAD_TIMEOUT = 300.0
+INGEST_PROXY_BACKOFF_BASE = 60.0
+INGEST_PROXY_BACKOFF_MAX = 1800.0
+INGEST_PROXY_BAN_CODES = [403, 407, 429, 503]
+INGEST_PROXY_BAN_POLICY = None
+INGEST_PROXY_EXCLUSIVE = False
+INGEST_PROXY_FILE = None
+INGEST_PROXY_LIST: list[str] = []
+INGEST_PROXY_MAX_TRIES = 5
+INGEST_PROXY_POLICY = "round_robin"
+INGEST_PROXY_SESSION_IDLE = 300.0
+INGEST_PROXY_STICKY = "none"
 INGEST_REQUESTS_ENABLED = True
 INGEST_REQUESTS_STORE_HEADERS = False
+INGEST_RETRY_ENABLED = False
+INGEST_RETRY_AFTER_MAX = 300.0
+INGEST_RETRY_BACKOFF_BASE = 0.5
+INGEST_RETRY_BACKOFF_MAX = 60.0
 INGEST_RETRY_TIMEOUT = 60.0
 INGEST_ROUTER = None
 INGEST_ROUTES = None

@@ -136,6 +136,58 @@ def run_crawl(
         crawl.kill()
 
 
+# the list crawl of the proxy and retry tests: tests/_proxy_crawl.py
+
+LIST_CRAWL_SCRIPT = TESTS_DIR / "_proxy_crawl.py"
+
+
+def start_list_crawl(plan: dict[str, Any], workdir: Path) -> subprocess.Popen[str]:
+    """Start ``_proxy_crawl.py`` with *plan* (see its docstring); :func:`finish_list_crawl`."""
+    plan = {"workdir": str(workdir), "result": str(workdir / "result.json"), **plan}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), str(TESTS_DIR)])}
+    return subprocess.Popen(
+        [sys.executable, str(LIST_CRAWL_SCRIPT), json.dumps(plan)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=workdir,
+    )
+
+
+def finish_list_crawl(crawl: subprocess.Popen[str], workdir: Path) -> dict[str, Any]:
+    """Wait for a list crawl to end; its result, with the crawl log in ``log``."""
+    output, _ = crawl.communicate(timeout=120)
+    result_path = workdir / "result.json"
+    assert crawl.returncode == 0 and result_path.exists(), output[-6000:]
+    result: dict[str, Any] = json.loads(result_path.read_text())
+    result["log"] = output
+    return result
+
+
+def run_list_crawl(plan: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Run a list crawl to its end."""
+    crawl = start_list_crawl(plan, workdir)
+    try:
+        return finish_list_crawl(crawl, workdir)
+    finally:
+        crawl.kill()
+
+
+def wait_for_round(pause_file: Path, crawl: subprocess.Popen[str], number: int) -> None:
+    """Wait until the list crawl has finished round *number* (0 first) and waits for
+    *pause_file*."""
+    ready = Path(f"{pause_file}.ready")
+    deadline = time.monotonic() + 60
+    while not (ready.exists() and ready.read_text() == str(number + 1)):
+        if crawl.poll() is not None:
+            output = crawl.stdout.read() if crawl.stdout else ""
+            raise AssertionError(f"the crawl ended early:\n{output[-6000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the crawl did not finish round {number}")
+        time.sleep(0.05)
+
+
 def wait_for(
     condition: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = ""
 ) -> Any:

@@ -482,68 +482,89 @@ def _mysql_connect(url: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
 class Proxy:
-    host: str
-    port: int
-    user: str
-    password: str
-    log_path: Path
+    """Debian's tinyproxy on 127.0.0.1 with basic authentication (when *user* is given), in a
+    directory of its own; :meth:`stop` and :meth:`start` again keep its port. It adds the
+    header ``X-Test-Proxy: <name>`` to what it forwards, so the site can tell proxies apart."""
+
+    def __init__(self, user: str | None, password: str | None, name: str = "proxy") -> None:
+        binary = shutil.which("tinyproxy") or (
+            "/usr/bin/tinyproxy" if os.path.exists("/usr/bin/tinyproxy") else None
+        )
+        if binary is None:
+            raise ServiceUnavailable("tinyproxy is not installed (apt-get install -y tinyproxy)")
+        self.binary = binary
+        self.host, self.port = "127.0.0.1", free_port()
+        self.user, self.password, self.name = user, password, name
+        # outside pytest's dirs (private to root): started as root, tinyproxy runs as nobody
+        self.workdir = Path(tempfile.mkdtemp(prefix="scrapy_ingest_tinyproxy_"))
+        self.workdir.chmod(0o777)
+        self.log_path = self.workdir / "tinyproxy.log"
+        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """``http://user:password@host:port``, the form users put in ``meta["proxy"]``."""
-        return f"http://{self.user}:{self.password}@{self.host}:{self.port}"
+        auth = f"{self.user}:{self.password}@" if self.user else ""
+        return f"http://{auth}{self.host}:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-
-@contextlib.contextmanager
-def running_tinyproxy(user: str, password: str) -> Iterator[Proxy]:
-    """Start Debian's tinyproxy on 127.0.0.1 with basic authentication; stop it afterwards."""
-    binary = shutil.which("tinyproxy") or (
-        "/usr/bin/tinyproxy" if os.path.exists("/usr/bin/tinyproxy") else None
-    )
-    if binary is None:
-        raise ServiceUnavailable("tinyproxy is not installed (apt-get install -y tinyproxy)")
-    # a directory of its own, outside pytest's (private to root): started as root, tinyproxy
-    # writes its log as nobody
-    workdir = Path(tempfile.mkdtemp(prefix="scrapy_ingest_tinyproxy_"))
-    workdir.chmod(0o777)
-    port = free_port()
-    log_path = workdir / "tinyproxy.log"
-    lines = [
-        f"Port {port}",
-        "Listen 127.0.0.1",
-        "Timeout 30",
-        "MaxClients 50",
-        "Allow 127.0.0.1",
-        f"BasicAuth {user} {password}",
-        "LogLevel Info",
-        f'LogFile "{log_path}"',
-        "DisableViaHeader Yes",
-    ]
-    if os.geteuid() == 0:
-        lines += ["User nobody", "Group nogroup"]
-    config = workdir / "tinyproxy.conf"
-    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    process = subprocess.Popen(
-        [binary, "-d", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
+    def start(self) -> None:
+        lines = [
+            f"Port {self.port}",
+            "Listen 127.0.0.1",
+            "Timeout 30",
+            "MaxClients 50",
+            "Allow 127.0.0.1",
+            "LogLevel Info",
+            f'LogFile "{self.log_path}"',
+            "DisableViaHeader Yes",
+            f'AddHeader "X-Test-Proxy" "{self.name}"',
+        ]
+        if self.user:
+            lines.append(f"BasicAuth {self.user} {self.password}")
+        if os.geteuid() == 0:
+            lines += ["User nobody", "Group nogroup"]
+        config = self.workdir / "tinyproxy.conf"
+        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        process = self._process = subprocess.Popen(
+            [self.binary, "-d", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 10
-        while not port_answers(port):
+        while not port_answers(self.port):
             if process.poll() is not None or time.monotonic() > deadline:
                 error = process.stderr.read().decode() if process.stderr else ""
+                self.stop()
                 raise ServiceUnavailable(f"tinyproxy did not start: {error.strip()}")
             time.sleep(0.05)
-        yield Proxy("127.0.0.1", port, user, password, log_path)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            stop_process(process, 10)
+            if process.stderr is not None:
+                process.stderr.close()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_tinyproxy(
+    user: str | None = None, password: str | None = None, name: str = "proxy"
+) -> Iterator[Proxy]:
+    """A started :class:`Proxy`, stopped and removed afterwards."""
+    proxy = Proxy(user, password, name)
+    try:
+        proxy.start()
+        yield proxy
     finally:
-        stop_process(process, 10)
-        if process.stderr is not None:
-            process.stderr.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        proxy.remove()
 
 
 def port_answers(port: int) -> bool:
@@ -562,13 +583,24 @@ MAX_DELAY_MS = 10_000
 _TEXT = "text/plain; charset=utf-8"
 
 
+@dataclass(frozen=True)
+class Visit:
+    time: float  # time.time() when the request arrived
+    host: str  # its Host header
+    path: str  # with the query
+    headers: dict[str, str]
+
+
 class _SiteServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client must not hold up teardown
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _SiteHandler)
         self.hits: list[str] = []
+        self.visits: list[Visit] = []
         self.hits_lock = threading.Lock()
+        #: the /ratelimit keys hit already, under hits_lock
+        self.ratelimited: set[str] = set()
 
     def handle_error(self, request: object, client_address: object) -> None:
         # Crawlers drop connections on shutdown; that is not a test failure worth a traceback.
@@ -585,6 +617,10 @@ class _SiteHandler(BaseHTTPRequestHandler):
     - ``/status/<code>``: an empty page with that status;
     - ``/delay?ms=M``: answers after M milliseconds (at most 10 s);
     - ``/redirect?to=PATH``: a 302 to PATH;
+    - ``/ratelimit?key=K&after=S``: the first hit per key K answers 429 with ``Retry-After: S``
+      (seconds or an HTTP date, as given), later hits 200 (the retry tests);
+    - ``/via?ban=NAME,...``: ``via NAME`` naming the test proxy that forwarded the request
+      (its ``X-Test-Proxy`` header, ``direct`` without one), or a 403 for a banned NAME;
     - ``/tree?refused=URL&tls=URL2``: sets a session cookie (``TREE_COOKIE``); HTML linking to a
       small tree of pages (``/page/0?total=4&fanout=2``), a redirect, a 404, a 500, a page slower
       than the tests' download timeout, URL (where nothing listens) and URL2 (an ``https://`` URL
@@ -599,14 +635,16 @@ class _SiteHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        visit = Visit(time.time(), self.headers.get("Host", ""), self.path, dict(self.headers))
         with self.server.hits_lock:
             self.server.hits.append(self.path)
+            self.server.visits.append(visit)
         try:
             self._route(parts.path, query)
         except ValueError as exc:
             self._send(400, f"bad request: {exc}\n")
 
-    def _route(self, path: str, query: dict[str, str]) -> None:
+    def _route(self, path: str, query: dict[str, str]) -> None:  # noqa: PLR0912 (one flat list)
         if path == "/":
             links = '<a href="/page/0">pages</a> <a href="/items?n=10">items</a>'
             self._send(200, _html("index", links), "text/html; charset=utf-8")
@@ -631,6 +669,23 @@ class _SiteHandler(BaseHTTPRequestHandler):
                 "text/html; charset=utf-8",
                 extra_headers={"Set-Cookie": f"tree_session={TREE_COOKIE}; Path=/"},
             )
+        elif path == "/via":
+            proxy = self.headers.get("X-Test-Proxy", "direct")
+            if proxy in query.get("ban", "").split(","):
+                self._send(403, f"banned: {proxy}\n")
+            else:
+                self._send(200, f"via {proxy}\n")
+        elif path == "/ratelimit":
+            key = query.get("key", "")
+            with self.server.hits_lock:
+                first = key not in self.server.ratelimited
+                self.server.ratelimited.add(key)
+            if first:
+                self._send(
+                    429, "slow down\n", extra_headers={"Retry-After": query.get("after", "1")}
+                )
+            else:
+                self._send(200, "ok")
         elif path == "/delay":
             time.sleep(min(_non_negative(query.get("ms", "0"), "ms"), MAX_DELAY_MS) / 1000)
             self._send(200, "ok")
@@ -714,9 +769,17 @@ class LocalSite:
         with self._server.hits_lock:
             return list(self._server.hits)
 
+    @property
+    def visits(self) -> list[Visit]:
+        """Every request since the last :meth:`reset`, with its time and headers."""
+        with self._server.hits_lock:
+            return list(self._server.visits)
+
     def reset(self) -> None:
         with self._server.hits_lock:
             self._server.hits.clear()
+            self._server.visits.clear()
+            self._server.ratelimited.clear()
 
     def start(self) -> None:
         self._thread.start()

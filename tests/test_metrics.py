@@ -15,7 +15,7 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from _helpers import REPO_DIR, Crawl, Database, wait_for
+from _helpers import REPO_DIR, Crawl, Database, run_list_crawl, wait_for
 from conftest import service_missing
 from services import free_port, port_answers, stop_process
 
@@ -297,3 +297,32 @@ def test_two_crawlers_in_one_process_serve_their_own_metrics(
     assert {stats["ingest/metrics/port"] for stats in result.all_stats} == ports
     assert "Duplicated timeseries" not in result.output
     assert "[scrapy_ingest.extensions.metrics] ERROR" not in result.output
+
+
+def test_proxy_gauges_and_bans_reach_the_pushgateway(site: LocalSite, tmp_path: Path) -> None:
+    binary = shutil.which("prometheus-pushgateway")
+    if binary is None:
+        service_missing("prometheus-pushgateway is not installed (apt-get install -y ...)")
+    port = free_port()
+    dead_proxies = [f"http://u:pw@127.0.0.1:{free_port()}" for _ in range(2)]
+    with contextlib.ExitStack() as stack:
+        _start([binary, f"--web.listen-address=127.0.0.1:{port}"], port, stack)
+        settings = {
+            "INGEST_PROXY_LIST": dead_proxies,
+            "INGEST_PROXY_BACKOFF_BASE": 30.0,
+            "INGEST_PROXY_BACKOFF_MAX": 30.0,
+            "INGEST_PROXY_ALL_DEAD_TIMEOUT": 1.0,
+            "INGEST_METRICS_ENABLED": True,
+            "INGEST_METRICS_PORT": False,
+            "INGEST_METRICS_PUSHGATEWAY": f"http://127.0.0.1:{port}",
+        }
+        plan = {"requests": [{"url": site.url(f"/via?n={n}")} for n in range(4)]}
+        result = run_list_crawl({**plan, "settings": settings}, tmp_path)
+        text = _get(f"http://127.0.0.1:{port}/metrics")[2]
+    assert result["stats"]["finish_reason"] == "ingest_no_proxies"
+    benched = re.search(r'^scrapy_ingest_proxies{[^}]*state="benched"[^}]*} (\S+)$', text, re.M)
+    assert benched and float(benched[1]) == 2, text
+    bans = re.findall(r'^scrapy_ingest_proxy_bans_total{.*reason="(\w+)".*} (\S+)$', text, re.M)
+    assert bans and all("Refused" in reason for reason, _ in bans), bans
+    assert sum(float(count) for _, count in bans) >= 2
+    assert "127.0.0.1" not in "".join(line for line in text.splitlines() if "proxy" in line)

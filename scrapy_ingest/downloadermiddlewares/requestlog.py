@@ -238,7 +238,9 @@ class RequestLogMiddleware:
     ) -> None:
         meta = request.meta
         url = redact_url(request.url)
-        proxy = meta.get("proxy")
+        # ProxyMiddleware's name of the proxy (a Playwright request's is in its browser context,
+        # not in meta["proxy"]), else the proxy the project set
+        proxy = meta.get("_ingest_proxy") or meta.get("proxy")
         row = (
             row_id,
             self._job_id,

@@ -354,6 +354,21 @@ class _Collector:
         healthy = family.gauge("healthy", "1 while /healthz answers 200, else 0")
         healthy.add_metric(base, 1.0 if ext.health()[0] else 0.0)
         yield from (rows, failed, flush, buffered, dead, healthy)
+        yield from self._proxies(family, stats)
+
+    def _proxies(self, family: _Families, stats: dict[str, Any]) -> Iterator[Any]:
+        """ProxyMiddleware's pool, when it runs (its per-proxy stats stay out: they name hosts)."""
+        if "ingest/proxy/state/good" not in stats:
+            return
+        base = family.values
+        proxies = family.gauge("proxies", "Proxies of the pool, by state", ("state",))
+        for state in ("good", "unchecked", "benched"):
+            proxies.add_metric([*base, state], stats.get(f"ingest/proxy/state/{state}", 0))
+        bans = family.counter("proxy_bans", "Bans and failures seen through proxies", ("reason",))
+        for key, value in stats.items():
+            if key.startswith("ingest/proxy/bans/"):
+                bans.add_metric([*base, key[len("ingest/proxy/bans/") :]], value)
+        yield from (proxies, bans)
 
     def _bridge(self, family: _Families, stats: dict[str, Any]) -> Iterator[Any]:
         bridge = family.gauge(
