@@ -11,6 +11,7 @@ the rule and the fix, e.g.::
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -112,6 +113,15 @@ _RULES: dict[str, tuple[str, str]] = {
         "it must be a number of seconds, 0 or more",
         "set {name} to e.g. 300.0",
     ),
+    "require_backend": ("it must be a boolean", "set {name} to True or False"),
+    "spill_dir": (
+        "it must be a directory path, or None (a directory in the project's .scrapy/)",
+        "set {name} to e.g. '/var/lib/scraping/spill'",
+    ),
+    "spill_max_bytes": (
+        "it must be a positive integer",
+        "set {name} to a number of bytes, such as 5368709120 (5 GiB)",
+    ),
     "proxy_list": (
         "it must be a list of proxy URLs",
         "set {name} to e.g. ['http://user:password@proxy1:3128', 'http://proxy2:3128']",
@@ -198,6 +208,9 @@ class IngestConfig(BaseModel):
     logs_enabled: bool
     #: the level as a number (a name given in the setting is turned into one)
     log_level: int
+    require_backend: bool
+    spill_dir: str | None = Field(min_length=1)
+    spill_max_bytes: int = Field(gt=0)
     proxy_list: list[str]
     proxy_file: str | None = Field(min_length=1)
     proxy_policy: Literal["round_robin", "random", "least_used"]
@@ -348,6 +361,19 @@ class IngestConfig(BaseModel):
                 + f" (INGEST_BATCH_BYTES is {config.batch_bytes})"
             )
         return config
+
+    def spill_root(self) -> str:
+        """Where the spill journals live: ``INGEST_SPILL_DIR``, else ``ingest-spill`` in the
+        project's data directory (``.scrapy/``), as an absolute path."""
+        from scrapy.exceptions import NotConfigured
+        from scrapy.utils.project import data_path
+
+        if self.spill_dir:
+            return os.path.abspath(self.spill_dir)
+        try:
+            return os.path.abspath(data_path("ingest-spill"))
+        except NotConfigured:  # a settings module, but no scrapy.cfg to find its project by
+            return os.path.abspath(os.path.join(".scrapy", "ingest-spill"))
 
     def rules(self) -> tuple[Rule, ...]:
         """``INGEST_ROUTES`` as routing rules (raise ConfigError when it is wrong)."""

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     from scrapy_ingest.backends import Batch, LocalHost, WriteOutcome
     from scrapy_ingest.schema import TableSpec
+    from scrapy_ingest.spill import OpenOutcome, ReplayOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,13 @@ class Host(Protocol):
     #: the database URL with credentials redacted, for messages
     url: str
 
-    def open(self) -> Deferred[None]: ...
+    def open(self) -> Deferred[OpenOutcome]: ...
 
     def close(self) -> Deferred[None]: ...
+
+    def recover(self) -> Deferred[ReplayOutcome | None]: ...
+
+    def mark_crashed(self, table: TableSpec, stale_before: float) -> Deferred[list[str]]: ...
 
     def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]: ...
 
@@ -75,12 +80,20 @@ def create_host(
     create_tables: bool,
     retry_timeout: float,
     writer_process: bool,
+    spill_dir: str | None = None,
+    require_backend: bool = True,
 ) -> Host:
     """Return the host for the backend of *url*; raise ConfigError for a bad URL or driver."""
-    local = local_host(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
+    options: dict[str, Any] = {
+        "create_tables": create_tables,
+        "retry_timeout": retry_timeout,
+        "spill_dir": spill_dir,
+        "require_backend": require_backend,
+    }
+    local = local_host(url, tables, **options)
     # network databases, and chDB's engine, get a process of their own; SQLite a thread
     if url_scheme(url) != "sqlite" and writer_process and sys.executable:
-        return ProcessHost(url, tables, create_tables=create_tables, retry_timeout=retry_timeout)
+        return ProcessHost(url, tables, **options)
     return ThreadHost(local)
 
 
@@ -122,7 +135,7 @@ class ThreadHost:
             )
         return run_in_thread(self._executor, fn, *args)
 
-    def open(self) -> Deferred[None]:
+    def open(self) -> Deferred[OpenOutcome]:
         d = self._run(self._local.open)
         d.addErrback(self._shut_down)
         return d
@@ -131,6 +144,12 @@ class ThreadHost:
         d = self._run(self._local.close)
         d.addBoth(self._shut_down)
         return d
+
+    def recover(self) -> Deferred[ReplayOutcome | None]:
+        return self._run(self._local.recover)
+
+    def mark_crashed(self, table: TableSpec, stale_before: float) -> Deferred[list[str]]:
+        return self._run(self._local.mark_crashed, table, stale_before)
 
     def _shut_down(self, result: Any) -> Any:
         if self._executor is not None:
@@ -187,10 +206,24 @@ class ProcessHost:
     """
 
     def __init__(
-        self, url: str, tables: Sequence[TableSpec], *, create_tables: bool, retry_timeout: float
+        self,
+        url: str,
+        tables: Sequence[TableSpec],
+        *,
+        create_tables: bool,
+        retry_timeout: float,
+        spill_dir: str | None = None,
+        require_backend: bool = True,
     ) -> None:
         self.url = redact_url(url)
-        self._backend_args = (url, list(tables), create_tables, retry_timeout)
+        self._backend_args = (
+            url,
+            list(tables),
+            create_tables,
+            retry_timeout,
+            spill_dir,
+            require_backend,
+        )
         self._process: subprocess.Popen[bytes] | None = None
         self._pending: deque[_Request] = deque()
         self._dir: Path | None = None
@@ -200,7 +233,7 @@ class ProcessHost:
 
     # lifecycle
 
-    def open(self) -> Deferred[None]:
+    def open(self) -> Deferred[OpenOutcome]:
         self._dir = Path(tempfile.mkdtemp(prefix="scrapy_ingest_", dir=_scratch_dir()))
         self._start()
         d = self._request("open", self._open_args())
@@ -271,6 +304,12 @@ class ProcessHost:
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> Deferred[bool]:
         return self._request("insert_job", (table, dict(row)))
+
+    def recover(self) -> Deferred[ReplayOutcome | None]:
+        return self._request("recover", ())
+
+    def mark_crashed(self, table: TableSpec, stale_before: float) -> Deferred[list[str]]:
+        return self._request("mark_crashed", (table, stale_before))
 
     def update_job(
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
-from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.misc import build_from_crawler, load_object
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
 from scrapy_ingest import settings as defaults
+from scrapy_ingest._compat import close_spider
 from scrapy_ingest._ids import IdFactory, format_uuid
 from scrapy_ingest._redact import redact_url, redact_value
 from scrapy_ingest._stats import stat_key
@@ -49,6 +50,11 @@ if TYPE_CHECKING:
     from scrapy_ingest.schema import TableSpec
 
 logger = logging.getLogger(__name__)
+
+#: a running job whose row has not been refreshed for this many heartbeats is crashed
+STALE_HEARTBEATS = 3
+#: the close reason when the spill journal outgrows INGEST_SPILL_MAX_BYTES
+SPILL_FULL = "ingest_spill_full"
 
 #: largest dead-letter payload kept, in characters
 DEAD_LETTER_PAYLOAD_MAX = 1_000_000
@@ -109,6 +115,7 @@ class IngestRuntime:
         self._backends: dict[str, _Backend] = {}
         #: databases that could not be opened during the crawl, with the error
         self._unusable: dict[str, IngestError] = {}
+        self._spill_full = False
         #: databases being opened -> who waits for that
         self._opening: dict[str, list[Deferred[None]]] = {}
         self.router: Router | None = None
@@ -264,11 +271,25 @@ class IngestRuntime:
             create_tables=self.config.create_tables,
             retry_timeout=self.config.retry_timeout,
             writer_process=self.config.writer_process,
+            spill_dir=self.config.spill_root(),
+            require_backend=self.config.require_backend,
         )
         try:
-            await maybe_deferred_to_future(host.open())
+            opened = await maybe_deferred_to_future(host.open())
         except IngestError as exc:
             raise type(exc)(f"{exc} (the database of {source})") from None
+        if opened.unavailable is not None:
+            logger.error(
+                "The database of %s is unavailable at start (%s). The crawl goes on: what it "
+                "scrapes for that database goes to the spill journal in %s, and is written "
+                "when the database answers (INGEST_REQUIRE_BACKEND = True refuses to start "
+                "instead)",
+                source,
+                opened.unavailable,
+                opened.journal,
+            )
+        if opened.replayed is not None:
+            self._count_replayed(opened.replayed.batches, opened.replayed.rows)
         try:
             inserted = await maybe_deferred_to_future(
                 host.insert_job(self.tables["jobs"], self._job_row())
@@ -286,6 +307,26 @@ class IngestRuntime:
                 "the jobs of one crawl."
             )
         self._backends[url] = _Backend(url, host, tables, has_job=True)
+        await self._mark_crashed(host)
+
+    async def _mark_crashed(self, host: Host) -> None:
+        """Jobs left ``running`` by a process that died (their row not refreshed for three
+        heartbeats) become ``crashed``."""
+        stale_before = time.time() - STALE_HEARTBEATS * self.config.job_heartbeat
+        try:
+            crashed = await maybe_deferred_to_future(
+                host.mark_crashed(self.tables["jobs"], stale_before)
+            )
+        except Exception as exc:
+            logger.warning("Could not look for crashed jobs in %s: %s", host.url, exc)
+            return
+        for job_id in crashed:
+            logger.warning(
+                "Job %s in %s was left running by a process that stopped refreshing it: it is "
+                "marked crashed",
+                job_id,
+                host.url,
+            )
 
     def _tables_for(self, url: str) -> dict[str, TableSpec]:
         """The tables to prepare at *url*: its routed tables, plus jobs and dead letters."""
@@ -422,6 +463,10 @@ class IngestRuntime:
                 self.items_stored += outcome.written
         if outcome.retries:
             stats.inc_value(stat_key("batches", "retries"), outcome.retries)
+        if outcome.spilled:
+            self._count_spilled(kind, outcome)
+        if outcome.replayed_batches:
+            self._count_replayed(outcome.replayed_batches, outcome.replayed_rows)
         if outcome.lost:
             stats.inc_value(stat_key(kind, "lost"), outcome.lost)
         for row, reason in outcome.dead:
@@ -431,6 +476,33 @@ class IngestRuntime:
             else:
                 payload = _row_payload(kind, row)
                 self.dead_letter(kind, f"the database refused it: {reason}", payload, url)
+
+    def _count_spilled(self, kind: str, outcome: WriteOutcome) -> None:
+        stats = self.stats
+        if kind == "items":  # the job row's items_count: safe in the database or the journal
+            self.items_stored += outcome.spilled
+        stats.inc_value(stat_key(kind, "spilled"), outcome.spilled)
+        stats.inc_value(stat_key("spill", "batches"))
+        stats.inc_value(stat_key("spill", "rows"), outcome.spilled)
+        stats.set_value(stat_key("spill", "bytes"), outcome.journal_bytes)
+        limit = self.config.spill_max_bytes
+        if outcome.journal_bytes > limit and not self._spill_full:
+            self._spill_full = True
+            logger.error(
+                "The spill journal holds %d bytes, more than INGEST_SPILL_MAX_BYTES (%d): "
+                "closing the spider rather than lose what it scrapes. Nothing is lost: "
+                "run `scrapy ingest replay` once the database answers again",
+                outcome.journal_bytes,
+                limit,
+            )
+            deferred_from_coro(close_spider(self.crawler, SPILL_FULL)).addErrback(
+                lambda failure: logger.error("Could not close the spider: %s", failure.value)
+            )
+
+    def _count_replayed(self, batches: int, rows: int) -> None:
+        if batches:
+            self.stats.inc_value(stat_key("spill", "replayed_batches"), batches)
+            self.stats.inc_value(stat_key("spill", "replayed_rows"), rows)
 
     def _count_value(self, kind: str) -> None:
         self.stats.inc_value(stat_key("values", kind))
@@ -531,6 +603,7 @@ class IngestRuntime:
         for callback in self._closers:
             callback()
         self._tick()
+        await self._recover_backends()
         # dead letters last: draining the others can produce some (and create their writer)
         for writer in [w for w in self._writers.values() if w.table.kind != "dead_letters"]:
             await maybe_deferred_to_future(writer.drain())
@@ -540,6 +613,18 @@ class IngestRuntime:
         except Exception:
             logger.exception("Could not close the job row of %s", self.job)
         await self._close_backends()
+
+    async def _recover_backends(self) -> None:
+        """A database that went down during the crawl gets one more try before the last
+        batches: if it answers, they are written, and the spill journal is replayed."""
+        for backend in list(self._backends.values()):
+            try:
+                replayed = await maybe_deferred_to_future(backend.host.recover())
+            except Exception:
+                logger.exception("Could not reach %s again", backend.host.url)
+                continue
+            if replayed is not None:
+                self._count_replayed(replayed.batches, replayed.rows)
 
     async def _close_backends(self) -> None:
         backends, self._backends = list(self._backends.values()), {}

@@ -42,6 +42,9 @@ Why these numbers (see ``docs/performance.md`` for the measurements):
   since rate limits and restarts usually last seconds to minutes;
   ``INGEST_RETRY_AFTER_MAX`` five minutes: a site asking for more is better
   retried by the next crawl than waited for with the crawl held open.
+* ``INGEST_REQUIRE_BACKEND``: off, so that a database down at start costs the
+  crawl nothing (batches wait in the spill journal); ``INGEST_SPILL_MAX_BYTES``
+  5 GiB, a few hours of a fast crawl's items, small next to a crawl machine's disk.
 """
 
 INGEST_ENABLED = True
@@ -76,6 +79,7 @@ INGEST_PROXY_MAX_TRIES = 5
 INGEST_PROXY_POLICY = "round_robin"
 INGEST_PROXY_SESSION_IDLE = 300.0
 INGEST_PROXY_STICKY = "none"
+INGEST_REQUIRE_BACKEND = False
 INGEST_REQUESTS_ENABLED = True
 INGEST_REQUESTS_STORE_HEADERS = False
 INGEST_RETRY_ENABLED = False
@@ -85,5 +89,7 @@ INGEST_RETRY_BACKOFF_MAX = 60.0
 INGEST_RETRY_TIMEOUT = 60.0
 INGEST_ROUTER = None
 INGEST_ROUTES = None
+INGEST_SPILL_DIR = None
+INGEST_SPILL_MAX_BYTES = 5 * 1024 * 1024 * 1024
 INGEST_TABLE_PREFIX = "ingest_"
 INGEST_WRITER_PROCESS = True

@@ -164,15 +164,27 @@ def test_bad_routes_are_refused_with_the_fix(routes: Any, expected: str) -> None
     assert "Fix:" in str(info.value)
 
 
+@pytest.mark.parametrize("require", [True, False])
 def test_an_unreachable_database_at_start_names_the_route(
-    site: LocalSite, sqlite_url: str, tmp_path: Path
+    site: LocalSite, sqlite_url: str, tmp_path: Path, require: bool
 ) -> None:
     down = f"postgresql://scraper:secretpw@127.0.0.1:{free_port()}/nothing"
-    settings = {"INGEST_DATABASE_URL": sqlite_url, "INGEST_ROUTES": {"requests": down}}
+    settings = {
+        "INGEST_DATABASE_URL": sqlite_url,
+        "INGEST_ROUTES": {"requests": down},
+        "INGEST_REQUIRE_BACKEND": require,
+    }
     result = run_crawl({"base_url": site.base_url, "settings": settings, "pages": 1}, tmp_path)
-    assert result.returncode != 0 or result.stats.get("finish_reason") != "finished"
-    assert "the database of INGEST_ROUTES['requests']" in result.output
     assert "secretpw" not in result.output
+    if require:  # the crawl does not start
+        assert result.returncode != 0 or result.stats.get("finish_reason") != "finished"
+        assert "the database of INGEST_ROUTES['requests']" in result.output
+        return
+    # the crawl goes on; the requests wait in the spill journal, the items are stored
+    assert result.stats.get("finish_reason") == "finished", result.describe()
+    assert "The database of INGEST_ROUTES['requests'] is unavailable at start" in result.output
+    assert result.stats["ingest/requests/spilled"] == 1
+    assert result.stats["ingest/items/stored"] == 10
 
 
 def test_rules_first_match_wins_and_unmatched_records_go_to_the_default() -> None:
@@ -208,6 +220,8 @@ def test_items_a_router_sends_to_an_unusable_database_go_to_dead_letters(
         "INGEST_DATABASE_URL": default.url,
         "INGEST_ROUTER": "_crawl_script.ProductRouter",
         "TEST_PRODUCTS_URL": down,
+        # refused at start, rather than spilled (the default; see test_spill.py)
+        "INGEST_REQUIRE_BACKEND": True,
     }
     result = run_crawl(
         {"base_url": site.base_url, "settings": settings, "pages": 2, "per_page": 10,

@@ -15,6 +15,7 @@ from scrapy_ingest.backends.base import (
     WriteOutcome,
 )
 from scrapy_ingest.exceptions import ConfigError
+from scrapy_ingest.spill import SpillJournal
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -100,8 +101,11 @@ def local_host(
     create_tables: bool,
     retry_timeout: float,
     abort: Callable[[], bool] | None = None,
+    spill_dir: str | None = None,
+    require_backend: bool = True,
 ) -> LocalHost:
-    """Return a host that runs the backend of *url* in the calling thread."""
+    """Return a host that runs the backend of *url* in the calling thread; with *spill_dir*,
+    one that spills to a journal there what the database does not take (see LocalHost)."""
     check_url(url)
     check_driver(url)
     scheme = url_scheme(url)
@@ -117,7 +121,15 @@ def local_host(
         from scrapy_ingest.backends.sqlalchemy import SqlAlchemyBackend
 
         backend = SqlAlchemyBackend(url, tables, create_tables=create_tables)
-    return LocalHost(backend, retry_timeout, abort=abort, tables=tables)
+    journal = SpillJournal(spill_dir, url) if spill_dir else None
+    return LocalHost(
+        backend,
+        retry_timeout,
+        abort=abort,
+        tables=tables,
+        journal=journal,
+        require_backend=require_backend,
+    )
 
 
 def _require(module: str, extra: str, url: str, source: str) -> None:

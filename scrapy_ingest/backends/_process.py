@@ -89,7 +89,7 @@ def main() -> None:
             operation, args = receive(requests)
             try:
                 if operation == "open":
-                    url, tables, create_tables, retry_timeout, scratch = args
+                    url, tables, create_tables, retry_timeout, spill_dir, require, scratch = args
                     # kept even if opening fails: its next operation opens it again
                     host = local_host(
                         url,
@@ -97,9 +97,10 @@ def main() -> None:
                         create_tables=create_tables,
                         retry_timeout=retry_timeout,
                         abort=lambda: os.getppid() != parent,
+                        spill_dir=spill_dir,
+                        require_backend=require,
                     )
-                    host.open()
-                    result: Any = None
+                    result: Any = host.open()
                 else:
                     assert host is not None, f"{operation} before open"
                     result = _serve(host, operation, args)
@@ -131,6 +132,10 @@ def _serve(host: LocalHost, operation: str, args: tuple[Any, ...]) -> Any:
     if operation == "update_job":
         table, job_id, values, only_running = args
         return host.update_job(table, job_id, values, only_running=only_running)
+    if operation == "recover":
+        return host.recover()
+    if operation == "mark_crashed":
+        return host.mark_crashed(*args)
     if operation == "close":
         return host.close()
     raise ValueError(f"unknown operation {operation!r}")

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from scrapy_ingest._redact import redact_text
-from scrapy_ingest.exceptions import SchemaError
+from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from scrapy_ingest.schema import ColumnKind, TableSpec
+    from scrapy_ingest.spill import OpenOutcome, ReplayOutcome, SpillJournal
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ class Backend(Protocol):
     ) -> None:
         """Update columns of a job row (only while its status is ``running`` if asked)."""
 
+    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+        """Set status and close reason ``crashed`` (and ``finished_at`` to its last refresh) on
+        each ``running`` job row last refreshed before *stale_before*; return their ids."""
+
 
 @dataclass
 class Batch:
@@ -105,9 +110,19 @@ class WriteOutcome:
     written: int = 0
     #: (row, reason) of each record the database refused
     dead: list[tuple[Row, str]] = field(default_factory=list)
-    #: rows given up on when retries ran out
+    #: rows given up on when retries ran out (and no spill journal took them)
     lost: int = 0
     retries: int = 0
+    #: the rows not written when retries ran out, in order (to spill them)
+    unwritten: list[Row] = field(default_factory=list)
+    #: why the last attempt failed, when rows were not written
+    failure: str = ""
+    #: rows put in the spill journal, and the bytes of the journal's batches after that
+    spilled: int = 0
+    journal_bytes: int = 0
+    #: spilled batches (of any table) replayed into the database after this one was written
+    replayed_batches: int = 0
+    replayed_rows: int = 0
 
 
 @dataclass
@@ -141,6 +156,7 @@ def store_batch(
     *,
     outage: Outage | None = None,
     abort: Callable[[], bool] | None = None,
+    idempotent: bool = False,
 ) -> WriteOutcome:
     """Write *rows*: retry transient failures, split the batch to isolate refused records.
 
@@ -150,12 +166,14 @@ def store_batch(
     failed transaction may have committed. A data failure splits the batch in
     two until the single refused record is found; it is returned in ``dead``
     with the reason, and every other row is stored. *abort* is asked before
-    each wait: true means nobody is left to write for.
+    each wait: true means nobody is left to write for. Rows not written when the
+    time is up are in ``unwritten`` (and counted in ``lost``), for the caller to
+    spill or give up on. *idempotent* from the first write: a replayed batch may
+    be stored already.
     """
     outage = outage or Outage()
     outcome = WriteOutcome()
     pending: list[Sequence[Row]] = [rows]
-    idempotent = False
     delay = _FIRST_RETRY_DELAY
     while pending:
         chunk = pending.pop()
@@ -172,15 +190,11 @@ def store_batch(
                 continue
             outage.failed()
             if time.monotonic() + delay > outage.deadline(retry_timeout) or (abort and abort()):
-                outcome.lost += len(chunk) + sum(map(len, pending))
-                logger.error(
-                    "Giving up on %d rows for %s at %s after %.0f s of retries: %s",
-                    outcome.lost,
-                    table.name,
-                    backend.url,
-                    retry_timeout,
-                    describe_error(exc),
-                )
+                outcome.unwritten = [*chunk]
+                for later in reversed(pending):  # a stack: the last pushed comes first
+                    outcome.unwritten.extend(later)
+                outcome.lost = len(outcome.unwritten)
+                outcome.failure = describe_error(exc)
                 return outcome
             logger.warning(
                 "Writing %d rows to %s at %s failed (%s); retrying in %.2f s",
@@ -320,7 +334,16 @@ def describe_error(exc: BaseException) -> str:
 
 
 class LocalHost:
-    """Runs a backend's work in the calling thread (a writer thread, or the writer process)."""
+    """Runs a backend's work in the calling thread (a writer thread, or the writer process).
+
+    With a spill *journal*, rows the database does not take within the retry
+    timeout go to the journal instead of being given up on, and the host goes
+    *down*: it no longer waits for the database, it spills each batch at once,
+    and tries the database once per backoff step (a *probe*: one write, or one
+    connection attempt). The first write that goes through brings it back up,
+    and the journal is replayed. A database that cannot be opened at start
+    sends the host down at once, unless *require_backend*.
+    """
 
     def __init__(
         self,
@@ -329,6 +352,8 @@ class LocalHost:
         *,
         abort: Callable[[], bool] | None = None,
         tables: Sequence[TableSpec] = (),
+        journal: SpillJournal | None = None,
+        require_backend: bool = True,
     ) -> None:
         self.backend = backend
         #: names of the tables prepared by open(); others are created at their first write
@@ -339,25 +364,68 @@ class LocalHost:
         self._abort = abort
         self._outage = Outage()
         self._opened = False
+        self._journal = journal
+        self._require = require_backend or journal is None
+        #: the latest state of each job row written through this host, to spill it whole
+        self._jobs: dict[str, tuple[TableSpec, dict[str, Any]]] = {}
+        self._down = False
+        self._next_probe = 0.0
+        self._probe_delay = _FIRST_RETRY_DELAY
 
-    def open(self) -> None:
-        self.backend.open()
+    # lifecycle
+
+    def open(self) -> OpenOutcome:
+        """Connect, prepare the tables, and replay the spill journal. Raise BackendUnavailable
+        (when the database must be there) or SchemaError."""
+        from scrapy_ingest.spill import OpenOutcome
+
+        try:
+            self.backend.open()
+        except BackendUnavailable as exc:
+            if self._require:
+                raise
+            assert self._journal is not None
+            self._go_down(probe_now=False)
+            return OpenOutcome(unavailable=str(exc), journal=str(self._journal.dir))
         self._opened = True
+        return OpenOutcome(replayed=self._replay())
 
     def close(self) -> None:
         self.backend.close()
 
+    def recover(self) -> ReplayOutcome | None:
+        """At the end of a crawl: a database that is down gets a try now, whatever the probe
+        schedule (the journal is replayed if it answers), and so do the batches drained next."""
+        if not self._down or self._journal is None:
+            return None
+        self._next_probe = 0.0
+        try:
+            self._ensure_open()
+        except Exception:
+            return None
+        outcome = self._replay()
+        if outcome is not None and outcome.batches and not outcome.failed:
+            self._down = False
+            self._outage.recovered()
+        return outcome
+
     def _ensure_open(self) -> None:
         # a writer process restarted while the database was down opens it at its next call
-        if not self._opened:
-            retry_call(
-                self.backend,
-                self.open,
-                "Opening the database",
-                self._retry_timeout,
-                outage=self._outage,
-                abort=self._abort,
-            )
+        if self._opened:
+            return
+        if self._down:
+            self.backend.open()  # a probe: one attempt
+            self._opened = True
+            return
+        retry_call(
+            self.backend,
+            self.backend.open,
+            "Opening the database",
+            self._retry_timeout,
+            outage=self._outage,
+            abort=self._abort,
+        )
+        self._opened = True
 
     def _retry(self, call: Callable[[], _T], what: str) -> _T:
         self._ensure_open()
@@ -365,48 +433,179 @@ class LocalHost:
             self.backend, call, what, self._retry_timeout, outage=self._outage, abort=self._abort
         )
 
-    def store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
-        rows = batch.rows()
-        try:
-            self._ensure_open()
-        except Exception as exc:
-            logger.error(
-                "Giving up on %d rows for %s: the database at %s cannot be opened (%s)",
-                len(rows),
-                table.name,
-                self.url,
-                describe_error(exc),
-            )
-            return WriteOutcome(lost=len(rows))
-        if table.name not in self._ready:
-            try:
-                self._retry(lambda: self.backend.create_table(table), f"Creating {table.name}")
-            except Exception as exc:
-                logger.error(
-                    "Giving up on %d rows for %s: the table cannot be created at %s (%s)",
-                    len(rows),
-                    table.name,
-                    self.url,
-                    describe_error(exc),
-                )
-                return WriteOutcome(lost=len(rows))
-            self._ready.add(table.name)
+    # down and up again
+
+    def _go_down(self, *, probe_now: bool = False) -> None:
+        if not self._down:
+            self._down = True
+            self._probe_delay = _FIRST_RETRY_DELAY
+        self._outage.failed()
+        self._next_probe = time.monotonic() + (0 if probe_now else self._probe_delay)
+        self._probe_delay = min(self._probe_delay * 2, _MAX_RETRY_DELAY)
+
+    def _probe_due(self) -> bool:
+        return time.monotonic() >= self._next_probe
+
+    def _came_back(self) -> ReplayOutcome | None:
+        logger.info("The database at %s answers again; replaying the spill journal", self.url)
+        self._probe_delay = _FIRST_RETRY_DELAY
+        self._down = False
+        self._outage.recovered()
+        return self._replay()
+
+    def _replay(self) -> ReplayOutcome | None:
+        journal = self._journal
+        if journal is None:
+            return None
+        return journal.replay(
+            self._store_replayed,
+            self.backend.insert_job,
+            lambda table, job_id, row: self.backend.update_job(
+                table, job_id, row, only_running=False
+            ),
+        )
+
+    def _store_replayed(self, table: TableSpec, rows: Sequence[Row]) -> WriteOutcome:
+        self._prepare(table)
         return store_batch(
             self.backend,
             table,
             rows,
-            self._retry_timeout,
-            outage=self._outage,
+            0,  # no waiting: a batch the database refuses again stays in the journal
+            outage=Outage(),
             abort=self._abort,
+            idempotent=True,
         )
 
+    # writing
+
+    def store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
+        rows = batch.rows()
+        was_down = self._down
+        if was_down and not self._probe_due():
+            return self._spill(table, rows, WriteOutcome(), "the database is still unavailable")
+        try:
+            self._ensure_open()
+            self._prepare(table)
+        except Exception as exc:
+            if self._journal is None or not self._transient(exc):
+                return self._give_up(table, rows, describe_error(exc))
+            self._go_down()
+            return self._spill(table, rows, WriteOutcome(), describe_error(exc))
+        outcome = store_batch(
+            self.backend,
+            table,
+            rows,
+            0 if was_down else self._retry_timeout,
+            outage=self._outage,
+            abort=self._abort,
+            idempotent=was_down,
+        )
+        if outcome.unwritten:
+            if self._journal is None:
+                return self._give_up(table, outcome.unwritten, outcome.failure, outcome)
+            self._go_down()
+            return self._spill(table, outcome.unwritten, outcome, outcome.failure)
+        if was_down:
+            replayed = self._came_back()
+            if replayed is not None:
+                outcome.replayed_batches = replayed.batches
+                outcome.replayed_rows = replayed.rows
+        return outcome
+
+    def _transient(self, exc: Exception) -> bool:
+        return isinstance(exc, BackendUnavailable) or self.backend.classify(exc) is (
+            Failure.TRANSIENT
+        )
+
+    def _prepare(self, table: TableSpec) -> None:
+        if table.name not in self._ready:
+            self._retry(lambda: self.backend.create_table(table), f"Creating {table.name}")
+            self._ready.add(table.name)
+
+    def _spill(
+        self, table: TableSpec, rows: list[Row], outcome: WriteOutcome, reason: str
+    ) -> WriteOutcome:
+        assert self._journal is not None
+        try:
+            size = self._journal.spill(table, rows)
+        except OSError as exc:
+            return self._give_up(table, rows, f"{reason}; spilling failed too: {exc}", outcome)
+        outcome.lost = 0
+        outcome.unwritten = []
+        outcome.spilled += len(rows)
+        outcome.journal_bytes = self._journal.add_bytes(size)
+        logger.warning(
+            "Spilled %d rows for %s to %s (%s)", len(rows), table.name, self._journal.dir, reason
+        )
+        return outcome
+
+    def _give_up(
+        self, table: TableSpec, rows: list[Row], reason: str, outcome: WriteOutcome | None = None
+    ) -> WriteOutcome:
+        outcome = outcome or WriteOutcome()
+        outcome.unwritten = []
+        outcome.lost = len(rows)
+        logger.error(
+            "Giving up on %d rows for %s at %s: %s", len(rows), table.name, self.url, reason
+        )
+        return outcome
+
+    # the job row
+
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
-        return self._retry(lambda: self.backend.insert_job(table, row), "Inserting the job row")
+        self._jobs[row["job_id"]] = (table, dict(row))
+        return bool(
+            self._job_call(
+                row["job_id"], lambda: self.backend.insert_job(table, row), "Inserting", True
+            )
+        )
 
     def update_job(
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
     ) -> None:
-        self._retry(
+        known = self._jobs.get(job_id)
+        if known is not None:
+            known[1].update(values)
+        self._job_call(
+            job_id,
             lambda: self.backend.update_job(table, job_id, values, only_running=only_running),
-            "Updating the job row",
+            "Updating",
+            None,
         )
+
+    def _job_call(self, job_id: str, call: Callable[[], _T], verb: str, spilled: _T) -> _T:
+        """Write the job row, or, while the database is down, keep its latest state in the
+        journal (written back before the batches) and return *spilled*."""
+        known = self._jobs.get(job_id)
+        spillable = self._journal is not None and known is not None
+        if self._down and spillable and not self._probe_due():
+            self._save_job(job_id)
+            return spilled
+        try:
+            if self._down:
+                self._ensure_open()
+                result = call()  # a probe
+            else:
+                result = self._retry(call, f"{verb} the job row")
+        except Exception as exc:
+            if not spillable or not self._transient(exc):
+                raise
+            self._go_down()
+            self._save_job(job_id)
+            return spilled
+        if self._down:
+            self._came_back()
+        return result
+
+    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+        if self._down:
+            return []  # the next crawl will see them
+        return self._retry(
+            lambda: self.backend.mark_crashed(table, stale_before), "Marking crashed jobs"
+        )
+
+    def _save_job(self, job_id: str) -> None:
+        assert self._journal is not None
+        table, row = self._jobs[job_id]
+        self._journal.save_job(table, job_id, row)

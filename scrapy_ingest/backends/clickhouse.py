@@ -239,6 +239,26 @@ class ClickHouseBackend:
                 job[name] = value.encode() if isinstance(value, str) else _json_bytes(value)
         return job
 
+    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+        assert self._client is not None, "mark_crashed() before open()"
+        found = self._client.query(
+            f"SELECT job_id FROM {_quote(table.name)} FINAL WHERE status = 'running' "
+            "AND toFloat64(updated_at) < {stale:Float64}",
+            parameters={"stale": stale_before},
+        )
+        ids = [row[0] for row in found.result_rows]
+        for job_id in ids:
+            job = self._job(table, job_id)
+            if job is None or job["status"] != "running":
+                continue
+            # a newer version of the row: updated_at is its version, so it moves to now
+            crashed = {"status": "crashed", "close_reason": "crashed"}
+            self._insert_job_version(
+                table,
+                {**job, **crashed, "finished_at": job["updated_at"], "updated_at": time.time()},
+            )
+        return ids
+
     def _insert_job_version(self, table: TableSpec, job: dict[str, Any]) -> None:
         assert self._client is not None
         names = [n for n in table.column_names if n in job]

@@ -49,6 +49,8 @@ _TYPES: dict[ColumnKind, str] = {
     "json": "jsonb",
 }
 _CONNECT_TIMEOUT = 10
+#: seconds a write waits for a pooled connection (a healthy pool has one ready)
+_POOL_WAIT = 2.0
 
 
 class PostgresBackend:
@@ -82,9 +84,9 @@ class PostgresBackend:
             min_size=1,
             max_size=self.threads + 1,
             kwargs={"connect_timeout": _CONNECT_TIMEOUT},
-            # how long connection() waits while the server is down: bounded, so that the
-            # retry loop, not the pool, decides when to give up
-            timeout=_CONNECT_TIMEOUT,
+            # how long connection() waits while the server is down: short, so that the
+            # retry loop, not the pool, decides when to give up (and spill)
+            timeout=_POOL_WAIT,
             name="scrapy_ingest",
             open=False,
         )
@@ -265,6 +267,16 @@ class PostgresBackend:
         )
         with self._pool.connection() as conn:
             conn.execute(query, [*(self._param(table, n, values[n]) for n in names), job_id])
+
+    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+        assert self._pool is not None, "mark_crashed() before open()"
+        query = sql.SQL(
+            "UPDATE {} SET status = 'crashed', close_reason = 'crashed', "
+            "finished_at = updated_at WHERE status = 'running' AND updated_at < %s "
+            "RETURNING job_id"
+        ).format(sql.Identifier(table.name))
+        with self._pool.connection() as conn:
+            return [row[0] for row in conn.execute(query, [utc_from_epoch(stale_before)])]
 
     def _placeholder(self, table: TableSpec, name: str) -> sql.Composable:
         return sql.SQL("%s::jsonb" if table.column_kind(name) == "json" else "%s")

@@ -298,6 +298,21 @@ class SqlAlchemyBackend:
         with self._engine.begin() as conn:
             conn.execute(stmt.values(self._convert_values(table, values)))
 
+    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+        assert self._engine is not None, "mark_crashed() before open()"
+        jobs = self._tables[table.name]
+        stale = self._convert_values(table, {"updated_at": stale_before})["updated_at"]
+        running = (jobs.c.status == "running") & (jobs.c.updated_at < stale)
+        with self._engine.begin() as conn:
+            ids = [row[0] for row in conn.execute(sa.select(jobs.c.job_id).where(running))]
+            if ids:
+                conn.execute(
+                    jobs.update()
+                    .where(running & jobs.c.job_id.in_(ids))
+                    .values(status="crashed", close_reason="crashed", finished_at=jobs.c.updated_at)
+                )
+        return ids
+
 
 def _epoch(value: Any) -> float:
     """A stored timestamp (ISO text in SQLite, a datetime elsewhere) as epoch seconds."""

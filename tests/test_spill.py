@@ -1,0 +1,302 @@
+"""Nothing lost when the database fails: the spill journal, its replay during the crawl, at the
+next start and by `scrapy ingest replay`, against a real PostgreSQL that each test stops and
+starts again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import services
+from _helpers import REPO_DIR, Crawl, Database, run_crawl, wait_for
+from conftest import service_missing
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from services import LocalSite
+
+pytestmark = [pytest.mark.crawl, pytest.mark.postgres]
+
+#: the DSN's password: trust auth ignores it, and it must appear in no file the crawl writes
+PASSWORD = "spill-planted-pw-51c"
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[services.LocalPostgres, str]]:
+    """A PostgreSQL of this test's own, which it may stop and start; and a database URL."""
+    bindir = services.find_pg_bindir()
+    if bindir is None:
+        service_missing("no PostgreSQL binaries (apt-get install -y postgresql)")
+    local = services.LocalPostgres(bindir)
+    try:
+        admin = local.start()
+    except services.ServiceUnavailable as exc:
+        service_missing(str(exc))
+    try:
+        url = services.with_database(admin, services.create_database(admin))
+        yield local, url.replace(":postgres@", f":{PASSWORD}@")
+    finally:
+        local.stop()
+
+
+def crawl_args(site: LocalSite, url: str, tmp_path: Path, **settings: Any) -> dict[str, Any]:
+    return {
+        "base_url": site.base_url,
+        "pages": 20,
+        "per_page": 100,
+        "settings": {
+            "INGEST_DATABASE_URL": url,
+            "INGEST_SPILL_DIR": str(tmp_path / "spill"),
+            "INGEST_RETRY_TIMEOUT": 1,
+            "INGEST_FLUSH_INTERVAL": 0.2,
+            **settings,
+        },
+    }
+
+
+def replay(url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``scrapy ingest replay`` with the crawl's settings, outside any project."""
+    command = [
+        sys.executable,
+        "-m",
+        "scrapy.cmdline",
+        "ingest",
+        "replay",
+        "-s",
+        f"INGEST_DATABASE_URL={url}",
+        "-s",
+        f"INGEST_SPILL_DIR={tmp_path / 'spill'}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO_DIR)}
+    env.pop("SCRAPY_SETTINGS_MODULE", None)
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120, check=False
+    )
+
+
+def spill_files(tmp_path: Path) -> list[Path]:
+    root = tmp_path / "spill"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def stored_ids(url: str, table: str = "ingest_items") -> list[Any]:
+    return [row[0] for row in Database(url).query(f"SELECT id FROM {table}")]
+
+
+def test_a_database_down_for_the_whole_crawl_gets_everything_from_the_replay_command(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    local, url = server
+    local.pause()
+    result = run_crawl(crawl_args(site, url, tmp_path), tmp_path)
+    assert result.returncode == 0, result.describe()
+    stats = result.stats
+    assert stats["finish_reason"] == "finished"
+    assert stats["ingest/items/spilled"] == stats["item_scraped_count"] == 2000
+    assert stats["ingest/requests/spilled"] == 20
+    assert "ingest/items/lost" not in stats
+    assert "is unavailable" in result.output and "spill journal" in result.output  # loudly
+    files = spill_files(tmp_path)
+    assert any(f.name.endswith(".batch") for f in files)
+    assert any(f.name.startswith("job-") for f in files)
+    for path in files:  # the password is in no spill file
+        assert PASSWORD.encode() not in path.read_bytes(), path
+
+    answer = replay(url, tmp_path)
+    assert answer.returncode == 1, answer.stdout + answer.stderr  # still down: nothing lost
+    assert "the database is unavailable" in answer.stdout
+    assert PASSWORD not in answer.stdout + answer.stderr
+
+    local.resume()
+    answer = replay(url, tmp_path)
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert "replayed" in answer.stdout
+    ids = stored_ids(url)
+    assert len(ids) == len(set(ids)) == 2000
+    assert len(stored_ids(url, "ingest_requests")) == 20
+    [(status, reason, items_count)] = Database(url).query(
+        "SELECT status, close_reason, items_count FROM ingest_jobs"
+    )
+    assert (status, reason, items_count) == ("finished", "finished", 2000)
+    assert not [f for f in spill_files(tmp_path) if f.name != "DATABASE"]
+
+    again = replay(url, tmp_path)  # a second replay stores nothing
+    assert again.returncode == 0 and "Nothing to replay" in again.stdout, again.stdout
+    assert len(stored_ids(url)) == 2000
+
+
+def test_a_database_that_stops_mid_crawl_gets_the_journal_back_while_the_crawl_goes_on(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    local, url = server
+    args = crawl_args(site, url, tmp_path)
+    args.update(pages=160, per_page=20, delay_ms=100)  # about 4 s of pages, 4 at a time
+    args["settings"]["CONCURRENT_REQUESTS"] = 4
+    started = time.monotonic()
+    baseline = run_crawl(args, tmp_path / "baseline")
+    baseline_took = time.monotonic() - started
+    assert baseline.returncode == 0, baseline.describe()
+
+    with_fault = Database(url)
+    with_fault.script("TRUNCATE ingest_items, ingest_requests, ingest_logs, ingest_jobs")
+    started = time.monotonic()
+    crawl = Crawl(args, tmp_path / "fault")
+    try:
+        time.sleep(baseline_took / 4)
+        local.pause()  # refused connections for the middle half of the crawl
+        time.sleep(baseline_took / 2)
+        local.resume()
+        result = crawl.wait()
+    finally:
+        crawl.kill()
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.describe()
+    stats = result.stats
+    assert stats.get("ingest/spill/batches", 0) >= 1, (baseline_took, result.describe())
+    assert stats["ingest/spill/replayed_batches"] == stats["ingest/spill/batches"]
+    ids = stored_ids(url)
+    assert len(ids) == len(set(ids)) == stats["item_scraped_count"] == 3200
+    assert "ingest/items/lost" not in stats
+    assert took <= 1.5 * baseline_took + 2, (took, baseline_took)
+
+
+def test_a_restarted_database_loses_nothing_and_stores_nothing_twice(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    local, url = server
+    args = crawl_args(site, url, tmp_path, INGEST_RETRY_TIMEOUT=60)
+    args.update(pages=200, per_page=100)  # 20,000 items
+    args["settings"]["CONCURRENT_REQUESTS"] = 2
+    crawl = Crawl(args, tmp_path)
+    try:
+        wait_for(
+            lambda: Database(url).table_exists("ingest_items") and stored_ids(url),
+            timeout=60,
+            what="the first items",
+        )
+        local.pause()
+        time.sleep(1)
+        local.resume()
+        result = crawl.wait()
+    finally:
+        crawl.kill()
+    assert result.returncode == 0, result.describe()
+    ids = stored_ids(url)
+    assert len(ids) == len(set(ids)) == result.stats["item_scraped_count"] == 20_000
+
+
+def test_with_require_backend_a_database_down_at_start_closes_the_crawl(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    local, url = server
+    local.pause()
+    args = crawl_args(site, url, tmp_path, INGEST_REQUIRE_BACKEND=True)
+    result = run_crawl(args, tmp_path)
+    assert result.returncode == 1 and result.bootstrap_failed, result.describe()
+    assert "BackendUnavailable: cannot connect to PostgreSQL at postgresql://postgres:***@" in (
+        result.output
+    )
+    assert "(the database of INGEST_DATABASE_URL)" in result.output
+    assert PASSWORD not in result.output
+    assert "item_scraped_count" not in result.stats
+    assert not spill_files(tmp_path)
+
+
+def test_a_full_spill_journal_closes_the_crawl_rather_than_drop_anything(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    local, url = server
+    local.pause()
+    args = crawl_args(site, url, tmp_path, INGEST_SPILL_MAX_BYTES=20_000, INGEST_BATCH_ROWS=100)
+    args.update(pages=200, per_page=100, delay_ms=0)
+    result = run_crawl(args, tmp_path)
+    stats = result.stats
+    assert stats["finish_reason"] == "ingest_spill_full", result.describe()
+    assert stats["ingest/items/spilled"] == stats["item_scraped_count"] < 20_000
+    assert "ingest/items/lost" not in stats
+    local.resume()
+    assert replay(url, tmp_path).returncode == 0
+    assert len(stored_ids(url)) == stats["item_scraped_count"]
+
+
+def test_the_next_crawl_replays_what_the_last_one_spilled(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    local, url = server
+    local.pause()
+    first = run_crawl(crawl_args(site, url, tmp_path), tmp_path / "first")
+    assert first.stats["ingest/items/spilled"] == 2000, first.describe()
+    local.resume()
+    second = run_crawl(crawl_args(site, url, tmp_path), tmp_path / "second")
+    assert second.returncode == 0, second.describe()
+    assert second.stats["ingest/spill/replayed_batches"] >= 1
+    assert second.stats["ingest/spill/replayed_rows"] >= 2000
+    ids = stored_ids(url)
+    assert len(ids) == len(set(ids)) == 4000
+    jobs = Database(url).query("SELECT status, items_count FROM ingest_jobs ORDER BY started_at")
+    assert jobs == [("finished", 2000), ("finished", 2000)]
+
+
+def test_sigterm_writes_everything_and_closes_the_job_row(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    _, url = server
+    args = crawl_args(site, url, tmp_path)
+    args.update(pages=400, per_page=10, delay_ms=50)
+    args["settings"]["CONCURRENT_REQUESTS"] = 2
+    crawl = Crawl(args, tmp_path)
+    try:
+        wait_for(
+            lambda: Database(url).table_exists("ingest_items") and len(stored_ids(url)) >= 50,
+            timeout=60,
+            what="the first items",
+        )
+        crawl.process.send_signal(signal.SIGTERM)
+        result = crawl.wait()
+    finally:
+        crawl.kill()
+    assert result.stats["finish_reason"] == "shutdown", result.describe()
+    ids = stored_ids(url)
+    assert len(ids) == len(set(ids)) == result.stats["item_scraped_count"] < 4000
+    [(status, reason, items)] = Database(url).query(
+        "SELECT status, close_reason, items_count FROM ingest_jobs"
+    )
+    assert (status, reason, items) == ("finished", "shutdown", len(ids))
+
+
+def test_after_sigkill_the_next_crawl_marks_the_job_crashed_and_stores_its_spilled_batches(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    local, url = server
+    local.pause()
+    args = crawl_args(site, url, tmp_path, INGEST_JOB_HEARTBEAT=1)
+    args.update(pages=400, per_page=10, delay_ms=50)
+    crawl = Crawl(args, tmp_path / "killed")
+    try:
+        wait_for(
+            lambda: len([f for f in spill_files(tmp_path) if f.name.endswith(".batch")]) >= 3,
+            timeout=60,
+            what="spilled batches",
+        )
+        crawl.process.kill()  # SIGKILL: no close, no last flush
+        crawl.process.wait()
+    finally:
+        crawl.kill()
+    batches = [f for f in spill_files(tmp_path) if f.name.endswith(".batch")]
+    local.resume()
+    time.sleep(3.5)  # three heartbeats of the next crawl: the killed job's row is stale
+    result = run_crawl(crawl_args(site, url, tmp_path, INGEST_JOB_HEARTBEAT=1), tmp_path / "next")
+    assert result.returncode == 0, result.describe()
+    assert result.stats["ingest/spill/replayed_batches"] >= len(batches)
+    jobs = Database(url).query("SELECT status, close_reason FROM ingest_jobs ORDER BY started_at")
+    assert jobs == [("crashed", "crashed"), ("finished", "finished")], jobs
+    assert "marked crashed" in result.output
+    ids = stored_ids(url)
+    assert len(ids) == len(set(ids)) > 2000  # the next crawl's 2,000 and the killed one's
