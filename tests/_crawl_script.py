@@ -366,6 +366,37 @@ class PlaywrightTreeSpider(scrapy.Spider):
             yield response.follow(href)
 
 
+#: text that breaks SQL built by string formatting: quotes, ";", "$$" (PostgreSQL's dollar
+#: quoting), a comment, NUL, a newline and a backslash
+HOSTILE = 'it\'s "quoted"; DROP TABLE ingest_items; -- $$ $tag$ \x00 nul\nnew line \\ slash'
+HOSTILE_NAME = "spider'; DROP TABLE ingest_jobs; --$$"
+HOSTILE_TYPE = 'Item"; DELETE FROM ingest_items; --$$'
+MEGABYTE = 1024 * 1024
+
+#: an item class with a hostile name (item_type is the class name)
+HostileItem = type(HOSTILE_TYPE, (dict,), {})
+
+
+class HostileSpider(scrapy.Spider):
+    """One page whose URL, log records and two items (one with a megabyte of text) carry
+    :data:`HOSTILE`; the spider's name and item class name are hostile too."""
+
+    name = HOSTILE_NAME
+
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.base_url = base_url
+
+    async def start(self) -> Any:
+        yield scrapy.Request(f"{self.base_url}/items?n=1&q=%27%3B%24%24")
+
+    def parse(self, response: scrapy.http.Response) -> Any:
+        self.logger.warning(HOSTILE)
+        self.logger.warning("big: %s", "m" * MEGABYTE)
+        yield HostileItem(text=HOSTILE, **{HOSTILE: "a key too"})
+        yield HostileItem(text=HOSTILE, big="b" * MEGABYTE, **{HOSTILE: "a key too"})
+
+
 def _jsonable(value: Any) -> Any:
     return value.isoformat() if isinstance(value, (dt.datetime, dt.date)) else str(value)
 
@@ -397,6 +428,10 @@ def main(argv: list[str]) -> int:
     crawlers = []
     if args.get("spider") == "playwright":
         crawler = process.create_crawler(PlaywrightTreeSpider)
+        process.crawl(crawler, base_url=args["base_url"])
+        crawlers.append(crawler)
+    elif args.get("spider") == "hostile":
+        crawler = process.create_crawler(HostileSpider)
         process.crawl(crawler, base_url=args["base_url"])
         crawlers.append(crawler)
     elif args.get("spider") == "tree":
