@@ -72,7 +72,6 @@ def _scrapy_exceptions(*names: str) -> tuple[type[Exception], ...]:
 #: and others) where 2.13 to 2.18 let Twisted's through
 DOWNLOAD_CONNECTION_ERRORS = _scrapy_exceptions(
     "DownloadConnectionRefusedError",
-    "DownloadTimeoutError",
     "DownloadFailedError",
     "CannotResolveHostError",
 )

@@ -63,9 +63,22 @@ def redact_secrets_of(url: str, text: str) -> str:
     return redact_text(text)
 
 
+# "'NAME': 'value'" of a secret-looking NAME inside a longer string: a dict of settings as
+# Scrapy logs it ("Overridden settings: {...}")
+_SECRET_ITEM = re.compile(
+    r"""(?P<key>(?P<q>['"])[A-Za-z0-9_.\-]*(?:PASS|SECRET|TOKEN|API_?KEY|AUTH|CREDENTIAL|COOKIE)"""
+    r"""[A-Za-z0-9_.\-]*(?P=q)\s*:\s*)(?P<v>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""",
+    re.IGNORECASE,
+)
+
+
 def redact_text(text: str) -> str:
-    """Replace passwords of any ``scheme://user:password@`` found inside *text*."""
-    return _USERINFO.sub(rf"\g<scheme>\g<user>:{REDACTED}@", text)
+    """Replace passwords of any ``scheme://user:password@`` found inside *text*, and the
+    quoted values of secret-looking names in a printed dict (``'API_KEY': '...'``)."""
+    text = _USERINFO.sub(rf"\g<scheme>\g<user>:{REDACTED}@", text)
+    if _SECRET_NAME.search(text):
+        text = _SECRET_ITEM.sub(rf"\g<key>'{REDACTED}'", text)
+    return text
 
 
 def redact_value(name: str, value: Any) -> Any:

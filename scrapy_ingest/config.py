@@ -10,6 +10,7 @@ the rule and the fix, e.g.::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -288,6 +289,17 @@ class IngestConfig(BaseModel):
         if not 0 <= number <= logging.CRITICAL:
             raise ValueError("level out of range")
         return number
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _parse_routes(cls, value: Any) -> Any:
+        # from the command line: -s INGEST_ROUTES='{"items": "postgresql://..."}'
+        if isinstance(value, str) and value.strip()[:1] in ("{", "["):
+            try:
+                return json.loads(value)
+            except ValueError:
+                return value  # parse_routes says what is wrong with it
+        return value
 
     @field_validator("proxy_list", mode="before")
     @classmethod

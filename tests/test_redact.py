@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scrapy_ingest._redact import redact_secrets_of, redact_url, redact_value
+from scrapy_ingest._redact import redact_secrets_of, redact_text, redact_url, redact_value
 
 
 @pytest.mark.parametrize(
@@ -45,3 +45,16 @@ def test_urls_in_mapping_keys_are_redacted_and_classes_named() -> None:
     assert redacted == {"ftp://feeduser:***@ftp.example/items.json": {"format": "json"}}
     pipelines = redact_value("ITEM_PIPELINES", {Pipe: 300})
     assert pipelines == {f"{__name__}.{Pipe.__qualname__}": 300}
+
+
+def test_secret_values_in_a_printed_dict_of_settings_are_redacted() -> None:
+    # what Scrapy logs as "Overridden settings:" (pprint of a dict)
+    text = (
+        "Overridden settings:\n{'AWS_SECRET_ACCESS_KEY': 'aws-secret',\n 'API_KEY': \"it's\",\n"
+        " 'COOKIES_ENABLED': False,\n 'DB': 'postgresql://u:pw@h/db',\n 'BOT_NAME': 'books'}"
+    )
+    assert redact_text(text) == (
+        "Overridden settings:\n{'AWS_SECRET_ACCESS_KEY': '***',\n 'API_KEY': '***',\n"
+        " 'COOKIES_ENABLED': False,\n 'DB': 'postgresql://u:***@h/db',\n 'BOT_NAME': 'books'}"
+    )
+    assert redact_text("no secret here: 'a': 'b'") == "no secret here: 'a': 'b'"

@@ -51,7 +51,7 @@ from scrapy.exceptions import IgnoreRequest
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler, load_object
-from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionLost
 from twisted.internet.task import LoopingCall
 from twisted.web._newclient import ResponseNeverReceived
 
@@ -80,10 +80,10 @@ logger = logging.getLogger(__name__)
 CLOSE_REASON = "ingest_no_proxies"
 #: seconds between two looks at the pool (reanimations, gauges) and at INGEST_PROXY_FILE
 TICK = 1.0
-#: connection-level failures: through a proxy, the connection is to the proxy
+#: connection-level failures: through a proxy, the connection is to the proxy. Not a download
+#: timeout (DOWNLOAD_TIMEOUT): a slow page says nothing about the proxy
 _PROXY_FAILURES = (
     ConnectError,
-    TimeoutError,
     ConnectionLost,
     ResponseNeverReceived,
     TunnelError,
