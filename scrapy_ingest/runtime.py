@@ -116,6 +116,9 @@ class IngestRuntime:
         #: databases that could not be opened during the crawl, with the error
         self._unusable: dict[str, IngestError] = {}
         self._spill_full = False
+        #: fired once the spider has closed and the writers are drained (see wait_closed);
+        #: None once that has happened
+        self._close_waiters: list[Deferred[None]] | None = []
         #: databases being opened -> who waits for that
         self._opening: dict[str, list[Deferred[None]]] = {}
         self.router: Router | None = None
@@ -595,6 +598,7 @@ class IngestRuntime:
     async def _spider_closed(self, reason: str) -> None:
         self.closing = True
         if self._state != "open":
+            self._all_closed()
             return
         self._state = "closed"
         if self._flush_loop is not None and self._flush_loop.running:
@@ -612,7 +616,24 @@ class IngestRuntime:
             await self.update_job(reason=reason)
         except Exception:
             logger.exception("Could not close the job row of %s", self.job)
-        await self._close_backends()
+        try:
+            await self._close_backends()
+        finally:
+            self._all_closed()
+
+    async def wait_closed(self) -> None:
+        """Return once the spider has closed and every batch is written, spilled or given up
+        (at once if the runtime never opened)."""
+        if self._state == "new" or self._close_waiters is None:
+            return
+        waiter: Deferred[None] = Deferred()
+        self._close_waiters.append(waiter)
+        await maybe_deferred_to_future(waiter)
+
+    def _all_closed(self) -> None:
+        waiters, self._close_waiters = self._close_waiters or [], None
+        for waiter in waiters:
+            waiter.callback(None)
 
     async def _recover_backends(self) -> None:
         """A database that went down during the crawl gets one more try before the last

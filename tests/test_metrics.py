@@ -252,7 +252,9 @@ def test_metrics_are_pushed_to_a_real_pushgateway(
         service_missing("prometheus-pushgateway is not installed (apt-get install -y ...)")
     port = free_port()
     with contextlib.ExitStack() as stack:
-        _start([binary, f"--web.listen-address=127.0.0.1:{port}"], port, stack)
+        _start(
+            [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="], port, stack
+        )
         crawl = _slow_crawl(
             site,
             sqlite_url,
@@ -306,7 +308,9 @@ def test_proxy_gauges_and_bans_reach_the_pushgateway(site: LocalSite, tmp_path: 
     port = free_port()
     dead_proxies = [f"http://u:pw@127.0.0.1:{free_port()}" for _ in range(2)]
     with contextlib.ExitStack() as stack:
-        _start([binary, f"--web.listen-address=127.0.0.1:{port}"], port, stack)
+        _start(
+            [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="], port, stack
+        )
         settings = {
             "INGEST_PROXY_LIST": dead_proxies,
             "INGEST_PROXY_BACKOFF_BASE": 30.0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def _pushgateway(stack: ExitStack) -> str:
         service_missing("prometheus-pushgateway is not installed (apt-get install -y ...)")
     port = free_port()
     process = subprocess.Popen(
-        [binary, f"--web.listen-address=127.0.0.1:{port}"],
+        [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -141,6 +142,10 @@ def test_planted_secrets_are_nowhere(site: LocalSite, tmp_path: Path) -> None:
         with urllib.request.urlopen(f"{gateway}/metrics", timeout=10) as answer:
             metrics = answer.read().decode()
         assert "scrapy_ingest_proxies" in metrics
+        spilled = re.search(
+            r"^scrapy_ingest_ingest_spilled_batches_total{.*} (\S+)$", metrics, re.M
+        )
+        assert spilled and float(spilled[1]) == stats["ingest/spill/batches"], metrics
         _assert_no_secret("the metrics", metrics)
         files = [p for p in (tmp_path / "spill").rglob("*") if p.is_file()]
         assert any(p.name.endswith(".batch") for p in files)

@@ -220,7 +220,9 @@ class PrometheusExtension:
         if self._push_loop is not None:
             if self._push_loop.running:
                 self._push_loop.stop()
-            # one last push, with the final counts, for short crawls
+            # one last push, with the final counts (once every batch is written or spilled),
+            # for short crawls
+            await self._runtime.wait_closed()
             await maybe_deferred_to_future(self._push())
         if self._server is not None:
             server, self._server = self._server, None
@@ -353,7 +355,17 @@ class _Collector:
                 dead.add_metric([*base, key.split("/")[1]], value)
         healthy = family.gauge("healthy", "1 while /healthz answers 200, else 0")
         healthy.add_metric(base, 1.0 if ext.health()[0] else 0.0)
-        yield from (rows, failed, flush, buffered, dead, healthy)
+        spilled = family.counter(
+            "ingest_spilled_batches", "Batches put in the spill journal (database unavailable)"
+        )
+        spilled.add_metric(base, stats.get("ingest/spill/batches", 0))
+        replayed = family.counter(
+            "ingest_replayed_batches", "Spilled batches replayed into their database"
+        )
+        replayed.add_metric(base, stats.get("ingest/spill/replayed_batches", 0))
+        journal = family.gauge("ingest_spill_bytes", "Bytes in the spill journal, as last seen")
+        journal.add_metric(base, stats.get("ingest/spill/bytes", 0))
+        yield from (rows, failed, flush, buffered, dead, healthy, spilled, replayed, journal)
         yield from self._proxies(family, stats)
 
     def _proxies(self, family: _Families, stats: dict[str, Any]) -> Iterator[Any]:
