@@ -27,18 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from pages import site  # the same local site as bench/pages.py
+
 HERE = Path(__file__).resolve().parent
 MODES = ("scrapy", "backoff")
-
-
-def site(stack: contextlib.ExitStack, pages: int) -> str:
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "_site.py"), str(pages)], stdout=subprocess.PIPE, text=True
-    )
-    stack.callback(process.wait)
-    stack.callback(process.terminate)
-    assert process.stdout is not None
-    return f"http://127.0.0.1:{process.stdout.readline().strip()}"
 
 
 def crawl(mode: str, base_url: str, pages: int, db_url: str | None) -> dict[str, float]:

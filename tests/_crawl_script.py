@@ -334,23 +334,27 @@ class TreeSpider(scrapy.Spider):
             yield response.follow(href, headers=self.headers, meta=self.meta)
 
 
+#: scrapy-playwright with Debian's Chromium (`playwright install` cannot download one here)
+PLAYWRIGHT_SETTINGS: dict[str, Any] = {
+    "DOWNLOAD_HANDLERS": {
+        "http": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
+        "https": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
+    },
+    "PLAYWRIGHT_BROWSER_TYPE": "chromium",
+    "PLAYWRIGHT_LAUNCH_OPTIONS": {
+        "executable_path": "/usr/bin/chromium",
+        "headless": True,
+        "args": ["--no-sandbox"],
+    },
+}
+
+
 class PlaywrightTreeSpider(scrapy.Spider):
     """Fetch ``/page/0?total=3&fanout=2`` through scrapy-playwright (Chromium), its links
     without it."""
 
     name = "playwright_tree"
-    custom_settings: ClassVar[dict[str, Any]] = {
-        "DOWNLOAD_HANDLERS": {
-            "http": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
-            "https": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
-        },
-        "PLAYWRIGHT_BROWSER_TYPE": "chromium",
-        "PLAYWRIGHT_LAUNCH_OPTIONS": {
-            "executable_path": "/usr/bin/chromium",
-            "headless": True,
-            "args": ["--no-sandbox"],
-        },
-    }
+    custom_settings: ClassVar[dict[str, Any]] = PLAYWRIGHT_SETTINGS
 
     def __init__(self, base_url: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -188,6 +188,20 @@ def wait_for_round(pause_file: Path, crawl: subprocess.Popen[str], number: int) 
         time.sleep(0.05)
 
 
+def ingest_replay(settings: dict[str, Any], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``scrapy ingest replay`` with *settings* (``-s NAME=VALUE``, dicts as JSON), outside
+    any project, in *cwd*."""
+    command = [sys.executable, "-m", "scrapy.cmdline", "ingest", "replay"]
+    for name, value in settings.items():
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        command += ["-s", f"{name}={text}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_DIR)}
+    env.pop("SCRAPY_SETTINGS_MODULE", None)
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=cwd, env=env, timeout=120, check=False
+    )
+
+
 def wait_for(
     condition: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = ""
 ) -> Any:

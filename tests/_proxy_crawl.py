@@ -20,20 +20,9 @@ import time
 from typing import Any, ClassVar
 
 import scrapy
+from _crawl_script import PLAYWRIGHT_SETTINGS
 
 ASYNCIO_REACTOR = "twisted.internet.asyncioreactor.AsyncioSelectorReactor"
-PLAYWRIGHT_SETTINGS = {
-    "DOWNLOAD_HANDLERS": {
-        "http": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
-        "https": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
-    },
-    "PLAYWRIGHT_BROWSER_TYPE": "chromium",
-    "PLAYWRIGHT_LAUNCH_OPTIONS": {
-        "executable_path": "/usr/bin/chromium",
-        "headless": True,
-        "args": ["--no-sandbox"],
-    },
-}
 
 
 class ListSpider(scrapy.Spider):

@@ -377,6 +377,22 @@ def postgres_local(stack: contextlib.ExitStack) -> str:
     return server.start()
 
 
+def own_postgres(
+    stack: contextlib.ExitStack, password: str = "postgres"
+) -> tuple[LocalPostgres, str]:
+    """A local PostgreSQL that the caller may stop and start (stopped with *stack*), and the
+    URL of a fresh database on it, with *password* in it (trust auth ignores it). Raise
+    ServiceUnavailable without PostgreSQL's binaries."""
+    bindir = find_pg_bindir()
+    if bindir is None:
+        raise ServiceUnavailable("no PostgreSQL binaries (apt-get install -y postgresql)")
+    local = LocalPostgres(bindir)
+    stack.callback(local.stop)
+    admin = local.start()
+    url = with_database(admin, create_database(admin))
+    return local, url.replace(":postgres@", f":{password}@")
+
+
 def start_postgres(stack: contextlib.ExitStack) -> tuple[str, str]:
     """Return ``(url, source)`` of a PostgreSQL server; cleanup is pushed onto ``stack``."""
     url = postgres_from_env()

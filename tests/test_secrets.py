@@ -4,12 +4,9 @@ every component on."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -17,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import services
-from _helpers import REPO_DIR, Database, run_crawl
+from _helpers import Database, ingest_replay, run_crawl
 from conftest import service_missing
 from services import TREE_COOKIE, free_port, port_answers, running_tinyproxy, stop_process
 
@@ -38,17 +35,10 @@ SECRETS = {
 
 
 def _postgres(stack: ExitStack, password: str) -> tuple[services.LocalPostgres, str]:
-    bindir = services.find_pg_bindir()
-    if bindir is None:
-        service_missing("no PostgreSQL binaries (apt-get install -y postgresql)")
-    local = services.LocalPostgres(bindir)
-    stack.callback(local.stop)
     try:
-        admin = local.start()
+        return services.own_postgres(stack, password)
     except services.ServiceUnavailable as exc:
         service_missing(str(exc))
-    url = services.with_database(admin, services.create_database(admin))
-    return local, url.replace(":postgres@", f":{password}@")  # trust auth ignores it
 
 
 def _pushgateway(stack: ExitStack) -> str:
@@ -157,27 +147,13 @@ def test_planted_secrets_are_nowhere(site: LocalSite, tmp_path: Path) -> None:
         _assert_no_secret("the items database", items_text)
 
         requests_server.resume()
-        env = {**os.environ, "PYTHONPATH": str(REPO_DIR)}
-        replay = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "scrapy.cmdline",
-                "ingest",
-                "replay",
-                "-s",
-                f"INGEST_DATABASE_URL={items_url}",
-                "-s",
-                f"INGEST_ROUTES={json.dumps({'requests': requests_url})}",
-                "-s",
-                f"INGEST_SPILL_DIR={tmp_path / 'spill'}",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env=env,
-            timeout=120,
-            check=False,
+        replay = ingest_replay(
+            {
+                "INGEST_DATABASE_URL": items_url,
+                "INGEST_ROUTES": {"requests": requests_url},
+                "INGEST_SPILL_DIR": tmp_path / "spill",
+            },
+            tmp_path,
         )
         assert replay.returncode == 0, replay.stdout + replay.stderr
         _assert_no_secret("the replay command's output", replay.stdout + replay.stderr)

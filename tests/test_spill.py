@@ -4,19 +4,18 @@ starts again."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import services
-from _helpers import REPO_DIR, Crawl, Database, run_crawl, wait_for
+from _helpers import Crawl, Database, ingest_replay, run_crawl, wait_for
 from conftest import service_missing
 
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Iterator
     from pathlib import Path
 
@@ -31,19 +30,11 @@ PASSWORD = "spill-planted-pw-51c"
 @pytest.fixture
 def server() -> Iterator[tuple[services.LocalPostgres, str]]:
     """A PostgreSQL of this test's own, which it may stop and start; and a database URL."""
-    bindir = services.find_pg_bindir()
-    if bindir is None:
-        service_missing("no PostgreSQL binaries (apt-get install -y postgresql)")
-    local = services.LocalPostgres(bindir)
-    try:
-        admin = local.start()
-    except services.ServiceUnavailable as exc:
-        service_missing(str(exc))
-    try:
-        url = services.with_database(admin, services.create_database(admin))
-        yield local, url.replace(":postgres@", f":{PASSWORD}@")
-    finally:
-        local.stop()
+    with ExitStack() as stack:
+        try:
+            yield services.own_postgres(stack, PASSWORD)
+        except services.ServiceUnavailable as exc:
+            service_missing(str(exc))
 
 
 def crawl_args(site: LocalSite, url: str, tmp_path: Path, **settings: Any) -> dict[str, Any]:
@@ -63,22 +54,8 @@ def crawl_args(site: LocalSite, url: str, tmp_path: Path, **settings: Any) -> di
 
 def replay(url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """``scrapy ingest replay`` with the crawl's settings, outside any project."""
-    command = [
-        sys.executable,
-        "-m",
-        "scrapy.cmdline",
-        "ingest",
-        "replay",
-        "-s",
-        f"INGEST_DATABASE_URL={url}",
-        "-s",
-        f"INGEST_SPILL_DIR={tmp_path / 'spill'}",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO_DIR)}
-    env.pop("SCRAPY_SETTINGS_MODULE", None)
-    return subprocess.run(
-        command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120, check=False
-    )
+    settings = {"INGEST_DATABASE_URL": url, "INGEST_SPILL_DIR": tmp_path / "spill"}
+    return ingest_replay(settings, tmp_path)
 
 
 def spill_files(tmp_path: Path) -> list[Path]:
@@ -300,3 +277,66 @@ def test_after_sigkill_the_next_crawl_marks_the_job_crashed_and_stores_its_spill
     assert "marked crashed" in result.output
     ids = stored_ids(url)
     assert len(ids) == len(set(ids)) > 2000  # the next crawl's 2,000 and the killed one's
+
+
+def test_a_locked_table_slows_the_crawl_and_memory_stays_bounded(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    import psycopg
+
+    _, url = server
+    buffer = 8 * 1024 * 1024
+    args = crawl_args(site, url, tmp_path, INGEST_MAX_BUFFER_BYTES=buffer, INGEST_RETRY_TIMEOUT=60)
+    args.update(pages=300, per_page=100, size=500)  # 30,000 items of ~600 bytes
+    baseline = run_crawl(args, tmp_path / "baseline")
+    assert baseline.returncode == 0, baseline.describe()
+    Database(url).script("TRUNCATE ingest_items, ingest_requests, ingest_logs, ingest_jobs")
+    crawl = Crawl(args, tmp_path / "locked")
+    locker = psycopg.connect(url.replace(PASSWORD, "postgres"))
+    try:
+        wait_for(lambda: stored_ids(url), timeout=60, what="the first items")
+        with locker.transaction():
+            locker.execute("LOCK TABLE ingest_items IN ACCESS EXCLUSIVE MODE")
+            time.sleep(10)  # every write to the table waits; the crawl fills its buffer
+        result = crawl.wait()
+    finally:
+        locker.close()
+        crawl.kill()
+    assert result.returncode == 0, result.describe()
+    ids = stored_ids(url)
+    assert len(ids) == len(set(ids)) == result.stats["item_scraped_count"] == 30_000
+    assert "ingest/items/spilled" not in result.stats  # a lock is slow, not down
+    peak, baseline_peak = result.stats["memusage/max"], baseline.stats["memusage/max"]
+    assert peak <= baseline_peak + buffer, (peak, baseline_peak)
+
+
+def test_four_processes_one_killed_the_others_items_are_all_stored_once(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    _, url = server
+    run_crawl(crawl_args(site, url, tmp_path, INGEST_JOB_ID="tables"), tmp_path / "tables")
+    crawls = []
+    for n in range(4):
+        args = crawl_args(site, url, tmp_path, INGEST_JOB_ID=f"worker-{n}")
+        args.update(pages=200, per_page=50, delay_ms=20)
+        args["settings"]["CONCURRENT_REQUESTS"] = 4
+        crawls.append(Crawl(args, tmp_path / f"worker-{n}"))
+    try:
+        wait_for(
+            lambda: Database(url).count("ingest_items", "job_id = %s", ("worker-3",)) > 500,
+            timeout=60,
+            what="the last worker's first items",
+        )
+        crawls[3].process.kill()
+        results = [crawl.wait() for crawl in crawls[:3]]
+    finally:
+        for crawl in crawls:
+            crawl.kill()
+    db = Database(url)
+    for n, result in enumerate(results):
+        assert result.returncode == 0, result.describe()
+        stored = db.query(
+            "SELECT count(*), count(DISTINCT id) FROM ingest_items WHERE job_id = %s",
+            (f"worker-{n}",),
+        )
+        assert stored == [(10_000, 10_000)] == [(result.stats["item_scraped_count"],) * 2]
