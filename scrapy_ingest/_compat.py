@@ -77,6 +77,16 @@ DOWNLOAD_CONNECTION_ERRORS = _scrapy_exceptions(
 )
 
 
+def _download_timeouts() -> tuple[type[Exception], ...]:
+    from twisted.internet.error import TimeoutError as UserTimeoutError
+
+    return (UserTimeoutError, *_scrapy_exceptions("DownloadTimeoutError"))
+
+
+#: what DOWNLOAD_TIMEOUT raises: Twisted's TimeoutError (2.13 to 2.18), DownloadTimeoutError (2.19)
+DOWNLOAD_TIMEOUTS = _download_timeouts()
+
+
 def enabled_components(settings: BaseSettings, name: str) -> list[Any]:
     """The components a component priority dict setting (``DOWNLOADER_MIDDLEWARES``...) enables,
     in order, loaded. Scrapy 2.14+ merges the class and import-path keys of one component;

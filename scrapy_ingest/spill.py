@@ -17,7 +17,9 @@ renames it to ``<name>.replaying-<pid>``, so two processes never replay the
 same file; a file left so by a process that died is taken back.
 
 The latest state of each job row that could not be written is kept too
-(``job-<job id>.pickle``), and written before the batches.
+(``job-<hash of the job id>``), and written before the batches. Rows the
+database refuses for their content when replayed (where a crawl would have
+dead-lettered them) are kept in ``refused-<batch>`` files, with the reasons.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 FORMAT = 1
 _BATCH = ".batch"
 _JOB_PREFIX = "job-"
+_REFUSED = "refused-"
 
 
 def journal_dir(root: str | os.PathLike[str], url: str) -> Path:
@@ -197,6 +200,8 @@ class SpillJournal:
                 if result.lost:
                     os.rename(claimed, path)
                     return self._stopped(outcome, result.failure)
+                if result.dead:
+                    self._keep_refused(claimed, table, result.dead)
                 claimed.unlink()
                 _fsync_dir(self.dir)
                 outcome.batches += 1
@@ -215,6 +220,21 @@ class SpillJournal:
                 self.dir,
             )
         return outcome
+
+    def _keep_refused(self, path: Path, table: TableSpec, dead: list[tuple[Row, str]]) -> None:
+        """Rows the database refused for their content when replayed: kept, with the reasons,
+        in a ``refused-*`` file beside the journal (a crawl would have dead-lettered them)."""
+        name = path.name.split(".replaying-")[0].removesuffix(_BATCH)
+        data = pickle.dumps((FORMAT, table, dead), protocol=pickle.HIGHEST_PROTOCOL)
+        self._write(f"{_REFUSED}{name}", data)
+        logger.error(
+            "The database at %s refused %d replayed rows of %s (%s); they are kept in %s",
+            self.url,
+            len(dead),
+            table.name,
+            dead[0][1],
+            self.dir / f"{_REFUSED}{name}",
+        )
 
     def _stopped(self, outcome: ReplayOutcome, failure: BaseException | str) -> ReplayOutcome:
         outcome.failed = True

@@ -385,7 +385,7 @@ class LocalHost:
             if self._require:
                 raise
             assert self._journal is not None
-            self._go_down(probe_now=False)
+            self._go_down()
             return OpenOutcome(unavailable=str(exc), journal=str(self._journal.dir))
         self._opened = True
         return OpenOutcome(replayed=self._replay())
@@ -435,12 +435,12 @@ class LocalHost:
 
     # down and up again
 
-    def _go_down(self, *, probe_now: bool = False) -> None:
+    def _go_down(self) -> None:
         if not self._down:
             self._down = True
             self._probe_delay = _FIRST_RETRY_DELAY
         self._outage.failed()
-        self._next_probe = time.monotonic() + (0 if probe_now else self._probe_delay)
+        self._next_probe = time.monotonic() + self._probe_delay
         self._probe_delay = min(self._probe_delay * 2, _MAX_RETRY_DELAY)
 
     def _probe_due(self) -> bool:

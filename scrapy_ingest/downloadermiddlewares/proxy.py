@@ -55,7 +55,7 @@ from twisted.internet.error import ConnectError, ConnectionLost
 from twisted.internet.task import LoopingCall
 from twisted.web._newclient import ResponseNeverReceived
 
-from scrapy_ingest._compat import DOWNLOAD_CONNECTION_ERRORS, close_spider
+from scrapy_ingest._compat import DOWNLOAD_CONNECTION_ERRORS, DOWNLOAD_TIMEOUTS, close_spider
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.downloadermiddlewares._delay import DelayedRequests
@@ -110,6 +110,8 @@ class BanPolicy:
         return response.status in self.ban_codes
 
     def exception_is_ban(self, request: Request, exception: BaseException) -> bool:
+        if isinstance(exception, DOWNLOAD_TIMEOUTS):
+            return False  # Twisted's TimeoutError is a ConnectError too
         if isinstance(exception, _PROXY_FAILURES):
             return True
         # scrapy-playwright passes on the browser's error: "net::ERR_PROXY_CONNECTION_FAILED"
