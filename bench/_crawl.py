@@ -13,6 +13,7 @@ kept and handed over but never written). Prints one JSON line.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -129,9 +130,13 @@ def main() -> None:
         _never_write()
         settings["ADDONS"] = {"scrapy_ingest.IngestAddon": 300}
         settings["INGEST_DATABASE_URL"] = sys.argv[3]
-    elif mode in ("ingest", "metrics"):
+    elif mode in ("ingest", "metrics", "durable"):
         settings["ADDONS"] = {"scrapy_ingest.IngestAddon": 300}
         settings["INGEST_DATABASE_URL"] = sys.argv[3]
+        settings["INGEST_DURABLE"] = mode == "durable"
+        if mode == "durable" and os.environ.get("BENCH_CONCURRENT_ITEMS"):
+            settings["CONCURRENT_ITEMS"] = int(os.environ["BENCH_CONCURRENT_ITEMS"])
+        settings["INGEST_SPILL_DIR"] = str(tmp / "spill")
         if mode == "metrics":
             settings["INGEST_METRICS_ENABLED"] = True
             settings["INGEST_METRICS_PORT"] = 0

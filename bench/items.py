@@ -11,6 +11,8 @@ The target (issue 2): ingest >= 0.90 of none, with every item stored.
 With --metrics, the add-on runs with and without the Prometheus extension
 (scraped every second while it runs); issue 5's target: metrics costs at most
 3% more than ingest.
+With --durable, the add-on runs with and without INGEST_DURABLE (each batch
+journaled, fsync'd, before its items are acknowledged), to measure its cost.
 With --clickhouse, the add-on writes into a fresh chDB directory per run
 instead (issue 4's target is the same 0.90).
 """
@@ -33,6 +35,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import services  # noqa: E402  (tests/services.py: the throwaway PostgreSQL)
 
 MODES = ("none", "feed", "ingest")
+#: the modes that write into a database
+WRITING = ("ingest", "buffer", "metrics", "durable")
 PARTIAL = ("encode", "buffer")
 
 
@@ -64,6 +68,11 @@ def main() -> None:
         help="write into ClickHouse (a fresh chDB directory per run) instead of PostgreSQL",
     )
     parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="run the add-on with and without INGEST_DURABLE",
+    )
+    parser.add_argument(
         "--partial",
         action="store_true",
         help="also run 'encode' and 'buffer', the partial stacks that bound any write path",
@@ -72,18 +81,20 @@ def main() -> None:
     modes = (*MODES, *PARTIAL) if options.partial else MODES
     if options.metrics:
         modes = ("none", "ingest", "metrics")
+    if options.durable:
+        modes = ("none", "ingest", "durable")
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with contextlib.ExitStack() as stack:
         admin = "" if options.clickhouse else postgres(stack)
         for n in range(options.pairs):
             for mode in modes:
                 url = None
-                if mode in ("ingest", "buffer", "metrics") and options.clickhouse:
+                if mode in WRITING and options.clickhouse:
                     url = f"chdb://{stack.enter_context(tempfile.TemporaryDirectory())}/chdb"
-                elif mode in ("ingest", "buffer", "metrics"):
+                elif mode in WRITING:
                     url = services.with_database(admin, services.create_database(admin))
                 result = crawl(mode, options.items, url)
-                if mode in ("ingest", "metrics") and result["stored"] != options.items:
+                if mode in ("ingest", "metrics", "durable") and result["stored"] != options.items:
                     sys.exit(f"ingest run {n}: stored {result['stored']} of {options.items}")
                 runs[mode].append(result)
                 print(f"run {n + 1} {mode:<6} {json.dumps(result)}", flush=True)

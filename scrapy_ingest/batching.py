@@ -19,19 +19,71 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.python.failure import Failure
 
 from scrapy_ingest.backends.base import Batch, WriteOutcome
+from scrapy_ingest.hosting import run_in_thread
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from twisted.internet.base import DelayedCall
 
     from scrapy_ingest.backends.base import Row
     from scrapy_ingest.hosting import Host
     from scrapy_ingest.schema import TableSpec
+    from scrapy_ingest.spill import SpillJournal
 
 logger = logging.getLogger(__name__)
+
+#: INGEST_DURABLE: how long rows wait for others before their batch is journaled (seconds)
+GROUP_COMMIT = 0.01
+
+
+class DurableLog:
+    """``INGEST_DURABLE``: each batch goes to the spill journal (fsync'd, in a thread) before
+    the items in it are acknowledged, and leaves it once the database has it. After a crash,
+    the next start replays what is left, like any spilled batch."""
+
+    def __init__(self, journal: SpillJournal, executor: ThreadPoolExecutor) -> None:
+        self._journal = journal
+        self._executor = executor
+
+    def write(self, table: TableSpec, batch: Batch) -> Deferred[Path]:
+        return run_in_thread(self._executor, self._write, table, batch)
+
+    def _write(self, table: TableSpec, batch: Batch) -> Path:
+        return self._journal.spill_file(table, batch.rows())[0]
+
+    def forget(self, path: Path) -> None:
+        d = run_in_thread(self._executor, path.unlink, True)  # missing_ok: replayed already
+        d.addErrback(lambda failure: logger.error("Could not remove %s: %s", path, failure.value))
+
+
+class _Ack:
+    """The rows of one batch, journaled (INGEST_DURABLE) or not yet."""
+
+    __slots__ = ("done", "waiters")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waiters: list[Deferred[None]] = []
+
+    def wait(self) -> Deferred[None]:
+        if self.done:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.waiters.append(d)
+        return d
+
+    def fire(self) -> None:
+        self.done = True
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.callback(None)
 
 
 class BufferBudget:
@@ -66,6 +118,7 @@ class BatchWriter:
         batch_rows: int,
         batch_bytes: int,
         on_outcome: Callable[[TableSpec, WriteOutcome, float], None],
+        durable: DurableLog | None = None,
     ) -> None:
         self.host = host
         self.table = table
@@ -80,6 +133,11 @@ class BatchWriter:
         self._first_at = 0.0
         #: batches handed over and not answered yet -> when they were handed over (monotonic)
         self._inflight: dict[Deferred[Any], float] = {}
+        self._durable = durable
+        #: with INGEST_DURABLE: the buffered rows' acknowledgement, and the last row's
+        self._ack: _Ack | None = None
+        self._last_ack: _Ack | None = None
+        self._commit: DelayedCall | None = None
 
     def append_json(self, data: bytes) -> int:
         """Append a row's JSON to the batch; return the offset to put in its JSON column.
@@ -101,11 +159,24 @@ class BatchWriter:
         rows = self._rows
         if not rows:
             self._first_at = time.monotonic()
+            if self._durable is not None:
+                self._start_group()
         rows.append(row)
         self._bytes += size
         self._budget.used += size
         if len(rows) >= self._batch_rows or self._bytes >= self._batch_bytes:
             self.flush()
+
+    def _start_group(self) -> None:
+        from twisted.internet import reactor
+
+        self._ack = self._last_ack = _Ack()
+        self._commit = reactor.callLater(GROUP_COMMIT, self.flush)  # type: ignore[arg-type]
+
+    def acknowledged(self) -> Deferred[None]:
+        """Fires once the rows added so far are safe (INGEST_DURABLE: in the journal)."""
+        ack = self._last_ack
+        return succeed(None) if ack is None else ack.wait()
 
     def flush(self) -> None:
         """Hand the buffered rows to the host, which writes them off the reactor thread."""
@@ -114,11 +185,39 @@ class BatchWriter:
         batch = Batch(self._rows, self._payload or None)
         size = self._bytes
         self._rows, self._payload, self._bytes = [], bytearray(), 0
-        # maybeDeferred: a hand-over that fails at once (say, /dev/shm full) is counted like
-        # any failed batch, and its bytes go back to the budget
-        d: Deferred[Any] = maybeDeferred(self.host.store, self.table, batch)
+        d: Deferred[Any]
+        if self._durable is not None:
+            ack, self._ack = self._ack, None
+            if self._commit is not None and self._commit.active():
+                self._commit.cancel()
+            self._commit = None
+            assert ack is not None
+            d = Deferred.fromCoroutine(self._store_durably(batch, ack))
+        else:
+            # maybeDeferred: a hand-over that fails at once (say, /dev/shm full) is counted
+            # like any failed batch, and its bytes go back to the budget
+            d = maybeDeferred(self.host.store, self.table, batch)
         self._inflight[d] = time.monotonic()
         d.addBoth(self._stored, d, len(batch.packed_rows), size)
+
+    async def _store_durably(self, batch: Batch, ack: _Ack) -> WriteOutcome:
+        assert self._durable is not None
+        path: Path | None = None
+        try:
+            path = await self._durable.write(self.table, batch)
+        except Exception as exc:
+            logger.error(
+                "INGEST_DURABLE: could not journal %d rows of %s (%s); they are acknowledged "
+                "all the same, and written",
+                len(batch.packed_rows),
+                self.table.name,
+                exc,
+            )
+        ack.fire()
+        outcome: WriteOutcome = await maybeDeferred(self.host.store, self.table, batch)
+        if path is not None and not outcome.lost:
+            self._durable.forget(path)  # in the database, or spilled by the writer
+        return outcome
 
     def flush_older_than(self, age: float) -> None:
         if self._rows and time.monotonic() - self._first_at >= age:

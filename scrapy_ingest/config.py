@@ -115,6 +115,7 @@ _RULES: dict[str, tuple[str, str]] = {
         "set {name} to e.g. 300.0",
     ),
     "require_backend": ("it must be a boolean", "set {name} to True or False"),
+    "durable": ("it must be a boolean", "set {name} to True or False"),
     "spill_dir": (
         "it must be a directory path, or None (a directory in the project's .scrapy/)",
         "set {name} to e.g. '/var/lib/scraping/spill'",
@@ -210,6 +211,7 @@ class IngestConfig(BaseModel):
     #: the level as a number (a name given in the setting is turned into one)
     log_level: int
     require_backend: bool
+    durable: bool
     spill_dir: str | None = Field(min_length=1)
     spill_max_bytes: int = Field(gt=0)
     proxy_list: list[str]

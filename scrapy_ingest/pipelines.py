@@ -87,6 +87,7 @@ class IngestPipeline:
         self._take_source = runtime.item_sources.pop
         self._encode = runtime.encoder.encode_item
         self._budget = runtime.budget
+        self._durable = runtime.config.durable
         runtime.on_tick(self._publish_stats)
 
     @pipeline_hook
@@ -123,6 +124,7 @@ class IngestPipeline:
                 return item
             append_json, add = writer.append_json, writer.add
         else:
+            writer = self._writer
             append_json, add = self._append_json, self._add
         now = time.time()
         end = append_json(data)
@@ -139,6 +141,9 @@ class IngestPipeline:
             len(data) + ROW_OVERHEAD,
         )
         self._queued += 1
+        if self._durable and writer is not None:
+            # INGEST_DURABLE: the item is in the journal before process_item returns
+            await maybe_deferred_to_future(writer.acknowledged())
         budget = self._budget
         if budget.used >= budget.limit:
             # backpressure: the crawl waits here until the writers catch up

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -31,13 +32,14 @@ from scrapy_ingest._ids import IdFactory, format_uuid
 from scrapy_ingest._redact import redact_url, redact_value
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.backends import check_driver, check_url, is_best_effort
-from scrapy_ingest.batching import BatchWriter, BufferBudget
+from scrapy_ingest.batching import BatchWriter, BufferBudget, DurableLog
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import ConfigError, IngestError, JobIdConflict
 from scrapy_ingest.hosting import create_host
 from scrapy_ingest.records import RecordEncoder
 from scrapy_ingest.router import Route, Router
 from scrapy_ingest.schema import all_tables, table_spec
+from scrapy_ingest.spill import SpillJournal
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -116,6 +118,7 @@ class IngestRuntime:
         #: databases that could not be opened during the crawl, with the error
         self._unusable: dict[str, IngestError] = {}
         self._spill_full = False
+        self._durable_executor: ThreadPoolExecutor | None = None
         #: fired once the spider has closed and the writers are drained (see wait_closed);
         #: None once that has happened
         self._close_waiters: list[Deferred[None]] | None = []
@@ -409,8 +412,17 @@ class IngestRuntime:
                 batch_rows=config.batch_rows,
                 batch_bytes=config.batch_bytes,
                 on_outcome=partial(self._count_outcome, route.url),
+                durable=self._durable_log(route.url) if kind == "items" else None,
             )
         return writer
+
+    def _durable_log(self, url: str) -> DurableLog | None:
+        """With INGEST_DURABLE, items are journaled before they are acknowledged."""
+        if not self.config.durable:
+            return None
+        if self._durable_executor is None:
+            self._durable_executor = ThreadPoolExecutor(1, thread_name_prefix="scrapy_ingest")
+        return DurableLog(SpillJournal(self.config.spill_root(), url), self._durable_executor)
 
     async def drain(self, kind: str) -> None:
         """Write every buffered row of *kind*, to whichever database it is routed."""
@@ -619,6 +631,8 @@ class IngestRuntime:
         try:
             await self._close_backends()
         finally:
+            if self._durable_executor is not None:
+                self._durable_executor.shutdown(wait=False)  # the last removals still run
             self._all_closed()
 
     async def wait_closed(self) -> None:

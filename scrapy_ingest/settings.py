@@ -45,6 +45,8 @@ Why these numbers (see ``docs/performance.md`` for the measurements):
 * ``INGEST_REQUIRE_BACKEND``: off, so that a database down at start costs the
   crawl nothing (batches wait in the spill journal); ``INGEST_SPILL_MAX_BYTES``
   5 GiB, a few hours of a fast crawl's items, small next to a crawl machine's disk.
+* ``INGEST_DURABLE``: off: waiting for a disk write per group of items costs an
+  item-heavy crawl most of its speed (``docs/performance.md``).
 """
 
 INGEST_ENABLED = True
@@ -54,6 +56,7 @@ INGEST_BATCH_ROWS = 2000
 INGEST_CREATE_TABLES = True
 INGEST_CRAWL_ID = None
 INGEST_DATABASE_URL = "sqlite:///ingest.sqlite3"
+INGEST_DURABLE = False
 INGEST_FLUSH_INTERVAL = 1.0
 INGEST_JOB_HEARTBEAT = 10.0
 INGEST_JOB_ID = None

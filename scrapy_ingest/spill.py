@@ -96,11 +96,16 @@ class SpillJournal:
 
     def spill(self, table: TableSpec, rows: Sequence[Row]) -> int:
         """Write *rows* of *table* to a new batch file; return its size in bytes."""
+        return self.spill_file(table, rows)[1]
+
+    def spill_file(self, table: TableSpec, rows: Sequence[Row]) -> tuple[Path, int]:
+        """Write *rows* of *table* to a new batch file; return its path and size."""
         data = pickle.dumps((FORMAT, table, list(rows)), protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._sequence):06d}"
-        self._write(f"{name}-{table.name}{_BATCH}", data)
-        return len(data)
+        path = self.dir / f"{name}-{table.name}{_BATCH}"
+        self._write(path.name, data)
+        return path, len(data)
 
     def save_job(self, table: TableSpec, job_id: str, row: Mapping[str, Any]) -> None:
         """Keep the latest state of a job row that could not be written."""

@@ -38,6 +38,7 @@ import datetime as dt
 import enum
 import json
 import math
+import os
 import sys
 import uuid
 from collections import deque
@@ -59,6 +60,27 @@ class ReplaceItemPipeline:
 
     def process_item(self, item: Any, spider: Any = None) -> Any:
         return dict(item)
+
+
+class AckedItemsPipeline:
+    """After ours: writes the ``idx`` of each item the pipelines before it returned for, to the
+    file ``TEST_ACKED_FILE``, each line fsync'd (what a SIGKILL must not lose)."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed at close)
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> AckedItemsPipeline:
+        return cls(crawler.settings["TEST_ACKED_FILE"])
+
+    def process_item(self, item: Any, spider: Any = None) -> Any:
+        self._file.write(f"{item['idx']}\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return item
+
+    def close_spider(self, spider: Any = None) -> None:
+        self._file.close()
 
 
 class Product(scrapy.Item):

@@ -339,3 +339,36 @@ def test_four_processes_one_killed_the_others_items_are_all_stored_once(
             (f"worker-{n}",),
         )
         assert stored == [(10_000, 10_000)] == [(result.stats["item_scraped_count"],) * 2]
+
+
+def test_with_durable_a_sigkill_loses_no_item_that_process_item_returned_for(
+    site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
+) -> None:
+    _, url = server
+    acked = tmp_path / "acked.txt"
+    args = crawl_args(
+        site,
+        url,
+        tmp_path,
+        INGEST_DURABLE=True,
+        INGEST_FLUSH_INTERVAL=5,  # without INGEST_DURABLE, rows would wait this long in memory
+        ITEM_PIPELINES={"_crawl_script.AckedItemsPipeline": 950},
+        TEST_ACKED_FILE=str(acked),
+    )
+    args.update(pages=400, per_page=10, delay_ms=50)
+    crawl = Crawl(args, tmp_path / "killed")
+    try:
+        wait_for(
+            lambda: acked.exists() and len(acked.read_text().splitlines()) >= 300,
+            timeout=60,
+            what="acknowledged items",
+        )
+        crawl.process.kill()
+        crawl.process.wait()
+    finally:
+        crawl.kill()
+    returned = {int(line) for line in acked.read_text().splitlines() if line.strip()}
+    answer = replay(url, tmp_path)  # what the journal kept
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    stored = {idx for (idx,) in Database(url).query("SELECT (data->>'idx')::int FROM ingest_items")}
+    assert returned <= stored, sorted(returned - stored)[:20]
