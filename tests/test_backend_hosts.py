@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
-from _helpers import REPO_DIR, Crawl, wait_for
+from _helpers import REPO_DIR, Crawl, Database, wait_for
 
 from scrapy_ingest._ids import IdFactory
 from scrapy_ingest.backends import Batch, LocalHost, local_host
@@ -283,3 +283,47 @@ def _open_at_once(hosts: list[LocalHost]) -> list[BaseException]:
     for thread in threads:
         thread.join()
     return errors
+
+
+def _job_row(job_id: str, updated_at: float) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "crawl_id": "c",
+        "spider": "s",
+        "hostname": "h",
+        "pid": 42,
+        "status": "running",
+        "started_at": updated_at - 60,
+        "updated_at": updated_at,
+        "items_count": 0,
+    }
+
+
+@pytest.mark.parametrize("database", ["postgres", "sqlite", "mysql"])
+def test_running_jobs_not_refreshed_in_time_are_marked_crashed(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    fixture = {"postgres": "pg_url", "sqlite": "sqlite_url", "mysql": "mysql_url"}[database]
+    url = request.getfixturevalue(fixture)
+    jobs = next(t for t in TABLES if t.kind == "jobs")
+    now = time.time()
+    host = opened(url)
+    try:
+        host.insert_job(jobs, _job_row("stale", now - 100))
+        host.insert_job(jobs, _job_row("fresh", now - 1))
+        host.insert_job(jobs, {**_job_row("done", now - 100), "status": "finished"})
+        assert host.mark_crashed(jobs, now - 30) == ["stale"]
+        assert host.mark_crashed(jobs, now - 30) == []  # once
+    finally:
+        host.close()
+    rows = {
+        job_id: (status, reason)
+        for job_id, status, reason in Database(url).query(
+            "SELECT job_id, status, close_reason FROM ingest_jobs"
+        )
+    }
+    assert rows == {
+        "stale": ("crashed", "crashed"),
+        "fresh": ("running", None),
+        "done": ("finished", None),
+    }

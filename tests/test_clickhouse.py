@@ -129,3 +129,37 @@ def test_a_real_clickhouse_server_over_http(
     stats = _tree(site, {"INGEST_DATABASE_URL": clickhouse_http_url}, tmp_path).stats
     assert len(db.rows("ingest_items")) == stats["item_scraped_count"]
     assert len(db.rows("ingest_requests")) == stats["ingest/requests/stored"]
+
+
+def test_running_jobs_not_refreshed_in_time_are_marked_crashed(chdb_url: str) -> None:
+    import subprocess
+    import sys
+
+    script = f"""
+import time
+from scrapy_ingest.backends import local_host
+from scrapy_ingest.schema import all_tables
+tables = {{t.kind: t for t in all_tables("ingest_")}}
+host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
+host.open()
+now = time.time()
+def row(job_id, updated_at, status="running"):
+    return dict(job_id=job_id, crawl_id="c", spider="s", hostname="h", pid=42, status=status,
+                started_at=updated_at - 60, updated_at=updated_at, items_count=0)
+host.insert_job(tables["jobs"], row("stale", now - 100))
+host.insert_job(tables["jobs"], row("fresh", now - 1))
+host.insert_job(tables["jobs"], row("done", now - 100, "finished"))
+print(host.mark_crashed(tables["jobs"], now - 30))
+found = host.backend._client.query(
+    "SELECT job_id, status, close_reason FROM ingest_jobs FINAL ORDER BY job_id")
+print(sorted(tuple(r) for r in found.result_rows))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    marked, rows = out.stdout.strip().splitlines()[-2:]
+    assert marked == "['stale']"
+    assert rows == (
+        "[('done', 'finished', None), ('fresh', 'running', None), ('stale', 'crashed', 'crashed')]"
+    )
