@@ -36,16 +36,20 @@ class PagesSpider(scrapy.Spider):
         yield from response.follow_all(css="a.next")
 
 
+#: the crawl's settings in every mode (bench/retry.py's too)
+SETTINGS: dict[str, object] = {
+    "CONCURRENT_REQUESTS": 32,
+    "CONCURRENT_REQUESTS_PER_DOMAIN": 32,
+    "LOG_LEVEL": "INFO",
+    "LOGSTATS_INTERVAL": 0,
+    "TELNETCONSOLE_ENABLED": False,
+    "ROBOTSTXT_OBEY": False,
+}
+
+
 def main() -> None:
     mode, base_url, pages = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    settings: dict[str, object] = {
-        "CONCURRENT_REQUESTS": 32,
-        "CONCURRENT_REQUESTS_PER_DOMAIN": 32,
-        "LOG_LEVEL": "INFO",
-        "LOGSTATS_INTERVAL": 0,
-        "TELNETCONSOLE_ENABLED": False,
-        "ROBOTSTXT_OBEY": False,
-    }
+    settings: dict[str, object] = dict(SETTINGS)
     if mode == "ingest":
         settings["ADDONS"] = {"scrapy_ingest.IngestAddon": 300}
         settings["INGEST_DATABASE_URL"] = sys.argv[4]

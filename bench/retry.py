@@ -43,17 +43,10 @@ def crawl(mode: str, base_url: str, pages: int, db_url: str | None) -> dict[str,
 
 def one_crawl(mode: str, base_url: str, pages: int, db_url: str | None) -> None:
     sys.path.insert(0, str(HERE))
-    from _pages_crawl import PagesSpider
+    from _pages_crawl import SETTINGS, PagesSpider
     from scrapy.crawler import CrawlerProcess
 
-    settings: dict[str, object] = {
-        "CONCURRENT_REQUESTS": 32,
-        "CONCURRENT_REQUESTS_PER_DOMAIN": 32,
-        "LOG_LEVEL": "INFO",
-        "LOGSTATS_INTERVAL": 0,
-        "TELNETCONSOLE_ENABLED": False,
-        "ROBOTSTXT_OBEY": False,
-    }
+    settings: dict[str, object] = dict(SETTINGS)
     if mode == "backoff":
         settings["DOWNLOADER_MIDDLEWARES"] = {
             "scrapy.downloadermiddlewares.retry.RetryMiddleware": None,
