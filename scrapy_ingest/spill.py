@@ -112,14 +112,6 @@ class SpillJournal:
         data = pickle.dumps((FORMAT, table, dict(row)), protocol=pickle.HIGHEST_PROTOCOL)
         self._write(f"{_JOB_PREFIX}{hashlib.sha256(job_id.encode()).hexdigest()[:24]}", data)
 
-    def saved_job(self, job_id: str) -> dict[str, Any] | None:
-        path = self.dir / f"{_JOB_PREFIX}{hashlib.sha256(job_id.encode()).hexdigest()[:24]}"
-        try:
-            _, _, row = _load(path)
-        except FileNotFoundError:
-            return None
-        return dict(row)
-
     def _write(self, name: str, data: bytes) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         marker = self.dir / "DATABASE"

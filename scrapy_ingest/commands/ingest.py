@@ -111,6 +111,8 @@ def replay(config: IngestConfig, extra_urls: list[str]) -> int:
             print(f"{shown}: closing the connection failed: {exc}")
         assert outcome is not None
         print(f"{shown}: replayed {outcome.batches} batches ({outcome.rows} rows)", end="")
+        if outcome.dead:
+            print(f"; {outcome.dead} rows refused, kept in refused-* files in {directory}", end="")
         print(f"; {outcome.left} batches left" if outcome.left else "")
         left += outcome.left
     if not found:
