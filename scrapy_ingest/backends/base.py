@@ -371,6 +371,8 @@ class LocalHost:
         self._down = False
         self._next_probe = 0.0
         self._probe_delay = _FIRST_RETRY_DELAY
+        #: (batches, rows) replayed and not reported yet in a store() outcome or by recover()
+        self._unreported = (0, 0)
 
     # lifecycle
 
@@ -396,17 +398,26 @@ class LocalHost:
     def recover(self) -> ReplayOutcome | None:
         """At the end of a crawl: a database that is down gets a try now, whatever the probe
         schedule (the journal is replayed if it answers), and so do the batches drained next."""
+        from scrapy_ingest.spill import ReplayOutcome
+
+        batches, rows = self._unreported
+        self._unreported = (0, 0)
+        unreported = ReplayOutcome(batches, rows)
         if not self._down or self._journal is None:
-            return None
+            return unreported
         self._next_probe = 0.0
         try:
             self._ensure_open()
         except Exception:
-            return None
+            return unreported
         outcome = self._replay()
-        if outcome is not None and outcome.batches and not outcome.failed:
+        if outcome is None:
+            return unreported
+        if outcome.batches and not outcome.failed:
             self._down = False
             self._outage.recovered()
+        outcome.batches += batches
+        outcome.rows += rows
         return outcome
 
     def _ensure_open(self) -> None:
@@ -446,12 +457,15 @@ class LocalHost:
     def _probe_due(self) -> bool:
         return time.monotonic() >= self._next_probe
 
-    def _came_back(self) -> ReplayOutcome | None:
+    def _came_back(self) -> None:
         logger.info("The database at %s answers again; replaying the spill journal", self.url)
         self._probe_delay = _FIRST_RETRY_DELAY
         self._down = False
         self._outage.recovered()
-        return self._replay()
+        replayed = self._replay()
+        if replayed is not None:  # reported with the next batch's outcome, or by recover()
+            batches, rows = self._unreported
+            self._unreported = (batches + replayed.batches, rows + replayed.rows)
 
     def _replay(self) -> ReplayOutcome | None:
         journal = self._journal
@@ -507,10 +521,10 @@ class LocalHost:
             self._go_down()
             return self._spill(table, outcome.unwritten, outcome, outcome.failure)
         if was_down:
-            replayed = self._came_back()
-            if replayed is not None:
-                outcome.replayed_batches = replayed.batches
-                outcome.replayed_rows = replayed.rows
+            self._came_back()
+        # replays since the last answer (a job row write may have brought the host back)
+        outcome.replayed_batches, outcome.replayed_rows = self._unreported
+        self._unreported = (0, 0)
         return outcome
 
     def _transient(self, exc: Exception) -> bool:
