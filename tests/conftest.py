@@ -4,11 +4,18 @@ local HTTP site (``site``). The service logic lives in ``tests/services.py``."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import pytest
+
+# No test reaches the internet: Scrapy's cookie middleware asks tldextract whether a cookie's
+# domain is a public suffix, and tldextract, on a machine whose cache is cold (CI), downloads
+# the Public Suffix List first, then warns (in the crawl's own log) when it cannot. An empty URL
+# list makes it use the snapshot it ships with. Crawl subprocesses inherit the variable.
+os.environ["TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS"] = ""
 
 # tests/ is not a package; make `services` importable however pytest was started.
 if str(Path(__file__).parent) not in sys.path:
