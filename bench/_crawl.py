@@ -3,7 +3,9 @@
 Usage: python bench/_crawl.py MODE ITEMS [DATABASE_URL]
 
 MODE is ``none`` (no pipeline), ``feed`` (JSON Lines feed export), ``ingest``
-(the add-on), ``metrics`` (the add-on with the Prometheus extension serving,
+(the add-on), ``keyed`` (the add-on with ``INGEST_ITEM_KEYS`` on the items' ``sku``:
+every item upserted; run it again into the same database and every item is
+found unchanged), ``metrics`` (the add-on with the Prometheus extension serving,
 scraped by bench/items.py every second), or one of two partial stacks that bound what any write path
 can reach: ``encode`` (a pipeline that only encodes each item with our
 encoder and keeps nothing) and ``buffer`` (the add-on, whose batches are
@@ -130,8 +132,12 @@ def main() -> None:
         _never_write()
         settings["ADDONS"] = {"scrapy_ingest.IngestAddon": 300}
         settings["INGEST_DATABASE_URL"] = sys.argv[3]
-    elif mode in ("ingest", "metrics", "durable"):
+    elif mode in ("ingest", "metrics", "durable", "keyed"):
         settings["ADDONS"] = {"scrapy_ingest.IngestAddon": 300}
+        if mode == "keyed":
+            settings["INGEST_ITEM_KEYS"] = {"dict": ["sku"]}
+            # each run's site has its own port: the same item, another url
+            settings["INGEST_HASH_EXCLUDE"] = ["url"]
         settings["INGEST_DATABASE_URL"] = sys.argv[3]
         settings["INGEST_DURABLE"] = mode == "durable"
         if mode == "durable" and os.environ.get("BENCH_CONCURRENT_ITEMS"):
@@ -156,6 +162,7 @@ def main() -> None:
         "mode": mode,
         "items": stats.get("item_scraped_count", 0),
         "stored": stats.get("ingest/items/stored"),
+        "unchanged": stats.get("ingest/quality/dict/unchanged"),
         "buffer_waits": stats.get("ingest/buffer/waits", 0),
         # Scrapy's own measure: spider opened to spider closed, which for the
         # add-on includes writing every item (the pipeline drains on close)

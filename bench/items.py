@@ -13,6 +13,10 @@ With --metrics, the add-on runs with and without the Prometheus extension
 3% more than ingest.
 With --durable, the add-on runs with and without INGEST_DURABLE (each batch
 journaled, fsync'd, before its items are acknowledged), to measure its cost.
+With --keys, the add-on runs with and without INGEST_ITEM_KEYS (every item upserted by
+its sku into a fresh database: ``keyed``), and once more into the database of the
+``keyed`` run before it (every item found unchanged: ``rekeyed``); issue 8's target:
+keyed >= 0.85 of none.
 With --clickhouse, the add-on writes into a fresh chDB directory per run
 instead (issue 4's target is the same 0.90).
 """
@@ -36,7 +40,7 @@ import services  # noqa: E402  (tests/services.py: the throwaway PostgreSQL)
 
 MODES = ("none", "feed", "ingest")
 #: the modes that write into a database
-WRITING = ("ingest", "buffer", "metrics", "durable")
+WRITING = ("ingest", "buffer", "metrics", "durable", "keyed", "rekeyed")
 PARTIAL = ("encode", "buffer")
 
 
@@ -73,6 +77,11 @@ def main() -> None:
         help="run the add-on with and without INGEST_DURABLE",
     )
     parser.add_argument(
+        "--keys",
+        action="store_true",
+        help="run the add-on with INGEST_ITEM_KEYS, into a fresh database and again into it",
+    )
+    parser.add_argument(
         "--partial",
         action="store_true",
         help="also run 'encode' and 'buffer', the partial stacks that bound any write path",
@@ -83,18 +92,28 @@ def main() -> None:
         modes = ("none", "ingest", "metrics")
     if options.durable:
         modes = ("none", "ingest", "durable")
+    if options.keys:
+        modes = ("none", "ingest", "keyed", "rekeyed")
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    keyed_url: str | None = None
     with contextlib.ExitStack() as stack:
         admin = "" if options.clickhouse else postgres(stack)
         for n in range(options.pairs):
             for mode in modes:
                 url = None
-                if mode in WRITING and options.clickhouse:
+                if mode == "rekeyed":
+                    url = keyed_url  # the keys of the run before: every item unchanged
+                elif mode in WRITING and options.clickhouse:
                     url = f"chdb://{stack.enter_context(tempfile.TemporaryDirectory())}/chdb"
                 elif mode in WRITING:
                     url = services.with_database(admin, services.create_database(admin))
-                result = crawl(mode, options.items, url)
-                if mode in ("ingest", "metrics", "durable") and result["stored"] != options.items:
+                if mode == "keyed":
+                    keyed_url = url
+                result = crawl("keyed" if mode == "rekeyed" else mode, options.items, url)
+                result["mode"] = mode
+                if mode == "rekeyed" and result["unchanged"] != options.items:
+                    sys.exit(f"rekeyed run {n}: {result['unchanged']} of {options.items} unchanged")
+                if mode in WRITING and mode != "buffer" and result["stored"] != options.items:
                     sys.exit(f"ingest run {n}: stored {result['stored']} of {options.items}")
                 runs[mode].append(result)
                 print(f"run {n + 1} {mode:<6} {json.dumps(result)}", flush=True)

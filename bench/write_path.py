@@ -45,14 +45,19 @@ from scrapy_ingest.schema import all_tables  # noqa: E402
 _EPOCH_2000 = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc).timestamp()
 
 
+#: the columns of an items row between scraped_at and data, for an item without a key
+_UNKEYED = (None,) * 6
+
+
 def make_rows(count: int) -> list[tuple[object, ...]]:
     encoder, ids = RecordEncoder(), IdFactory()
     rows = []
     for i in range(count):
         item = make_item(i, "http://127.0.0.1:8000/")
         now = time.time()
+        data = encoder.encode(item)
         rows.append(
-            (ids(now), "job", "bench", "dict", "http://127.0.0.1:8000/", now, encoder.encode(item))
+            (ids(now), "job", "bench", "dict", "http://127.0.0.1:8000/", now, *_UNKEYED, data)
         )
     return rows
 

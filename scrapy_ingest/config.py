@@ -157,6 +157,25 @@ _RULES: dict[str, tuple[str, str]] = {
         "it must be a number of seconds, at least INGEST_PROXY_BACKOFF_BASE",
         "set {name} to e.g. 1800.0",
     ),
+    "item_schemas": (
+        "it must be a dict of item type (class name or import path) to the import path of a "
+        "pydantic model (or the model)",
+        "set {name} to e.g. {{'ProductItem': 'myproject.schemas.Product'}}",
+    ),
+    "validation": (
+        "it must be 'off', 'warn' or 'strict'",
+        "set {name} to e.g. 'warn'",
+    ),
+    "item_keys": (
+        "it must be a dict of item type (class name or import path) to a tuple of field "
+        "names, or to the import path of a function of the item that returns its key",
+        "set {name} to e.g. {{'ProductItem': ('sku',)}}",
+    ),
+    "hash_exclude": (
+        "it must be a list of field names",
+        "set {name} to e.g. ['scraped_at', 'crawled_at']",
+    ),
+    "keep_versions": ("it must be a boolean", "set {name} to True or False"),
     "proxy_all_dead_timeout": (
         "it must be a positive number of seconds",
         "set {name} to e.g. 300.0",
@@ -227,6 +246,13 @@ class IngestConfig(BaseModel):
     proxy_backoff_base: float = Field(gt=0)
     proxy_backoff_max: float = Field(gt=0)
     proxy_all_dead_timeout: float = Field(gt=0)
+    #: item type -> model (import path or class); checked by scrapy_ingest.quality
+    item_schemas: dict[str, Any]
+    validation: Literal["off", "warn", "strict"]
+    #: item type -> field names, or a function (import path or callable)
+    item_keys: dict[str, Any]
+    hash_exclude: frozenset[str]
+    keep_versions: bool
 
     @field_validator("database_url")
     @classmethod
@@ -302,6 +328,33 @@ class IngestConfig(BaseModel):
             except ValueError:
                 return value  # parse_routes says what is wrong with it
         return value
+
+    @field_validator("item_schemas", "item_keys", mode="before")
+    @classmethod
+    def _parse_mapping(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, str):  # from the command line, as JSON
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("not JSON") from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) and k.strip() for k in value):
+            raise ValueError("not a dict of item types")
+        return value
+
+    @field_validator("hash_exclude", mode="before")
+    @classmethod
+    def _check_fields(cls, value: Any) -> frozenset[str]:
+        if value is None:
+            return frozenset()
+        if isinstance(value, str):  # from the command line: -s INGEST_HASH_EXCLUDE=a,b
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+            isinstance(v, str) for v in value
+        ):
+            raise ValueError("not a list of field names")
+        return frozenset(value)
 
     @field_validator("proxy_list", mode="before")
     @classmethod

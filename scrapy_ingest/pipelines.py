@@ -14,7 +14,9 @@ Stats:
 * ``ingest/items/dead_letter``: items stored in the dead-letter table instead
 * ``ingest/items/lost``: items given up on after ``INGEST_RETRY_TIMEOUT``
 * ``ingest/buffer/waits``: times an item waited for buffer room (backpressure)
+* ``ingest/items/rejected``: items dropped by ``INGEST_VALIDATION = "strict"``
 * ``ingest/values/<kind>``: values converted to a stored form (``decimal``...)
+* ``ingest/quality/<item type>/...``: the job's quality figures (``docs/validation.md``)
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from scrapy.exceptions import DropItem
 from scrapy.utils.defer import maybe_deferred_to_future
 
 from scrapy_ingest._compat import pipeline_hook
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.exceptions import IngestError
+from scrapy_ingest.quality import Checked, ItemRejected
 from scrapy_ingest.records import EncodeError
 from scrapy_ingest.router import Route
 from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
@@ -38,12 +42,14 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from typing_extensions import Self
 
+    from scrapy_ingest.backends import Row
     from scrapy_ingest.batching import BatchWriter
 
 logger = logging.getLogger(__name__)
 
 _QUEUED = stat_key("items", "queued")
 _WAITS = stat_key("buffer", "waits")
+_REJECTED = stat_key("items", "rejected")
 
 
 class IngestPipeline:
@@ -88,6 +94,8 @@ class IngestPipeline:
         self._encode = runtime.encoder.encode_item
         self._budget = runtime.budget
         self._durable = runtime.config.durable
+        #: INGEST_ITEM_SCHEMAS / INGEST_ITEM_KEYS, or None (no item is checked)
+        self._checks = runtime.item_checks
         runtime.on_tick(self._publish_stats)
 
     @pipeline_hook
@@ -109,14 +117,15 @@ class IngestPipeline:
     async def process_item(self, item: Any, spider: Spider | None = None) -> Any:
         source = self._take_source(id(item), None)
         url = source[1] if source is not None and source[0] is item else None
+        checked: Checked | None = None
         try:
-            data = self._encode(item)
-        except EncodeError as exc:
-            reason = f"the item cannot be encoded: {exc}"
-            runtime = self._runtime
-            assert runtime.router is not None
-            url = runtime.router.item_route(item).url
-            runtime.dead_letter("items", reason, _safe_repr(item), url)
+            if self._checks is None:
+                data = self._encode(item)
+            else:
+                checked = self._checks.check(item)
+                data = checked.data
+        except (EncodeError, ItemRejected) as exc:
+            self._reject(item, exc)
             return item
         if self._per_item:
             writer = await self._routed_writer(item)
@@ -128,18 +137,41 @@ class IngestPipeline:
             append_json, add = self._append_json, self._add
         now = time.time()
         end = append_json(data)
-        add(
-            (
+        row: Row
+        if checked is None:
+            row = (
                 self._new_id(now),
                 self._job_id,
                 self._spider_name,
                 type(item).__name__,
                 url,
                 now,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
                 end,
-            ),
-            len(data) + ROW_OVERHEAD,
-        )
+            )
+        else:
+            keyed = checked.key is not None
+            row = (
+                self._new_id(now),
+                self._job_id,
+                self._spider_name,
+                type(item).__name__,
+                url,
+                now,
+                checked.key,
+                checked.content_hash,
+                1 if keyed else None,
+                now if keyed else None,
+                now if keyed else None,
+                checked.errors,
+                end,
+            )
+        add(row, len(data) + ROW_OVERHEAD)
         self._queued += 1
         if self._durable and writer is not None:
             # INGEST_DURABLE: the item is in the journal before process_item returns
@@ -150,6 +182,20 @@ class IngestPipeline:
             self._runtime.stats.inc_value(_WAITS)
             await maybe_deferred_to_future(budget.wait())
         return item
+
+    def _reject(self, item: Any, exc: EncodeError | ItemRejected) -> None:
+        """Dead-letter *item* with the reason; drop it when it is invalid in strict mode."""
+        runtime = self._runtime
+        assert runtime.router is not None
+        if isinstance(exc, EncodeError):
+            reason = f"the item cannot be encoded: {exc}"
+        else:
+            reason = f"{type(item).__name__}: {exc}"
+        url = runtime.router.item_route(item).url
+        runtime.dead_letter("items", reason, _safe_repr(item), url)
+        if isinstance(exc, ItemRejected) and exc.invalid:
+            runtime.stats.inc_value(_REJECTED)
+            raise DropItem(f"INGEST_VALIDATION = 'strict': {reason}")
 
     async def _routed_writer(self, item: Any) -> BatchWriter | None:
         runtime = self._runtime

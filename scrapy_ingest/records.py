@@ -43,6 +43,7 @@ from itemadapter import ItemAdapter
 _UTC = dt.timezone.utc
 # orjson's option for non-string keys slows every record: the slow path turns them into str
 _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_SERIALIZE_NUMPY
+_SORTED_OPTIONS = _OPTIONS | orjson.OPT_SORT_KEYS
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _NUL_ESCAPE = b"\\u0000"
 
@@ -66,18 +67,23 @@ class RecordEncoder:
         self._on_value = self._seen.append
         self._default_fn = self._default  # bound once, not per record
 
-    def encode(self, obj: Any) -> bytes:
-        """Return *obj* as JSON bytes, or raise :class:`EncodeError` with the reason."""
+    def encode(self, obj: Any, *, sort_keys: bool = False) -> bytes:
+        """Return *obj* as JSON bytes, or raise :class:`EncodeError` with the reason.
+
+        With *sort_keys*, object keys are sorted at every level: canonical JSON, the same
+        for the same content (for content hashes).
+        """
+        options = _SORTED_OPTIONS if sort_keys else _OPTIONS
         try:
-            out = orjson.dumps(obj, default=self._default_fn, option=_OPTIONS)
+            out = orjson.dumps(obj, default=self._default_fn, option=options)
             if _NUL_ESCAPE in out:
                 self._seen.clear()
-                out = self._encode_clean(obj)
+                out = self._encode_clean(obj, options)
         except (orjson.JSONEncodeError, RecursionError) as exc:
             self._seen.clear()
             if not _is_fixable(exc):
                 raise EncodeError(_reason(exc)) from None
-            out = self._encode_clean(obj)
+            out = self._encode_clean(obj, options)
         if self._seen:
             for kind in self._seen:
                 self._report(kind)
@@ -90,10 +96,10 @@ class RecordEncoder:
             return self.encode(item)
         return self.encode(ItemAdapter(item).asdict())
 
-    def _encode_clean(self, obj: Any) -> bytes:
+    def _encode_clean(self, obj: Any, options: int) -> bytes:
         try:
             cleaned = self._clean(obj, 0)
-            return orjson.dumps(cleaned, default=self._default_fn, option=_OPTIONS)
+            return orjson.dumps(cleaned, default=self._default_fn, option=options)
         except (orjson.JSONEncodeError, RecursionError) as exc:
             self._seen.clear()  # a refused record reports no conversions
             raise EncodeError(_reason(exc)) from None

@@ -36,6 +36,7 @@ from scrapy_ingest.batching import BatchWriter, BufferBudget, DurableLog
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import ConfigError, IngestError, JobIdConflict
 from scrapy_ingest.hosting import create_host
+from scrapy_ingest.quality import ItemChecks
 from scrapy_ingest.records import RecordEncoder
 from scrapy_ingest.router import Route, Router
 from scrapy_ingest.schema import all_tables, table_spec
@@ -112,7 +113,9 @@ class IngestRuntime:
         assert crawler.stats is not None
         self.stats = crawler.stats
         #: the default table of each kind, named with INGEST_TABLE_PREFIX
-        self.tables = {t.kind: t for t in all_tables(config.table_prefix)}
+        self.tables = {
+            t.kind: t for t in all_tables(config.table_prefix, keep_versions=config.keep_versions)
+        }
         #: open databases by URL, the default (INGEST_DATABASE_URL) first
         self._backends: dict[str, _Backend] = {}
         #: databases that could not be opened during the crawl, with the error
@@ -130,6 +133,8 @@ class IngestRuntime:
         self.encoder = RecordEncoder(on_value=self._count_value)
         # for our own job rows, whose conversions are not the spider's values to count
         self._job_encoder = RecordEncoder()
+        #: INGEST_ITEM_SCHEMAS / INGEST_ITEM_KEYS and the job's quality figures, if set
+        self.item_checks = ItemChecks.from_config(config, self.encoder)
         #: id(item) -> (item, URL of the response it came from), by SourceMiddleware
         self.item_sources: dict[int, tuple[Any, str]] = {}
         self.job: JobInfo | None = None
@@ -206,6 +211,8 @@ class IngestRuntime:
             raise
         urls = ", ".join(backend.host.url for backend in self._backends.values())
         logger.info("Storing crawl data in %s (job_id %s)", urls, self.job.job_id)
+        if self.item_checks is not None:
+            self.on_tick(partial(self.item_checks.publish, self.stats))
         self._flush_loop = LoopingCall(self._flush_old)
         self._flush_loop.start(self.config.flush_interval / 4, now=False)
 
@@ -337,7 +344,6 @@ class IngestRuntime:
     def _tables_for(self, url: str) -> dict[str, TableSpec]:
         """The tables to prepare at *url*: its routed tables, plus jobs and dead letters."""
         assert self.router is not None
-        prefix = self.config.table_prefix
         names = ["jobs", "dead_letters", "schema_version"]
         specs = [self.tables[kind] for kind in names]
         rules = self.router.rules
@@ -348,8 +354,18 @@ class IngestRuntime:
                     specs.append(self.tables[kind])
         for rule in rules:
             if rule.url == url and rule.kind != "jobs":
-                specs.append(table_spec(rule.kind, prefix, rule.table))
+                specs.append(self._table(rule.kind, rule.table))
+        # the history of an items table is prepared with it
+        specs += [spec.history for spec in specs if spec.history is not None]
         return {spec.name: spec for spec in specs}
+
+    def _table(self, kind: str, name: str | None) -> TableSpec:
+        """The table of *kind*, by default the one named with the prefix."""
+        spec = self.tables[kind]
+        if name is None or name == spec.name:
+            return spec
+        keep_versions = self.config.keep_versions
+        return table_spec(kind, self.config.table_prefix, name, keep_versions=keep_versions)
 
     def _job_row(self) -> dict[str, Any]:
         assert self.job is not None
@@ -399,9 +415,7 @@ class IngestRuntime:
         assert self.router is not None, "writer() before open()"
         if route is None:
             route = self.router.route(kind) if kind != "dead_letters" else self.router.default
-        spec = self.tables[kind]
-        if route.table is not None and route.table != spec.name:
-            spec = table_spec(kind, self.config.table_prefix, route.table)
+        spec = self._table(kind, route.table)
         writer = self._writers.get((route.url, spec.name))
         if writer is None:
             config = self.config
@@ -471,6 +485,8 @@ class IngestRuntime:
         counts[1] += outcome.lost + len(outcome.dead)
         for observer in self._outcome_observers:
             observer(url, table, outcome, seconds)
+        if outcome.changes and self.item_checks is not None:
+            self.item_checks.count_changes(outcome.changes)
         if outcome.written:
             stats.inc_value(stat_key(kind, "stored"), outcome.written)
             stats.inc_value(stat_key("batches", "written"))
@@ -587,6 +603,9 @@ class IngestRuntime:
             "log_counts": self._job_encoder.encode(log_counts),
             "stats": self._job_encoder.encode(stats),
         }
+        checks = self.item_checks
+        if checks is not None:
+            values["quality"] = self._job_encoder.encode(checks.as_dict())
         if reason is not None:
             values.update(status="finished", close_reason=reason, finished_at=now)
         # a late heartbeat must not overwrite the final row; every database with the row

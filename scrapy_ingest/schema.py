@@ -8,7 +8,10 @@ order, with ``uuid``/``text`` as ``str``, ``timestamp`` as epoch seconds
 Schema versions (``SCHEMA_VERSION``), each applied by the backends under
 their creation lock: 1, the first tables; 2, the ``requests`` and ``logs``
 tables and the ``requests_count``, ``errors_count`` and ``log_counts``
-columns of ``jobs``. A backend migrates an older schema by creating missing
+columns of ``jobs``; 3, the ``item_key``, ``content_hash``, ``version``,
+``first_seen_at``, ``last_seen_at`` and ``errors`` columns of ``items`` (and
+the unique index of keyed items), the ``item_versions`` table and the
+``quality`` column of ``jobs``. A backend migrates an older schema by creating missing
 tables and adding missing columns (all nullable), so every migration so far
 is additive.
 """
@@ -20,7 +23,7 @@ from typing import Literal
 
 ColumnKind = Literal["uuid", "text", "int", "bigint", "float", "bool", "timestamp", "json"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ class TableSpec:
     columns: tuple[Column, ...]
     primary_key: str
     indexes: tuple[tuple[str, ...], ...] = ()
+    #: columns unique among the rows where the last of them is not null (keyed items)
+    unique: tuple[str, ...] = ()
+    #: items: where the previous versions of keyed items go (INGEST_KEEP_VERSIONS), if anywhere
+    history: TableSpec | None = None
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -51,10 +58,32 @@ class TableSpec:
     def index_name(self, columns: tuple[str, ...]) -> str:
         return f"{self.name}_{'_'.join(columns)}_idx"
 
+    def position(self, name: str) -> int:
+        """The index of the column *name* in a row."""
+        return self.column_names.index(name)
+
 
 def _c(name: str, kind: ColumnKind, nullable: bool = True) -> Column:
     return Column(name, kind, nullable)
 
+
+#: the columns of items and of their previous versions; ``data`` stays last (see
+#: ``Batch.rows``); ``item_key`` to ``errors`` are schema version 3
+_ITEM_COLUMNS = (
+    _c("id", "uuid", False),
+    _c("job_id", "text", False),
+    _c("spider", "text", False),
+    _c("item_type", "text", False),
+    _c("url", "text"),
+    _c("scraped_at", "timestamp", False),
+    _c("item_key", "text"),
+    _c("content_hash", "text"),
+    _c("version", "bigint"),
+    _c("first_seen_at", "timestamp"),
+    _c("last_seen_at", "timestamp"),
+    _c("errors", "json"),
+    _c("data", "json", False),
+)
 
 _TABLES: dict[str, tuple[tuple[Column, ...], str, tuple[tuple[str, ...], ...]]] = {
     "jobs": (
@@ -76,23 +105,13 @@ _TABLES: dict[str, tuple[tuple[Column, ...], str, tuple[tuple[str, ...], ...]]] 
             _c("requests_count", "bigint"),
             _c("errors_count", "bigint"),
             _c("log_counts", "json"),
+            # schema version 3
+            _c("quality", "json"),
         ),
         "job_id",
         (("crawl_id",), ("spider", "started_at"), ("status",)),
     ),
-    "items": (
-        (
-            _c("id", "uuid", False),
-            _c("job_id", "text", False),
-            _c("spider", "text", False),
-            _c("item_type", "text", False),
-            _c("url", "text"),
-            _c("scraped_at", "timestamp", False),
-            _c("data", "json", False),
-        ),
-        "id",
-        (("job_id",), ("spider", "scraped_at"), ("item_type",)),
-    ),
+    "items": (_ITEM_COLUMNS, "id", (("job_id",), ("spider", "scraped_at"), ("item_type",))),
     "requests": (
         (
             _c("id", "uuid", False),
@@ -131,6 +150,11 @@ _TABLES: dict[str, tuple[tuple[Column, ...], str, tuple[tuple[str, ...], ...]]] 
         "id",
         (("job_id", "logged_at"), ("level",)),
     ),
+    "item_versions": (
+        _ITEM_COLUMNS,
+        "id",
+        (("item_type", "item_key", "version"), ("job_id",)),
+    ),
     "dead_letters": (
         (
             _c("id", "uuid", False),
@@ -154,14 +178,34 @@ _TABLES: dict[str, tuple[tuple[Column, ...], str, tuple[tuple[str, ...], ...]]] 
 TABLE_KINDS: tuple[str, ...] = tuple(_TABLES)
 
 
-def table_spec(kind: str, prefix: str, name: str | None = None) -> TableSpec:
+#: the columns that identify a keyed item
+ITEM_KEY = ("item_type", "item_key")
+
+
+def table_spec(
+    kind: str, prefix: str, name: str | None = None, *, keep_versions: bool = False
+) -> TableSpec:
     """Return the :class:`TableSpec` of *kind* (``items``, ``jobs``...) named with *prefix*.
 
-    *name* gives another name to a table of that kind (a route's ``table``).
+    *name* gives another name to a table of that kind (a route's ``table``). An items
+    table *keep_versions* in ``<prefix>item_versions`` (or ``<name>_versions``).
     """
     columns, primary_key, indexes = _TABLES[kind]
-    return TableSpec(kind, name or f"{prefix}{kind}", columns, primary_key, indexes)
+    if kind != "items":
+        return TableSpec(kind, name or f"{prefix}{kind}", columns, primary_key, indexes)
+    history = None
+    if keep_versions:
+        history_name = f"{name}_versions" if name else f"{prefix}item_versions"
+        history = table_spec("item_versions", prefix, history_name)
+    return TableSpec(
+        kind, name or f"{prefix}{kind}", columns, primary_key, indexes, ITEM_KEY, history
+    )
 
 
-def all_tables(prefix: str) -> list[TableSpec]:
-    return [table_spec(kind, prefix) for kind in TABLE_KINDS]
+def all_tables(prefix: str, *, keep_versions: bool = False) -> list[TableSpec]:
+    """The default table of each kind (item versions are the history of an items table)."""
+    return [
+        table_spec(kind, prefix, keep_versions=keep_versions)
+        for kind in TABLE_KINDS
+        if kind != "item_versions"
+    ]

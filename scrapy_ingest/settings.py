@@ -45,6 +45,10 @@ Why these numbers (see ``docs/performance.md`` for the measurements):
 * ``INGEST_REQUIRE_BACKEND``: off, so that a database down at start costs the
   crawl nothing (batches wait in the spill journal); ``INGEST_SPILL_MAX_BYTES``
   5 GiB, a few hours of a fast crawl's items, small next to a crawl machine's disk.
+* ``INGEST_VALIDATION``: ``warn``, so that a schema added to a running project
+  stores every item (with its errors) instead of dropping some on the first day;
+  ``INGEST_KEEP_VERSIONS`` off: history doubles what a changing site stores, and
+  is asked for, not assumed.
 * ``INGEST_DURABLE``: off: waiting for a disk write per group of items costs an
   item-heavy crawl most of its speed (``docs/performance.md``).
 """
@@ -58,8 +62,12 @@ INGEST_CRAWL_ID = None
 INGEST_DATABASE_URL = "sqlite:///ingest.sqlite3"
 INGEST_DURABLE = False
 INGEST_FLUSH_INTERVAL = 1.0
+INGEST_HASH_EXCLUDE: list[str] = []
+INGEST_ITEM_KEYS: dict[str, object] = {}
+INGEST_ITEM_SCHEMAS: dict[str, object] = {}
 INGEST_JOB_HEARTBEAT = 10.0
 INGEST_JOB_ID = None
+INGEST_KEEP_VERSIONS = False
 INGEST_LOG_LEVEL = "INFO"
 INGEST_LOGS_ENABLED = True
 INGEST_MAX_BUFFER_BYTES = 64 * 1024 * 1024
@@ -95,4 +103,5 @@ INGEST_ROUTES = None
 INGEST_SPILL_DIR = None
 INGEST_SPILL_MAX_BYTES = 5 * 1024 * 1024 * 1024
 INGEST_TABLE_PREFIX = "ingest_"
+INGEST_VALIDATION = "warn"
 INGEST_WRITER_PROCESS = True

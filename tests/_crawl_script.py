@@ -25,6 +25,8 @@ Arguments (JSON object, all optional except ``base_url``):
   the request and log tests, with ``refused_url``, ``tls_url``, ``headers`` and ``proxy`` as its
   arguments) or ``"playwright"`` (``PlaywrightTreeSpider``: scrapy-playwright, Debian's
   Chromium);
+- ``spider`` ``"catalog"``: ``CatalogSpider``, which crawls ``/catalog?n=<catalog_size>``
+  and yields one ``CatalogProduct`` per product page (the data-quality tests);
 - ``twins``: with ``"tree"``, run two TreeSpider crawlers (``tree_a``, ``tree_b``) in this one
   process, with ``twin_settings`` (a list of two dicts) added to each one's settings;
 - ``spider_args``: keyword arguments for the spider (``_job`` ...);
@@ -314,6 +316,41 @@ class IngestTestSpider(scrapy.Spider):
             yield make_item(self.kind, idx, response.url, self.pad, extra)
 
 
+class CatalogProduct(scrapy.Item):
+    sku = scrapy.Field()
+    name = scrapy.Field()
+    price = scrapy.Field()
+    url = scrapy.Field()
+    #: when the page was parsed: differs on every crawl (leave it out of the content hash)
+    seen_at = scrapy.Field()
+
+
+class CatalogSpider(scrapy.Spider):
+    """The catalog of the test site: one ``CatalogProduct`` per product page."""
+
+    name = "catalog"
+
+    def __init__(self, base_url: str, catalog_size: int = 10, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.base_url = base_url
+        self.catalog_size = catalog_size
+
+    async def start(self) -> Any:
+        yield scrapy.Request(f"{self.base_url}/catalog?n={self.catalog_size}")
+
+    def parse(self, response: scrapy.http.Response) -> Any:
+        yield from response.follow_all(css="a", callback=self.parse_product)
+
+    def parse_product(self, response: scrapy.http.Response) -> Any:
+        yield CatalogProduct(
+            sku=response.css(".sku::text").get(),
+            name=response.css("h1::text").get(),
+            price=response.css(".price::text").get(),
+            url=response.url,
+            seen_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        )
+
+
 class TreeSpider(scrapy.Spider):
     """Crawl the site's ``/tree``: follow every link, warn once per page, fail on page 3.
 
@@ -459,6 +496,10 @@ def main(argv: list[str]) -> int:
     elif args.get("spider") == "hostile":
         crawler = process.create_crawler(HostileSpider)
         process.crawl(crawler, base_url=args["base_url"])
+        crawlers.append(crawler)
+    elif args.get("spider") == "catalog":
+        crawler = process.create_crawler(CatalogSpider)
+        process.crawl(crawler, base_url=args["base_url"], catalog_size=args.get("catalog_size", 10))
         crawlers.append(crawler)
     elif args.get("spider") == "tree":
         spider_args = {

@@ -235,6 +235,17 @@ def parse_json(value: Any) -> Any:
     return json.loads(value)
 
 
+def item_row(*values: Any, **more: Any) -> tuple[Any, ...]:
+    """A row of the items table (the columns of scrapy_ingest.schema): *values* are id,
+    job_id, spider, item_type, url, scraped_at and data; *more* other columns by name
+    (``item_key=...``); the columns not given are None."""
+    from scrapy_ingest.schema import table_spec
+
+    names = ("id", "job_id", "spider", "item_type", "url", "scraped_at", "data")
+    given = {**dict(zip(names, values, strict=True)), **more}
+    return tuple(given.get(name) for name in table_spec("items", "").column_names)
+
+
 class Database:
     """Read (and prepare) the database a crawl writes to, from the test process."""
 
@@ -481,8 +492,17 @@ def _has_code(statement: str) -> bool:
     return any(line.strip() and not line.strip().startswith("--") for line in statement.split("\n"))
 
 
-_TIMESTAMPS = {"started_at", "updated_at", "finished_at", "logged_at", "scraped_at", "created_at"}
-_JSON = {"data", "stats", "settings", "log_counts", "headers"}
+_TIMESTAMPS = {
+    "started_at",
+    "updated_at",
+    "finished_at",
+    "logged_at",
+    "scraped_at",
+    "created_at",
+    "first_seen_at",
+    "last_seen_at",
+}
+_JSON = {"data", "stats", "settings", "log_counts", "headers", "errors", "quality"}
 
 
 def _typed(row: dict[str, Any]) -> dict[str, Any]:

@@ -595,6 +595,7 @@ def port_answers(port: int) -> bool:
 
 _PAGE_RE = re.compile(r"^/page/(\d+)$")
 _STATUS_RE = re.compile(r"^/status/(\d{3})$")
+_PRODUCT_RE = re.compile(r"^/product/(\d+)$")
 MAX_DELAY_MS = 10_000
 _TEXT = "text/plain; charset=utf-8"
 
@@ -617,6 +618,8 @@ class _SiteServer(ThreadingHTTPServer):
         self.hits_lock = threading.Lock()
         #: the /ratelimit keys hit already, under hits_lock
         self.ratelimited: set[str] = set()
+        #: /product/<k> prices that differ from the default (LocalSite.set_price)
+        self.prices: dict[int, str] = {}
 
     def handle_error(self, request: object, client_address: object) -> None:
         # Crawlers drop connections on shutdown; that is not a test failure worth a traceback.
@@ -637,6 +640,10 @@ class _SiteHandler(BaseHTTPRequestHandler):
       (seconds or an HTTP date, as given), later hits 200 (the retry tests);
     - ``/via?ban=NAME,...``: ``via NAME`` naming the test proxy that forwarded the request
       (its ``X-Test-Proxy`` header, ``direct`` without one), or a 403 for a banned NAME;
+    - ``/catalog?n=N``: HTML linking to ``/product/0`` ... ``/product/<N-1>``;
+    - ``/product/<k>``: a product page: ``<h1>`` name ``Product k``, ``.price`` (``10+k``.00
+      unless ``LocalSite.set_price`` changed it) and ``.sku`` (``sku-<k>``) (the data-quality
+      tests crawl the catalog twice, one price changed in between);
     - ``/tree?refused=URL&tls=URL2``: sets a session cookie (``TREE_COOKIE``); HTML linking to a
       small tree of pages (``/page/0?total=4&fanout=2``), a redirect, a 404, a 500, a page slower
       than the tests' download timeout, URL (where nothing listens) and URL2 (an ``https://`` URL
@@ -705,6 +712,19 @@ class _SiteHandler(BaseHTTPRequestHandler):
         elif path == "/delay":
             time.sleep(min(_non_negative(query.get("ms", "0"), "ms"), MAX_DELAY_MS) / 1000)
             self._send(200, "ok")
+        elif path == "/catalog":
+            n = _non_negative(query.get("n", "10"), "n")
+            links = "".join(f'<a href="/product/{k}">product {k}</a>' for k in range(n))
+            self._send(200, _html("catalog", links), "text/html; charset=utf-8")
+        elif match := _PRODUCT_RE.match(path):
+            k = int(match[1])
+            with self.server.hits_lock:
+                price = self.server.prices.get(k, f"{10 + k}.00")
+            body = (
+                f'<h1>Product {k}</h1><span class="price">{html.escape(price)}</span>'
+                f'<span class="sku">sku-{k}</span>'
+            )
+            self._send(200, _html(f"product {k}", body), "text/html; charset=utf-8")
         else:
             self._send(404, "not found\n")
 
@@ -791,8 +811,14 @@ class LocalSite:
         with self._server.hits_lock:
             return list(self._server.visits)
 
+    def set_price(self, k: int, price: str) -> None:
+        """Change the price that ``/product/<k>`` shows."""
+        with self._server.hits_lock:
+            self._server.prices[k] = price
+
     def reset(self) -> None:
         with self._server.hits_lock:
+            self._server.prices.clear()
             self._server.hits.clear()
             self._server.visits.clear()
             self._server.ratelimited.clear()

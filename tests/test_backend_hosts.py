@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
-from _helpers import REPO_DIR, Crawl, Database, wait_for
+from _helpers import REPO_DIR, Crawl, Database, item_row, wait_for
 
 from scrapy_ingest._ids import IdFactory
 from scrapy_ingest.backends import Batch, LocalHost, local_host
@@ -37,7 +37,7 @@ def make_rows(count: int, start: int = 0) -> list[tuple[Any, ...]]:
     for i in range(start, start + count):
         now = time.time()
         data = encoder.encode({"n": i, "title": f"item {i}"})
-        rows.append((ids(now), "job", "spider", "dict", f"http://127.0.0.1/{i}", now, data))
+        rows.append(item_row(ids(now), "job", "spider", "dict", f"http://127.0.0.1/{i}", now, data))
     return rows
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from _helpers import Database, run_crawl
+from _helpers import Database, parse_json, parse_timestamp, run_crawl
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -56,10 +56,22 @@ def test_a_crawl_into_chdb(site: LocalSite, chdb_url: str, tmp_path: Path) -> No
     create = db.query("SHOW CREATE TABLE ingest_items")[0][0]
     assert "`data` JSON" in create
     assert "DateTime64(6, 'UTC')" in create
-    assert "ReplacingMergeTree" in create
-    assert "ORDER BY (job_id, scraped_at, id)" in create
-    assert "PARTITION BY toYYYYMM(scraped_at)" in create
+    # one row per (item_type, item_key): not partitioned, since the engine collapses the
+    # versions of a key within a partition only
+    assert "ReplacingMergeTree(version)" in create
+    assert "ORDER BY (item_type, item_key)" in create
+    assert "PARTITION BY" not in create
+    assert "`item_key` String," in create
+    assert "`version` Int64," in create
+    assert "`errors` Nullable(String)" in create  # a list, which the JSON type cannot hold
     assert "LowCardinality(String)" in create
+    # an item without a key is a row of its own: its id as key, version 0
+    assert all(item["item_key"] == item["id"] for item in items)
+    assert {item["version"] for item in items} == {0}
+    assert {item["content_hash"] for item in items} == {None}
+    create = db.query("SHOW CREATE TABLE ingest_requests")[0][0]
+    assert "ORDER BY (job_id, started_at, id)" in create
+    assert "PARTITION BY toYYYYMM(started_at)" in create
     pages = db.query("SELECT toString(data.page) FROM ingest_items ORDER BY id")
     assert [p for (p,) in pages] == [
         item["data"]["page"] for item in sorted(items, key=lambda i: i["id"])
@@ -107,10 +119,12 @@ tables = {{t.kind: t for t in all_tables("ingest_")}}
 host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
 host.open()
 new_id, now = IdFactory(), time.time()
-rows = [(new_id(now), "j", "s", "dict", None, now, orjson.dumps({{"i": i}})) for i in range(50)]
+def row(i):
+    return (new_id(now), "j", "s", "dict", None, now, *[None] * 6, orjson.dumps({{"i": i}}))
+rows = [row(i) for i in range(50)]
 host.store(tables["items"], Batch(rows))
 # the same batch again, as after a failure whose outcome was unknown: the idempotent path
-again = rows[:30] + [(new_id(now), "j", "s", "dict", None, now, b'{{"i": 50}}')]
+again = rows[:30] + [row(50)]
 host.backend.write(tables["items"], again, idempotent=True)
 client = host.backend._client
 print(client.query("SELECT count(), count(DISTINCT id) FROM ingest_items").result_rows[0])
@@ -163,3 +177,175 @@ print(sorted(tuple(r) for r in found.result_rows))
     assert rows == (
         "[('done', 'finished', None), ('fresh', 'running', None), ('stale', 'crashed', 'crashed')]"
     )
+
+
+# keyed items (INGEST_ITEM_KEYS): one current row per key, ReplacingMergeTree(version)
+
+#: CatalogProduct keyed on its sku, its scrape time out of the content hash, versions kept
+KEYED = {
+    "INGEST_ITEM_KEYS": {"CatalogProduct": ["sku"]},
+    "INGEST_HASH_EXCLUDE": ["seen_at"],
+    "INGEST_KEEP_VERSIONS": True,
+}
+QUALITY = "ingest/quality/CatalogProduct"
+
+
+def _catalog(site: LocalSite, settings: dict, workdir: Path) -> CrawlResult:
+    result = run_crawl(
+        {"base_url": site.base_url, "spider": "catalog", "catalog_size": 10, "settings": settings},
+        workdir,
+    )
+    assert result.returncode == 0, result.describe()
+    assert result.stats.get("finish_reason") == "finished", result.describe()
+    return result
+
+
+def _seen(row: dict, name: str) -> float:
+    return parse_timestamp(row[name]).timestamp()
+
+
+def _within(at: float, job: dict) -> bool:
+    return _seen(job, "started_at") <= at <= _seen(job, "finished_at")
+
+
+def test_keyed_items_in_chdb_get_a_new_version_only_when_their_page_changes(
+    site: LocalSite, chdb_url: str, tmp_path: Path
+) -> None:
+    db = Database(chdb_url)
+    settings = {"INGEST_DATABASE_URL": chdb_url, **KEYED}
+    first = _catalog(site, settings, tmp_path / "first")
+    site.set_price(3, "99.00")
+    second = _catalog(site, settings, tmp_path / "second")
+    first.assert_clean()
+    second.assert_clean()
+
+    assert [first.stats.get(f"{QUALITY}/{n}") for n in ("new", "changed", "unchanged")] == [
+        10,
+        0,
+        0,
+    ], first.describe()
+    assert [second.stats.get(f"{QUALITY}/{n}") for n in ("new", "changed", "unchanged")] == [
+        0,
+        1,
+        9,
+    ], second.describe()
+    job_one, job_two = sorted(db.rows("ingest_jobs"), key=lambda job: job["started_at"])
+    for job, figures in ((job_one, (10, 0, 0)), (job_two, (0, 1, 9))):
+        quality = parse_json(job["quality"])["CatalogProduct"]
+        assert (quality["new"], quality["changed"], quality["unchanged"]) == figures, quality
+        assert quality["items"] == 10
+
+    # FINAL: the current row of each key
+    items = {item["item_key"]: item for item in db.rows("ingest_items")}
+    assert sorted(items) == sorted(f"sku-{k}" for k in range(10))
+    for key, item in items.items():
+        changed = key == "sku-3"
+        assert item["version"] == (2 if changed else 1), item
+        assert item["data"]["price"] == ("99.00" if changed else f"{10 + int(key[4:])}.00")
+        # a new version is the second crawl's row; an unchanged one keeps its first row
+        assert item["job_id"] == (job_two if changed else job_one)["job_id"], item
+        assert _within(_seen(item, "first_seen_at"), job_one), item
+        assert _within(_seen(item, "last_seen_at"), job_two), item
+        assert len(item["content_hash"]) == 32
+    [(count,)] = db.query("SELECT count() FROM ingest_items FINAL")
+    assert int(count) == 10
+    # the replaced version, and only it, in the history
+    [old] = db.rows("ingest_item_versions")
+    assert (old["item_key"], old["version"], old["job_id"]) == ("sku-3", 1, job_one["job_id"])
+    assert old["data"]["price"] == "13.00"
+    assert old["content_hash"] != items["sku-3"]["content_hash"]
+    assert _seen(old, "first_seen_at") == _seen(items["sku-3"], "first_seen_at")
+    assert _within(_seen(old, "last_seen_at"), job_one)
+
+
+def test_keyed_items_in_an_items_table_of_the_old_layout_are_dead_lettered(
+    site: LocalSite, chdb_url: str, tmp_path: Path
+) -> None:
+    db = Database(chdb_url)
+    # the tables of schema version 2, items as scrapy-ingestion made them then
+    db.script(
+        """
+        CREATE TABLE ingest_items (id UUID, job_id String, spider LowCardinality(String),
+            item_type LowCardinality(String), url Nullable(String),
+            scraped_at DateTime64(6, 'UTC'), data String)
+            ENGINE = ReplacingMergeTree ORDER BY (job_id, scraped_at, id)
+            PARTITION BY toYYYYMM(scraped_at);
+        CREATE TABLE ingest_schema_version (version Int32, applied_at DateTime64(6, 'UTC'))
+            ENGINE = ReplacingMergeTree ORDER BY version;
+        INSERT INTO ingest_schema_version VALUES (2, now64());
+        """
+    )
+    keyed = _catalog(site, {"INGEST_DATABASE_URL": chdb_url, **KEYED}, tmp_path / "keyed")
+    assert keyed.stats.get("ingest/items/dead_letter") == 10, keyed.describe()
+    assert "ingest/items/stored" not in keyed.stats, keyed.describe()
+    letters = [letter for letter in db.dead_letters() if letter["kind"] == "items"]
+    assert len(letters) == 10
+    for letter in letters:
+        reason = letter["reason"]
+        assert reason.startswith("the database refused it: SchemaError: the table ingest_items")
+        assert "ORDER BY (job_id, scraped_at, id) PARTITION BY toYYYYMM(scraped_at)" in reason
+        assert "ReplacingMergeTree(version) ORDER BY (item_type, item_key)" in reason
+        assert "INGEST_ROUTES" in reason and "RENAME TABLE ingest_items" in reason
+        assert "sku-" in letter["payload"]
+    assert db.count("ingest_items") == 0
+
+    # items without a key still go there, the columns of schema version 3 added
+    unkeyed = _catalog(site, {"INGEST_DATABASE_URL": chdb_url}, tmp_path / "unkeyed")
+    assert unkeyed.stats.get("ingest/items/stored") == 10, unkeyed.describe()
+    items = db.rows("ingest_items")
+    assert len(items) == 10
+    assert {(item["item_key"], item["version"]) for item in items} == {(None, None)}
+    [(version,)] = db.query("SELECT max(version) FROM ingest_schema_version")
+    assert int(version) == 3
+
+
+def test_keyed_rows_written_straight_to_the_backend(chdb_url: str) -> None:
+    # several versions of a key in one batch, a key seen again, keys whose text the database
+    # cleans, and an item without a key next to keyed ones
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, time
+from scrapy_ingest.backends import Batch, local_host
+from scrapy_ingest._ids import IdFactory
+from scrapy_ingest.schema import all_tables
+tables = {{t.kind: t for t in all_tables("ingest_", keep_versions=True)}}
+items = tables["items"]
+host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
+host.open()
+new_id = IdFactory()
+def row(key, digest, at, value):
+    keyed = key is not None
+    return (new_id(at), "j", "s", "T", None, at, key, digest, 1 if keyed else None,
+            at if keyed else None, at if keyed else None, None, json.dumps({{"v": value}}).encode())
+odd = "it's a \\\\ key\\x00"
+t = 1_700_000_000.0
+print(host.store(items, Batch([row("a", "h1", t, 1), row("b", "h1", t, 2), row("a", "h2", t + 1, 3),
+                               row(odd, "h1", t, 4), row(None, None, t, 5)])).changes)
+print(host.store(items, Batch([row("a", "h2", t + 10, 6), row(odd, "h1", t + 10, 7)])).changes)
+client = host.backend._client
+print(json.dumps(client.query(
+    "SELECT item_key, version, toFloat64(first_seen_at), toFloat64(last_seen_at), "
+    "toJSONString(data) FROM ingest_items FINAL ORDER BY version, item_key").result_rows))
+print(json.dumps(client.query(
+    "SELECT item_key, version, toJSONString(data) FROM ingest_item_versions FINAL").result_rows))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, second, current, history = out.stdout.strip().splitlines()[-4:]
+    assert first == "{'T': [3, 1, 0]}"
+    assert second == "{'T': [0, 0, 2]}"
+    t = 1_700_000_000.0
+    rows = json.loads(current)
+    unkeyed = rows.pop(0)  # version 0, its id as key
+    assert unkeyed[1:] == [0, None, None, '{"v":5}']
+    assert rows == [
+        ["b", 1, t, t, '{"v":2}'],
+        ["it's a \\ key\ufffd", 1, t, t + 10, '{"v":4}'],
+        ["a", 2, t, t + 10, '{"v":3}'],
+    ]
+    assert json.loads(history) == [["a", 1, '{"v":1}']]

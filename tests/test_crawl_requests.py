@@ -458,6 +458,14 @@ def _downgrade_to_version_1(db: Database) -> None:
         ALTER TABLE ingest_jobs DROP COLUMN requests_count;
         ALTER TABLE ingest_jobs DROP COLUMN errors_count;
         ALTER TABLE ingest_jobs DROP COLUMN log_counts;
+        ALTER TABLE ingest_jobs DROP COLUMN quality;
+        DROP INDEX ingest_items_item_type_item_key_idx;
+        ALTER TABLE ingest_items DROP COLUMN item_key;
+        ALTER TABLE ingest_items DROP COLUMN content_hash;
+        ALTER TABLE ingest_items DROP COLUMN version;
+        ALTER TABLE ingest_items DROP COLUMN first_seen_at;
+        ALTER TABLE ingest_items DROP COLUMN last_seen_at;
+        ALTER TABLE ingest_items DROP COLUMN errors;
         DELETE FROM ingest_schema_version;
         INSERT INTO ingest_schema_version (version, applied_at)
             VALUES (1, '2026-01-01 00:00:00+00:00');
@@ -481,14 +489,15 @@ def test_tables_of_schema_version_1_are_migrated(
     refused, _ = _tree_crawl(site, db, tmp_path, settings={"INGEST_CREATE_TABLES": False})
     # Scrapy 2.13 ends such a crawl with exit code 0 and no finish reason
     assert refused.returncode != 0 or refused.stats.get("finish_reason") != "finished"
-    assert "schema version 1, older than this scrapy-ingestion's (2)" in refused.output
+    assert "schema version 1, older than this scrapy-ingestion's (3)" in refused.output
     assert "INGEST_CREATE_TABLES = True" in refused.output
     assert not db.table_exists("ingest_requests")
 
     result, _ = _tree_crawl(site, db, tmp_path)
     assert result.returncode == 0, result.describe()
     assert "Migrated the tables" in result.output
-    assert sorted(v for (v,) in db.query("SELECT version FROM ingest_schema_version")) == [1, 2]
+    assert sorted(v for (v,) in db.query("SELECT version FROM ingest_schema_version")) == [1, 3]
+    assert {"item_key", "errors"} <= set(db.rows("ingest_items")[0])
     jobs = {job["job_id"]: job for job in db.rows("ingest_jobs")}
     assert jobs.pop(old_job["job_id"])["requests_count"] is None  # the old row is kept as it was
     [new_job] = jobs.values()

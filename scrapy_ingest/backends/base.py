@@ -18,7 +18,7 @@ from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from scrapy_ingest.schema import ColumnKind, TableSpec
     from scrapy_ingest.spill import OpenOutcome, ReplayOutcome, SpillJournal
@@ -29,6 +29,9 @@ Row = tuple[Any, ...]
 _T = TypeVar("_T")
 
 _FIRST_RETRY_DELAY = 0.25
+#: a batch that still conflicts after this many idempotent writes (a unique key another
+#: writer was inserting at the same moment resolves in one) is split like a refused one
+_MAX_DUPLICATE_RETRIES = 8
 _MAX_RETRY_DELAY = 10.0
 
 
@@ -58,8 +61,14 @@ class Backend(Protocol):
     def create_table(self, table: TableSpec) -> None:
         """Create *table* if it is missing (unless tables may not be created)."""
 
-    def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
-        """Store *rows* in one transaction; with *idempotent*, skip ids that exist."""
+    def write(
+        self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool
+    ) -> dict[str, list[int]] | None:
+        """Store *rows* in one transaction; with *idempotent*, skip ids that exist.
+
+        Keyed items (rows of an items table with an ``item_key``) are upserted as
+        :func:`plan_upsert` says; the return value is then its ``changes``.
+        """
 
     def classify(self, exc: BaseException) -> Failure:
         """Say what *exc*, raised by :meth:`write`, means for the batch."""
@@ -123,6 +132,8 @@ class WriteOutcome:
     #: spilled batches (of any table) replayed into the database after this one was written
     replayed_batches: int = 0
     replayed_rows: int = 0
+    #: keyed items: item type -> [new, changed, unchanged]
+    changes: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,12 +186,17 @@ def store_batch(
     outcome = WriteOutcome()
     pending: list[Sequence[Row]] = [rows]
     delay = _FIRST_RETRY_DELAY
+    duplicates = 0
     while pending:
         chunk = pending.pop()
         try:
-            backend.write(table, chunk, idempotent=idempotent)
+            changes = backend.write(table, chunk, idempotent=idempotent)
         except Exception as exc:
             kind = backend.classify(exc)
+            if kind is Failure.DUPLICATE:
+                duplicates += 1
+                if duplicates > _MAX_DUPLICATE_RETRIES:  # not a race: a row that conflicts
+                    kind = Failure.DATA
             if kind is Failure.DATA:
                 _split(chunk, exc, pending, outcome)
                 continue
@@ -211,7 +227,152 @@ def store_batch(
         else:
             outage.recovered()
             outcome.written += len(chunk)
+            if changes:
+                add_changes(outcome.changes, changes)
     return outcome
+
+
+def add_changes(total: dict[str, list[int]], more: Mapping[str, Sequence[int]]) -> None:
+    """Add *more* new / changed / unchanged counts (by item type) to *total*."""
+    for item_type, counts in more.items():
+        found = total.setdefault(item_type, [0, 0, 0])
+        for i in range(3):
+            found[i] += counts[i]
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """The current row of one item key, as the database holds it."""
+
+    id: Any
+    content_hash: str | None
+    version: int
+    first_seen_at: float
+    #: the whole row, in column order, when the backend read it (ClickHouse, which cannot
+    #: update a row in place, writes it again)
+    row: Row | None = None
+
+
+@dataclass
+class UpsertPlan:
+    """What to write for a batch of keyed items, given the rows stored for their keys."""
+
+    #: rows of keys the database does not hold yet
+    inserts: list[Row] = field(default_factory=list)
+    #: stored rows that a new version replaces: to the history table first
+    archive: list[StoredItem] = field(default_factory=list)
+    #: rows of this batch that a later row of the batch replaces: to the history table
+    archive_rows: list[Row] = field(default_factory=list)
+    #: (stored row, the row that replaces it: same key, next version)
+    replaces: list[tuple[StoredItem, Row]] = field(default_factory=list)
+    #: (stored row, its new last_seen_at): seen again with the same content
+    touches: list[tuple[StoredItem, float]] = field(default_factory=list)
+    #: item type -> [new, changed, unchanged], one count per row of the batch
+    changes: dict[str, list[int]] = field(default_factory=dict)
+
+
+def is_keyed(table: TableSpec, row: Row) -> bool:
+    """Whether *row* is an item with a key (upserted, not inserted)."""
+    return bool(table.unique) and row[table.position("item_key")] is not None
+
+
+def plan_upsert(
+    table: TableSpec, rows: Sequence[Row], stored: Mapping[tuple[str, str], StoredItem]
+) -> UpsertPlan:
+    """Decide, in the batch's order, what becomes of each keyed item row.
+
+    *stored* holds the current row of each key the database has (read, and locked where
+    the database can, in the same transaction as the writes). A row whose content hash is
+    that of the current version only moves ``last_seen_at``; one with another hash is the
+    next version (``version`` + 1, ``first_seen_at`` kept), and the version it replaces goes
+    to the history. Several rows of one key in a batch are versions in their order.
+
+    A batch written again after a failure whose outcome is unknown may be stored already:
+    the rows of a key up to the one whose id is the stored row's were applied, and are
+    counted unchanged, not applied twice.
+    """
+    at = table.position
+    applied = _applied_rows(table, rows, stored)
+    type_at, key_at, hash_at = at("item_type"), at("item_key"), at("content_hash")
+    version_at, first_at, last_at = at("version"), at("first_seen_at"), at("last_seen_at")
+    plan = UpsertPlan()
+    # key -> [the current row (of this batch) or None, the stored row or None, last seen]
+    state: dict[tuple[str, str], list[Any]] = {}
+    for index, row in enumerate(rows):
+        key = (row[type_at], row[key_at])
+        counts = plan.changes.setdefault(row[type_at], [0, 0, 0])
+        if index <= applied.get(key, -1):
+            counts[2] += 1
+            continue
+        entry = state.get(key)
+        if entry is None:
+            found = stored.get(key)
+            if found is None:
+                state[key] = [row, None, row[last_at]]
+                counts[0] += 1
+                continue
+            entry = state[key] = [None, found, None]
+        current, found, _ = entry
+        current_hash = found.content_hash if current is None else current[hash_at]
+        if row[hash_at] == current_hash:
+            counts[2] += 1
+            if current is None:
+                entry[2] = row[last_at]
+            else:
+                entry[0] = _replace(current, {last_at: row[last_at]})
+            continue
+        counts[1] += 1
+        if current is None:
+            plan.archive.append(found)
+            version, first_seen = found.version, found.first_seen_at
+        else:
+            plan.archive_rows.append(current)
+            version, first_seen = current[version_at], current[first_at]
+        entry[0] = _replace(row, {version_at: version + 1, first_at: first_seen})
+        entry[2] = None
+    _plan_writes(plan, state.values())
+    return plan
+
+
+def _plan_writes(plan: UpsertPlan, final: Iterable[list[Any]]) -> None:
+    """Fill *plan* from the final [row, stored row, last seen] of each key."""
+    for current, found, seen in final:
+        if current is None:
+            if seen is not None:
+                plan.touches.append((found, seen))
+        elif found is None:
+            plan.inserts.append(current)
+        else:
+            plan.replaces.append((found, current))
+
+
+def _applied_rows(
+    table: TableSpec, rows: Sequence[Row], stored: Mapping[tuple[str, str], StoredItem]
+) -> dict[tuple[str, str], int]:
+    """Key -> index of the batch row that the stored row is (an earlier write of this batch
+    committed), for the keys where there is one."""
+    if not stored:
+        return {}
+    type_at, key_at = table.position("item_type"), table.position("item_key")
+    stored_ids = {_id_text(found.id): key for key, found in stored.items()}
+    applied = {}
+    for index, row in enumerate(rows):
+        key = stored_ids.get(_id_text(row[0]))
+        if key is not None and key == (row[type_at], row[key_at]):
+            applied[key] = index
+    return applied
+
+
+def _id_text(value: Any) -> str:
+    # ids come as ints (capture), uuid.UUID or text (with or without dashes) from databases
+    return f"{value:032x}" if isinstance(value, int) else str(value).replace("-", "").lower()
+
+
+def _replace(row: Row, values: Mapping[int, Any]) -> Row:
+    changed = list(row)
+    for index, value in values.items():
+        changed[index] = value
+    return tuple(changed)
 
 
 def retry_call(
@@ -533,6 +694,8 @@ class LocalHost:
         )
 
     def _prepare(self, table: TableSpec) -> None:
+        if table.history is not None:
+            self._prepare(table.history)
         if table.name not in self._ready:
             self._retry(lambda: self.backend.create_table(table), f"Creating {table.name}")
             self._ready.add(table.name)

@@ -5,25 +5,69 @@ URLs: ``clickhouse://user:password@host:8123/database`` (HTTP),
 ``chdb:///path/to/dir`` (chDB: the ClickHouse engine embedded in the writer
 process, storing its data in that directory; one process may use one path).
 
-Tables are ``ReplacingMergeTree``: records by ``ORDER BY (job_id, <time>, id)``
-and ``PARTITION BY toYYYYMM(<time>)``, where ``<time>`` is the record's own
-timestamp (``scraped_at``, ``started_at``, ``logged_at``, ``created_at``), which
-is what the cookbook's per-job and per-time queries filter on; the job table by
-``job_id``, with ``updated_at`` as the version, since a job row is refreshed by
-inserting a newer version of it (read it with ``FINAL``). JSON columns are of
-the ``JSON`` type when the server has it (ClickHouse 25.3 and later), else
-``String`` (read with ``JSONExtract*``).
+Tables are ``ReplacingMergeTree``:
+
+- requests, logs and dead letters by ``ORDER BY (job_id, <time>, id)`` and
+  ``PARTITION BY toYYYYMM(<time>)``, where ``<time>`` is the record's own
+  timestamp (``started_at``, ``logged_at``, ``created_at``), which is what the
+  cookbook's per-job and per-time queries filter on;
+- items by ``ReplacingMergeTree(version) ORDER BY (item_type, item_key)``, not
+  partitioned (the engine only collapses rows within a partition), so that a
+  keyed item (``INGEST_ITEM_KEYS``) has one current row per key. An item
+  without a key is stored with its own id (as text) as ``item_key`` and
+  ``version`` 0 (NULL in the other databases): a row of its own. Data-skipping
+  indexes on ``job_id`` (bloom filter) and ``scraped_at`` (minmax) keep the
+  per-job and per-time queries narrow;
+- item versions (``INGEST_KEEP_VERSIONS``) by ``ORDER BY (item_type,
+  item_key, version)``;
+- the job table by ``job_id``, with ``updated_at`` as the version, since a job
+  row is refreshed by inserting a newer version of it (read it with ``FINAL``).
+
+JSON columns are of the ``JSON`` type when the server has it (ClickHouse 25.3
+and later), else ``String`` (read with ``JSONExtract*``); ``errors`` (a list,
+which the ``JSON`` type cannot hold) is ``Nullable(String)`` everywhere.
 
 Writes are idempotent twice over: a batch written again first drops the ids
 that are stored already, and the table engine collapses rows with the same
 sorting key (``FINAL``, or a merge) should a duplicate slip through.
+
+Keyed items. ClickHouse cannot update a row in place, so a batch of keyed
+items reads the current rows of its keys (``FINAL``), decides with
+:func:`~scrapy_ingest.backends.base.plan_upsert`, and inserts: the previous
+versions of changed items into the history table first, then into the items
+table, in one ``INSERT``, the rows of new keys (version 1), the next version
+of changed items, and the current row of unchanged ones again with its new
+``last_seen_at`` (same version: among rows of equal version the engine keeps
+the last inserted). Read items with ``FINAL`` (``SELECT ... FROM ingest_items
+FINAL``) to see one row per key at once; without it, replaced rows show until
+a merge drops them.
+
+What holds without transactions or row locks: a crawl writes a table from one
+thread, batch after batch, so its own versions are exact; a batch written
+again after an unknown outcome finds the rows it wrote and counts them as
+unchanged. Two processes (concurrent crawls) that write the same key at the
+same moment may both read the same current row and both write the same next
+version (or both version 1 of a new key): the later insert wins, the other's
+content is not kept as a version of its own, and both count their row as
+changed (or new). Every key still ends with one current row, whose version
+counts the changes that were not lost that way, and the history holds each
+replaced version once (its sorting key has the version).
+
+An items table made by an older scrapy-ingestion (``ORDER BY (job_id,
+scraped_at, id)``, monthly partitions) keeps taking items without a key, but
+ClickHouse cannot change a table's sorting key: keyed items written to it
+raise :class:`~scrapy_ingest.exceptions.SchemaError`, which names the fix, and
+go to the dead-letter table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
+import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import clickhouse_connect
@@ -35,10 +79,12 @@ from scrapy_ingest._redact import redact_secrets_of, redact_url
 from scrapy_ingest.backends.base import (
     Failure,
     Row,
+    StoredItem,
     conversions_by_kind,
     is_same_job,
     log_migration,
     needs_migration,
+    plan_upsert,
     safe_text,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
@@ -71,6 +117,34 @@ _LOW_CARDINALITY = frozenset(
 )
 #: server errors about a value, not about the server (CANNOT_PARSE_*, TOO_LARGE_*, ...)
 _DATA_ERROR = re.compile(r"Code: (6|26|27|38|41|53|69|70|72|117|131|190|241|321|395)\b")
+#: JSON columns that hold a list, which the JSON type cannot (it holds objects): String
+_JSON_LISTS = frozenset({"errors"})
+#: the tables of items and of their previous versions
+_ITEM_KINDS = frozenset({"items", "item_versions"})
+#: item columns that are not nullable here, being in the sorting key or the engine's version
+_ITEM_KEY_COLUMNS = frozenset({"item_key", "version"})
+#: the layout of an items table that can hold keyed items (see the module docstring)
+_KEYED_ENGINE = "ReplacingMergeTree(version) ORDER BY (item_type, item_key)"
+_KEYED_SORTING_KEY = "item_type, item_key"
+#: the engine with its parameters, out of system.tables' engine_full
+_ENGINE_HEAD = re.compile(r"\w+(\([^)]*\))?")
+#: ReplacingMergeTree (or Replicated..., Shared...) with the version column "version"
+_VERSIONED_ENGINE = re.compile(r"\w*ReplacingMergeTree\((?:[^)]*,\s*)?`?version`?\s*\)")
+#: item keys looked up per query (they travel as a query parameter)
+_KEYS_PER_QUERY = 500
+
+
+@dataclass(frozen=True)
+class _ItemsLayout:
+    """An items table as the database has it (an older version of ours may have made it)."""
+
+    #: ``ReplacingMergeTree(version) ORDER BY (item_type, item_key)``, unpartitioned: it keeps
+    #: one row per key, and rows without a key need their id as key and version 0
+    keyed: bool
+    #: the JSON columns of the JSON type (read back as text with toJSONString)
+    json_typed: frozenset[str]
+    #: engine, sorting key and partition key, for messages
+    ddl: str
 
 
 class ClickHouseBackend:
@@ -85,6 +159,8 @@ class ClickHouseBackend:
         self._client: Client | None = None
         self._json_type = False
         self._conversions = conversions_by_kind(_conversion)
+        #: items table name -> its layout, read from the database at its first write
+        self._layouts: dict[str, _ItemsLayout] = {}
 
     # lifecycle
 
@@ -141,13 +217,30 @@ class ClickHouseBackend:
         if self._create_tables:
             self._client.command(self._create_table_sql(table))
         self._tables[table.name] = table
+        self._layouts.pop(table.name, None)
 
     def _create_table_sql(self, table: TableSpec) -> str:
-        columns = ", ".join(f"{_quote(c.name)} {self._column_type(c)}" for c in table.columns)
+        specs = table.columns
+        if table.kind in _ITEM_KINDS:  # in the sorting key or the version: not nullable
+            specs = tuple(
+                dataclasses.replace(c, nullable=False) if c.name in _ITEM_KEY_COLUMNS else c
+                for c in specs
+            )
+        columns = ", ".join(f"{_quote(c.name)} {self._column_type(c)}" for c in specs)
         if table.kind == "jobs":
             engine = "ReplacingMergeTree(updated_at) ORDER BY job_id"
         elif table.kind == "schema_version":
             engine = "ReplacingMergeTree ORDER BY version"
+        elif table.kind == "items":
+            # no partitions: the engine collapses the versions of a key within a partition only
+            engine = _KEYED_ENGINE
+            columns += (
+                f", INDEX {_quote('job_id_idx')} job_id TYPE bloom_filter GRANULARITY 1"
+                f", INDEX {_quote('scraped_at_idx')} scraped_at TYPE minmax GRANULARITY 1"
+            )
+        elif table.kind == "item_versions":
+            engine = "ReplacingMergeTree ORDER BY (item_type, item_key, version)"
+            columns += f", INDEX {_quote('job_id_idx')} job_id TYPE bloom_filter GRANULARITY 1"
         else:
             time_column = _quote(_time_column(table))
             engine = (
@@ -158,7 +251,8 @@ class ClickHouseBackend:
 
     def _column_type(self, column: Column) -> str:
         kind = column.kind
-        base = "JSON" if kind == "json" and self._json_type else _TYPES[kind]
+        json_type = kind == "json" and self._json_type and column.name not in _JSON_LISTS
+        base = "JSON" if json_type else _TYPES[kind]
         if column.nullable and base != "JSON":
             base = f"Nullable({base})"
         if kind == "text" and column.name in _LOW_CARDINALITY:
@@ -167,33 +261,195 @@ class ClickHouseBackend:
 
     # writing
 
-    def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
+    def write(
+        self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool
+    ) -> dict[str, list[int]] | None:
+        """Insert *rows*; upsert the keyed items among them (see the module docstring).
+
+        Raise :class:`SchemaError` for keyed items in an items table whose layout cannot keep
+        one row per key, before anything is written.
+        """
         assert self._client is not None, "write() before open()"
+        if not table.unique:
+            self._insert_new(table, rows, idempotent=idempotent)
+            return None
+        layout = self._items_layout(table)
+        key_at = table.position("item_key")
+        keyed = [row for row in rows if row[key_at] is not None]
+        if keyed:
+            if layout is not None and not layout.keyed:
+                raise SchemaError(self._unkeyed_layout_message(table, layout))
+            rows = [row for row in rows if row[key_at] is None] if len(keyed) < len(rows) else []
+        if rows:
+            by_id = layout is not None and layout.keyed
+            self._insert_new(table, rows, idempotent=idempotent, keyed_by_id=by_id)
+        if keyed:
+            return self._upsert(table, keyed, layout)
+        return None
+
+    def _insert_new(
+        self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool, keyed_by_id: bool = False
+    ) -> None:
+        """Insert *rows*; with *idempotent*, those whose id is not stored yet.
+
+        *keyed_by_id*: items without a key, for a keyed items table, where each is stored
+        with its id (as text) as ``item_key`` and version 0, and found by that key.
+        """
         if idempotent:
-            rows = self._without_stored_ids(table, rows)
-            if not rows:
-                return
+            rows = self._without_stored_ids(table, rows, by_key=keyed_by_id)
+        if rows:
+            self._insert(table, rows, keyed_by_id=keyed_by_id)
+
+    def _insert(self, table: TableSpec, rows: Sequence[Row], *, keyed_by_id: bool = False) -> None:
+        assert self._client is not None
         # column by column: one comprehension per column converts faster than a loop per row
         columns = [list(column) for column in zip(*rows, strict=True)]
+        if keyed_by_id:
+            at = table.position
+            columns[at("item_key")] = [format_uuid(v) for v in columns[at("id")]]
+            columns[at("version")] = [0] * len(rows)
         for index, convert in self._conversions[table.kind]:
             columns[index] = [None if v is None else convert(v) for v in columns[index]]
         self._client.insert(
             table.name, columns, column_names=list(table.column_names), column_oriented=True
         )
 
-    def _without_stored_ids(self, table: TableSpec, rows: Sequence[Row]) -> list[Row]:
+    def _without_stored_ids(
+        self, table: TableSpec, rows: Sequence[Row], *, by_key: bool = False
+    ) -> list[Row]:
         assert self._client is not None
         position = table.column_names.index(table.primary_key)
         ids = [format_uuid(row[position]) for row in rows]
-        found = self._client.query(
-            f"SELECT toString({_quote(table.primary_key)}) FROM {_quote(table.name)} "
-            f"WHERE {_quote(table.primary_key)} IN {{ids:Array(UUID)}}",
-            parameters={"ids": ids},
-        )
+        if by_key:  # the sorting key finds them; id is in no index of a keyed items table
+            type_at = table.position("item_type")
+            found = self._client.query(
+                f"SELECT item_key FROM {_quote(table.name)} "
+                "WHERE (item_type, item_key) IN {keys:Array(Tuple(String, String))}",
+                parameters={
+                    "keys": [(row[type_at], id_) for row, id_ in zip(rows, ids, strict=True)]
+                },
+            )
+        else:
+            found = self._client.query(
+                f"SELECT toString({_quote(table.primary_key)}) FROM {_quote(table.name)} "
+                f"WHERE {_quote(table.primary_key)} IN {{ids:Array(UUID)}}",
+                parameters={"ids": ids},
+            )
         stored = {row[0] for row in found.result_rows}
         return [row for row, id_ in zip(rows, ids, strict=True) if id_ not in stored]
 
+    # keyed items
+
+    def _upsert(
+        self, table: TableSpec, rows: Sequence[Row], layout: _ItemsLayout | None
+    ) -> dict[str, list[int]]:
+        """Write keyed item rows as :func:`plan_upsert` decides, given their keys' rows."""
+        at = table.position
+        type_at, key_at, last_at = at("item_type"), at("item_key"), at("last_seen_at")
+        # the key as stored (text is cleaned on its way in), so that it is found again
+        rows = [_clean_key(row, type_at, key_at) for row in rows]
+        keys = sorted({(row[type_at], row[key_at]) for row in rows})
+        plan = plan_upsert(table, rows, self._current_rows(table, keys, layout))
+        history = table.history
+        if history is not None and (plan.archive or plan.archive_rows):
+            # the versions being replaced, before they are: a failure in between leaves them
+            # current, and the batch written again archives them again (the same sorting key)
+            archived = [found.row for found in plan.archive if found.row is not None]
+            self._insert(history, _uuids_as_ints(history, [*archived, *plan.archive_rows]))
+        current = [*plan.inserts, *(row for _, row in plan.replaces)]
+        for found, seen in plan.touches:
+            # the current version again (same version: the last inserted wins), seen later
+            assert found.row is not None
+            last_seen = found.row[last_at]
+            if last_seen is None or seen > last_seen:
+                current.append(_with(found.row, last_at, seen))
+        if current:
+            self._insert(table, _uuids_as_ints(table, current))
+        return plan.changes
+
+    def _current_rows(
+        self, table: TableSpec, keys: list[tuple[str, str]], layout: _ItemsLayout | None
+    ) -> dict[tuple[str, str], StoredItem]:
+        """The current row (``FINAL``) of each of *keys* the table holds, whole, in the row
+        conventions of :mod:`scrapy_ingest.schema`, so that it can be written again."""
+        assert self._client is not None
+        json_typed = layout.json_typed if layout is not None else frozenset()
+        names = table.column_names
+        select = ", ".join(_read_expression(table, name, json_typed) for name in names)
+        at = table.position
+        id_at, type_at, key_at = at("id"), at("item_type"), at("item_key")
+        hash_at, version_at, first_at = at("content_hash"), at("version"), at("first_seen_at")
+        json_at = [i for i, name in enumerate(names) if table.column_kind(name) == "json"]
+        stored: dict[tuple[str, str], StoredItem] = {}
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            found = self._client.query(
+                f"SELECT {select} FROM {_quote(table.name)} FINAL "
+                "WHERE (item_type, item_key) IN {keys:Array(Tuple(String, String))}",
+                parameters={"keys": keys[start : start + _KEYS_PER_QUERY]},
+            )
+            for values in found.result_rows:
+                row = list(values)
+                for i in json_at:  # JSON as bytes, as rows hold it
+                    if isinstance(row[i], str):
+                        row[i] = row[i].encode()
+                stored[(row[type_at], row[key_at])] = StoredItem(
+                    row[id_at], row[hash_at], row[version_at], row[first_at], tuple(row)
+                )
+        return stored
+
+    def _items_layout(self, table: TableSpec) -> _ItemsLayout | None:
+        """The layout of the items *table* (None while the table does not exist)."""
+        layout = self._layouts.get(table.name)
+        if layout is not None:
+            return layout
+        assert self._client is not None
+        found = self._client.query(
+            "SELECT engine_full, sorting_key, partition_key FROM system.tables "
+            "WHERE database = currentDatabase() AND name = {name:String}",
+            parameters={"name": table.name},
+        ).result_rows
+        if not found:
+            return None
+        engine_full, sorting_key, partition_key = found[0]
+        types = self._client.query(
+            "SELECT name, type FROM system.columns "
+            "WHERE database = currentDatabase() AND table = {name:String}",
+            parameters={"name": table.name},
+        ).result_rows
+        head = _ENGINE_HEAD.match(engine_full)
+        engine = head.group(0) if head else engine_full
+        ddl = f"{engine} ORDER BY ({sorting_key})"
+        if partition_key:
+            ddl += f" PARTITION BY {partition_key}"
+        layout = self._layouts[table.name] = _ItemsLayout(
+            keyed=bool(
+                _VERSIONED_ENGINE.fullmatch(engine)
+                and sorting_key == _KEYED_SORTING_KEY
+                and not partition_key
+            ),
+            json_typed=frozenset(
+                name for name, type_ in types if type_.startswith(("JSON", "Object("))
+            ),
+            ddl=ddl,
+        )
+        return layout
+
+    def _unkeyed_layout_message(self, table: TableSpec, layout: _ItemsLayout) -> str:
+        name = table.name
+        return (
+            f"the table {name} in {self.url} cannot hold keyed items (INGEST_ITEM_KEYS): "
+            f"they need ENGINE = {_KEYED_ENGINE} without PARTITION BY, which keeps one row "
+            f"per key, but {name} is {layout.ddl} (made by an older scrapy-ingestion, or by "
+            "hand), and ClickHouse cannot change the sorting key of a table. Fix: send the "
+            "keyed item types to a new table with an INGEST_ROUTES rule, e.g. {'kind': "
+            "'items', 'item_type': 'ProductItem', 'url': ..., 'table': 'products'} "
+            f"(created with that layout), or rename this one (RENAME TABLE {name} TO "
+            f"{name}_old) so that the next crawl creates {name} anew"
+        )
+
     def classify(self, exc: BaseException) -> Failure:
+        if isinstance(exc, SchemaError):
+            return Failure.DATA  # keyed items in an old items table: no retry can help
         if isinstance(exc, (ch_errors.DataError, ch_errors.ProgrammingError)):
             return Failure.DATA
         if isinstance(exc, (ValueError, TypeError, OverflowError, UnicodeError)):
@@ -312,6 +568,48 @@ def _json_bytes(value: Any) -> bytes:
 def _ticks(epoch: float) -> int:
     """Epoch seconds as DateTime64(6) ticks (microseconds), which clickhouse-connect takes."""
     return round(epoch * 1_000_000)
+
+
+def _read_expression(table: TableSpec, name: str, json_typed: frozenset[str]) -> str:
+    """A column, read back in the row conventions: ids as text, timestamps as epoch seconds,
+    JSON as text (bytes once read)."""
+    kind, column = table.column_kind(name), _quote(name)
+    if kind == "uuid":
+        return f"toString({column})"
+    if kind == "timestamp":
+        return f"toFloat64({column})"
+    if kind == "json" and name in json_typed:
+        return f"toJSONString({column})"
+    return column
+
+
+def _clean_key(row: Row, type_at: int, key_at: int) -> Row:
+    item_type, key = row[type_at], row[key_at]
+    clean_type, clean_key = _clean_text(item_type), _clean_text(key)
+    if clean_type is item_type and clean_key is key:
+        return row
+    return _with(_with(row, type_at, clean_type), key_at, clean_key)
+
+
+def _with(row: Row, index: int, value: Any) -> Row:
+    return (*row[:index], value, *row[index + 1 :])
+
+
+def _uuids_as_ints(table: TableSpec, rows: list[Row]) -> list[Row]:
+    """*rows* with their ids as ints: rows read back hold them as text, new rows as ints, and
+    clickhouse-connect writes a UUID column from one or the other, not both."""
+    positions = [i for i, c in enumerate(table.columns) if c.kind == "uuid"]
+    converted = []
+    for row in rows:
+        if not any(isinstance(row[i], str) for i in positions):
+            converted.append(row)
+            continue
+        values = list(row)
+        for i in positions:
+            if isinstance(values[i], str):
+                values[i] = uuid.UUID(values[i]).int
+        converted.append(tuple(values))
+    return converted
 
 
 def _time_column(table: TableSpec) -> str:

@@ -4,6 +4,14 @@ The first attempt at a batch is one plain ``COPY``. A batch that is written
 again after a failure whose outcome is unknown (the connection dropped during
 ``COMMIT``) goes through a temporary staging table and
 ``INSERT ... ON CONFLICT (id) DO NOTHING``, so no row is ever stored twice.
+
+Keyed items are upserted in the same transaction: the current rows of the
+batch's keys are read and locked (``SELECT ... FOR UPDATE``, in key order, so
+that two writers of the same keys queue rather than deadlock), new keys are
+copied in, previous versions are copied to the history table server-side, and
+changed rows are updated from a staging table. A key inserted meanwhile by
+another process makes the ``COPY`` fail on the unique index; the batch is then
+written again, and finds that row.
 """
 
 from __future__ import annotations
@@ -22,10 +30,12 @@ from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.backends.base import (
     Failure,
     Row,
+    StoredItem,
     conversions_by_kind,
     is_same_job,
     log_migration,
     needs_migration,
+    plan_upsert,
     safe_text,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
@@ -105,8 +115,6 @@ class PostgresBackend:
             if self._create_tables:
                 for table in self._tables.values():
                     conn.execute(_create_table(table))
-                    for columns in table.indexes:
-                        conn.execute(_create_index(table, columns))
             found = conn.execute("SELECT to_regclass(%s)", [versions.name]).fetchone()
             if not found or found[0] is None:
                 raise SchemaError(
@@ -118,10 +126,14 @@ class PostgresBackend:
                 sql.SQL("SELECT max(version) FROM {}").format(sql.Identifier(versions.name))
             ).fetchone()
             current = row[0] if row else None
-            if not needs_migration(current, self.url, create_tables=self._create_tables):
-                return
-            if current is not None:
+            migrate = needs_migration(current, self.url, create_tables=self._create_tables)
+            if migrate and current is not None:
                 self._add_missing_columns(conn)
+            if self._create_tables:  # after the columns they index
+                for table in self._tables.values():
+                    _create_indexes(conn, table)
+            if not migrate:
+                return
             conn.execute(
                 sql.SQL("INSERT INTO {} (version, applied_at) VALUES (%s, now())").format(
                     sql.Identifier(versions.name)
@@ -159,33 +171,116 @@ class PostgresBackend:
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(self._versions.name)])
             conn.execute(_create_table(table))
-            for columns in table.indexes:
-                conn.execute(_create_index(table, columns))
+            _create_indexes(conn, table)
 
     # writing
 
-    def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
+    def write(
+        self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool
+    ) -> dict[str, list[int]] | None:
         assert self._pool is not None, "write() before open()"
+        keyed: list[Row] = []
+        if table.unique:
+            key_at = table.position("item_key")
+            if any(row[key_at] is not None for row in rows):
+                keyed = [row for row in rows if row[key_at] is not None]
+                rows = [row for row in rows if row[key_at] is None]
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            if rows:
+                self._insert(cur, table, rows, idempotent=idempotent)
+            if keyed:
+                return self._upsert(cur, table, keyed)
+        return None
+
+    def _insert(
+        self, cur: psycopg.Cursor[Any], table: TableSpec, rows: Sequence[Row], *, idempotent: bool
+    ) -> None:
         target = sql.Identifier(table.name)
         columns = sql.SQL(", ").join(map(sql.Identifier, table.column_names))
-        with self._pool.connection() as conn, conn.cursor() as cur:
-            if not idempotent:
-                self._copy(
-                    cur, sql.SQL("COPY {} ({}) FROM STDIN").format(target, columns), table, rows
-                )
-                return
-            stage = sql.Identifier(f"_stage_{table.name}")
+        if not idempotent:
+            self._copy(cur, sql.SQL("COPY {} ({}) FROM STDIN").format(target, columns), table, rows)
+            return
+        stage = sql.Identifier(f"_stage_{table.name}")
+        cur.execute(
+            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(
+                stage, target
+            )
+        )
+        self._copy(cur, sql.SQL("COPY {} ({}) FROM STDIN").format(stage, columns), table, rows)
+        cur.execute(
+            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING").format(
+                target, columns, columns, stage, sql.Identifier(table.primary_key)
+            )
+        )
+
+    def _upsert(
+        self, cur: psycopg.Cursor[Any], table: TableSpec, rows: Sequence[Row]
+    ) -> dict[str, list[int]]:
+        target = sql.Identifier(table.name)
+        type_at, key_at = table.position("item_type"), table.position("item_key")
+        keys = sorted({(row[type_at], row[key_at]) for row in rows})
+        cur.execute(
+            sql.SQL(
+                "SELECT t.item_type, t.item_key, t.id, t.content_hash, t.version, "
+                "extract(epoch FROM t.first_seen_at)::float8 "
+                "FROM {} t JOIN unnest(%s::text[], %s::text[]) AS k(item_type, item_key) "
+                "ON t.item_type = k.item_type AND t.item_key = k.item_key "
+                "ORDER BY t.item_type, t.item_key FOR UPDATE OF t"
+            ).format(target),
+            [[k[0] for k in keys], [k[1] for k in keys]],
+        )
+        stored = {
+            (item_type, key): StoredItem(id_, content_hash, version, first_seen)
+            for item_type, key, id_, content_hash, version, first_seen in cur.fetchall()
+        }
+        plan = plan_upsert(table, rows, stored)
+        columns = sql.SQL(", ").join(map(sql.Identifier, table.column_names))
+        copy_into = sql.SQL("COPY {} ({}) FROM STDIN")
+        if plan.inserts:
+            self._copy(cur, copy_into.format(target, columns), table, plan.inserts)
+        history = table.history
+        if history is not None and (plan.archive or plan.archive_rows):
+            # the versions being replaced, copied before they are
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {} ({}) SELECT {} FROM {} WHERE id = ANY(%s) "
+                    "ON CONFLICT (id) DO NOTHING"
+                ).format(sql.Identifier(history.name), columns, columns, target),
+                [[found.id for found in plan.archive]],
+            )
+            if plan.archive_rows:
+                self._insert(cur, history, plan.archive_rows, idempotent=True)
+        if plan.replaces:
+            stage = sql.Identifier(f"_upsert_{table.name}")
             cur.execute(
                 sql.SQL(
                     "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS"
                 ).format(stage, target)
             )
-            self._copy(cur, sql.SQL("COPY {} ({}) FROM STDIN").format(stage, columns), table, rows)
-            cur.execute(
-                sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING").format(
-                    target, columns, columns, stage, sql.Identifier(table.primary_key)
-                )
+            self._copy(cur, copy_into.format(stage, columns), table, [r for _, r in plan.replaces])
+            assignments = sql.SQL(", ").join(
+                sql.SQL("{} = s.{}").format(sql.Identifier(name), sql.Identifier(name))
+                for name in table.column_names
             )
+            cur.execute(
+                sql.SQL(
+                    "UPDATE {} t SET {} FROM {} s, unnest(%s::uuid[], %s::uuid[]) AS p(old, new) "
+                    "WHERE t.id = p.old AND s.id = p.new"
+                ).format(target, assignments, stage),
+                [
+                    [found.id for found, _ in plan.replaces],
+                    [_uuid_text(row[0]) for _, row in plan.replaces],
+                ],
+            )
+        if plan.touches:
+            cur.execute(
+                sql.SQL(
+                    "UPDATE {} t SET last_seen_at = greatest(t.last_seen_at, to_timestamp(p.seen)) "
+                    "FROM unnest(%s::uuid[], %s::float8[]) AS p(id, seen) WHERE t.id = p.id"
+                ).format(target),
+                [[found.id for found, _ in plan.touches], [seen for _, seen in plan.touches]],
+            )
+        return plan.changes
 
     def _copy(
         self,
@@ -312,12 +407,24 @@ def _create_table(table: TableSpec) -> sql.Composed:
     )
 
 
-def _create_index(table: TableSpec, columns: tuple[str, ...]) -> sql.Composed:
-    return sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-        sql.Identifier(table.index_name(columns)),
-        sql.Identifier(table.name),
-        sql.SQL(", ").join(map(sql.Identifier, columns)),
-    )
+def _create_indexes(conn: psycopg.Connection[Any], table: TableSpec) -> None:
+    for columns in table.indexes:
+        conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                sql.Identifier(table.index_name(columns)),
+                sql.Identifier(table.name),
+                sql.SQL(", ").join(map(sql.Identifier, columns)),
+            )
+        )
+    if table.unique:  # one row per key, among the rows that have one
+        conn.execute(
+            sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({}) WHERE {} IS NOT NULL").format(
+                sql.Identifier(table.index_name(table.unique)),
+                sql.Identifier(table.name),
+                sql.SQL(", ").join(map(sql.Identifier, table.unique)),
+                sql.Identifier(table.unique[-1]),
+            )
+        )
 
 
 def _lock_key(name: str) -> int:

@@ -11,17 +11,40 @@ SQLite gets WAL journaling and a busy timeout, so several crawl processes can
 share one file, and ``INSERT ... ON CONFLICT DO NOTHING``, so a batch written
 twice stores its rows once. JSON is stored as text (``json_extract`` reads
 it); timestamps as ISO 8601 text in UTC, which SQLite's date functions read.
+
+Keyed items (``INGEST_ITEM_KEYS``) are upserted in the transaction of their
+batch, as :func:`~scrapy_ingest.backends.base.plan_upsert` says: the current
+rows of the batch's keys are read (``SELECT ... FOR UPDATE`` in key order on
+MySQL; SQLite's ``BEGIN IMMEDIATE`` transactions run one at a time anyway), new
+keys are inserted, replaced versions copied to the history table, changed rows
+updated and the ``last_seen_at`` of unchanged ones moved. A unique index on
+``(item_type, item_key)`` (partial, ``WHERE item_key IS NOT NULL``, in SQLite)
+makes a key that another process inserted meanwhile fail the insert; the batch
+is then written again and finds that row. On MySQL and MariaDB:
+
+- ``item_key`` is ``VARCHAR(255)`` with the ``utf8mb4_bin`` collation (an index
+  needs a bounded column; keys compare case- and accent-sensitively, as
+  elsewhere). A longer key is stored as its first 222 characters, ``~`` and 32
+  hex digits of its BLAKE2b hash (:func:`_bounded_key`), so that it still
+  identifies the item; query such items by their ``data``, not their full key.
+- ``utf8mb4_bin`` ignores trailing spaces, and ``item_type`` keeps the table's
+  (usually case-insensitive) collation: two keys that only differ that way
+  would be one row to the database, so the later item goes to the dead-letter
+  table with the reason (:class:`ItemKeyConflict`).
+- Two writers inserting the same new keys at once may deadlock on InnoDB's gap
+  locks; InnoDB rolls one back, and its batch is retried.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import re
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -34,22 +57,43 @@ from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.backends.base import (
     Failure,
     Row,
+    StoredItem,
     is_same_job,
     log_migration,
     needs_migration,
+    plan_upsert,
     safe_text,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from scrapy_ingest.schema import ColumnKind, TableSpec
 
 logger = logging.getLogger(__name__)
 
+_V = TypeVar("_V")
+
 _BUSY_TIMEOUT_MS = 30_000
+#: keys per lookup of stored items, and rows per last_seen_at update: well under the 999
+#: parameters of old SQLite versions
+_KEYS_PER_QUERY = 500
+_TOUCHES_PER_QUERY = 300
+#: the column of an item's key
+_KEY_COLUMN = "item_key"
+#: the longest item key MySQL and MariaDB store as it is (the length of its VARCHAR)
+_MYSQL_KEY_LENGTH = 255
+_KEY_HASH_DIGITS = 32
+
+
+class ItemKeyConflict(ValueError):
+    """Two different item keys that the database compares as equal (MySQL's collations).
+
+    A ValueError, so that the writer takes it for a refused value: the batch is split
+    until the item is alone, and that item goes to the dead-letter table.
+    """
 
 
 class _JsonText(sa.types.UserDefinedType[str]):
@@ -62,13 +106,19 @@ class _JsonText(sa.types.UserDefinedType[str]):
         return "JSON"
 
 
-def _sa_type(kind: ColumnKind, indexed: bool) -> sa.types.TypeEngine[Any]:
+def _sa_type(kind: ColumnKind, indexed: bool, *, exact: bool = False) -> sa.types.TypeEngine[Any]:
+    """The column type of *kind*; *indexed*: in an index (MySQL needs a bounded type then);
+    *exact*: compared byte for byte on MySQL too, not by its case-insensitive collation
+    (item keys, see :func:`_bounded_key` for the longer ones)."""
+    mysql_text = (
+        mysql.VARCHAR(_MYSQL_KEY_LENGTH, charset="utf8mb4", collation="utf8mb4_bin")
+        if exact
+        else mysql.VARCHAR(255)
+    )
     types: dict[ColumnKind, sa.types.TypeEngine[Any]] = {
         "uuid": sa.String(36),
         # MySQL indexes no TEXT column without a prefix length
-        "text": sa.Text().with_variant(mysql.VARCHAR(255), "mysql", "mariadb")
-        if indexed
-        else sa.Text(),
+        "text": sa.Text().with_variant(mysql_text, "mysql", "mariadb") if indexed else sa.Text(),
         "int": sa.Integer(),
         "bigint": sa.BigInteger(),
         "float": sa.Float().with_variant(mysql.DOUBLE(), "mysql", "mariadb"),
@@ -108,7 +158,9 @@ class SqlAlchemyBackend:
                     _sa_type(
                         c.kind,
                         indexed=any(c.name in i for i in spec.indexes)
+                        or c.name in spec.unique
                         or c.name == spec.primary_key,
+                        exact=c.name == _KEY_COLUMN,
                     ),
                     primary_key=c.name == spec.primary_key,
                     nullable=c.nullable,
@@ -119,6 +171,17 @@ class SqlAlchemyBackend:
         )
         for columns in spec.indexes:
             sa.Index(spec.index_name(columns), *(table.c[name] for name in columns))
+        if spec.unique:
+            # among the rows that have a key: MySQL's unique indexes skip NULLs anyway
+            keyed = table.c[spec.unique[-1]].is_not(None)
+            sa.Index(
+                spec.index_name(spec.unique),
+                *(table.c[name] for name in spec.unique),
+                unique=True,
+                sqlite_where=keyed,
+                postgresql_where=keyed,
+                mssql_where=keyed,
+            )
         return table
 
     # lifecycle
@@ -160,18 +223,20 @@ class SqlAlchemyBackend:
         if self._create_tables:
             for table in self._tables.values():
                 conn.execute(CreateTable(table, if_not_exists=True))
-                for index in sorted(table.indexes, key=lambda i: str(i.name)):
-                    conn.execute(CreateIndex(index, if_not_exists=True))
         elif not sa.inspect(conn).has_table(versions.name):
             raise SchemaError(
                 f"the table {versions.name} does not exist in {self.url}. Fix: set "
                 "INGEST_CREATE_TABLES = True once, or create the tables as docs/tables.md shows."
             )
         current = conn.execute(sa.select(sa.func.max(versions.c.version))).scalar()
-        if not needs_migration(current, self.url, create_tables=self._create_tables):
-            return
-        if current is not None:
+        migrate = needs_migration(current, self.url, create_tables=self._create_tables)
+        if migrate and current is not None:
             self._add_missing_columns(conn)
+        if self._create_tables:  # after the columns they index (schema version 3's item_key)
+            for table in self._tables.values():
+                _create_indexes(conn, table)
+        if not migrate:
+            return
         row = self._convert_values(
             self._versions,
             {"version": SCHEMA_VERSION, "applied_at": time.time()},
@@ -205,28 +270,153 @@ class SqlAlchemyBackend:
             return
         with self._engine.begin() as conn:
             conn.execute(CreateTable(sa_table, if_not_exists=True))
-            for index in sorted(sa_table.indexes, key=lambda i: str(i.name)):
-                conn.execute(CreateIndex(index, if_not_exists=True))
+            _create_indexes(conn, sa_table)
 
     # writing
 
-    def write(self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool) -> None:
+    def write(
+        self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool
+    ) -> dict[str, list[int]] | None:
         assert self._engine is not None, "write() before open()"
+        keyed: list[Row] = []
+        if table.unique:
+            key_at = table.position(_KEY_COLUMN)
+            if any(row[key_at] is not None for row in rows):
+                keyed = [row for row in rows if row[key_at] is not None]
+                rows = [row for row in rows if row[key_at] is None]
         sa_table = self._tables[table.name]
+        with self._engine.begin() as conn:
+            if rows:
+                self._insert(conn, table, sa_table, rows, idempotent=idempotent)
+            if keyed:
+                return self._upsert(conn, table, sa_table, keyed)
+        return None
+
+    def _insert(
+        self,
+        conn: sa.Connection,
+        table: TableSpec,
+        sa_table: sa.Table,
+        rows: Sequence[Row],
+        *,
+        idempotent: bool,
+    ) -> None:
+        params = self._params(table, rows)
+        dialect = conn.dialect.name
+        if dialect in ("sqlite", "mysql", "mariadb") or not idempotent:
+            conn.execute(self._insert_ignoring_duplicates(sa_table, dialect), params)
+            return
+        # no portable "skip existing": insert row by row, skipping ids that exist
+        for param in params:
+            with conn.begin_nested(), contextlib.suppress(sa.exc.IntegrityError):
+                conn.execute(sa_table.insert(), [param])
+
+    def _params(self, table: TableSpec, rows: Sequence[Row]) -> list[dict[str, Any]]:
+        """*rows* as statement parameters, their values converted for the database."""
         names = table.column_names
         converters = self._converters[table.kind]
-        params = [
+        return [
             {n: conv(v) for n, conv, v in zip(names, converters, row, strict=True)} for row in rows
         ]
-        dialect = self._engine.dialect.name
-        with self._engine.begin() as conn:
-            if dialect in ("sqlite", "mysql", "mariadb") or not idempotent:
-                conn.execute(self._insert_ignoring_duplicates(sa_table, dialect), params)
-                return
-            # no portable "skip existing": insert row by row, skipping ids that exist
-            for param in params:
-                with conn.begin_nested(), contextlib.suppress(sa.exc.IntegrityError):
-                    conn.execute(sa_table.insert(), [param])
+
+    def _upsert(
+        self, conn: sa.Connection, table: TableSpec, sa_table: sa.Table, rows: Sequence[Row]
+    ) -> dict[str, list[int]]:
+        """Store keyed items as :func:`plan_upsert` says, in the transaction of *conn*; return
+        the new / changed / unchanged counts by item type."""
+        if conn.dialect.name in ("mysql", "mariadb"):
+            rows = _keys_for_mysql(table, rows)
+        stored, last_seen = self._stored_items(conn, table, sa_table, rows)
+        plan = plan_upsert(table, rows, stored)
+        pk = sa_table.c[table.primary_key]
+        if plan.inserts:
+            # a plain insert: a key inserted meanwhile by another process must fail here
+            # (Failure.DUPLICATE), so that the batch is written again and finds its row
+            conn.execute(sa_table.insert(), self._params(table, plan.inserts))
+        history = table.history
+        if history is not None and (plan.archive or plan.archive_rows):
+            versions = self._tables[history.name]
+            names = table.column_names
+            # the versions being replaced, copied before they are (once: the batch may be
+            # written again after a commit whose answer was lost)
+            for ids in _chunks([found.id for found in plan.archive], _KEYS_PER_QUERY):
+                copied = sa.select(*(sa_table.c[name] for name in names)).where(
+                    pk.in_(ids),
+                    ~sa.exists().where(versions.c[history.primary_key] == pk),
+                )
+                conn.execute(versions.insert().from_select(names, copied))
+            if plan.archive_rows:
+                self._insert(conn, history, versions, plan.archive_rows, idempotent=True)
+        if plan.replaces:
+            params = self._params(table, [row for _, row in plan.replaces])
+            for (found, _), param in zip(plan.replaces, params, strict=True):
+                param["stored_id"] = found.id
+            conn.execute(sa_table.update().where(pk == sa.bindparam("stored_id")), params)
+        # last_seen_at only moves forward (a batch replayed from the spill journal is older)
+        convert = self._converters[table.kind][table.position("last_seen_at")]
+        touches = [
+            (found.id, convert(seen))
+            for found, seen in plan.touches
+            if (before := last_seen[found.id]) is None or seen > before
+        ]
+        for chunk in _chunks(touches, _TOUCHES_PER_QUERY):
+            conn.execute(
+                sa_table.update()
+                .where(pk.in_([id_ for id_, _ in chunk]))
+                .values(last_seen_at=sa.case(dict(chunk), value=pk))
+            )
+        return plan.changes
+
+    def _stored_items(
+        self, conn: sa.Connection, table: TableSpec, sa_table: sa.Table, rows: Sequence[Row]
+    ) -> tuple[dict[tuple[str, str], StoredItem], dict[Any, float | None]]:
+        """The current row of each key of *rows* (locked on MySQL, in key order so that two
+        writers queue rather than deadlock), and the ``last_seen_at`` of each by id."""
+        type_at, key_at = table.position("item_type"), table.position(_KEY_COLUMN)
+        wanted = {(row[type_at], row[key_at]) for row in rows}
+        by_type: dict[str, list[str]] = {}
+        for item_type, key in sorted(wanted):
+            by_type.setdefault(item_type, []).append(key)
+        c = sa_table.c
+        columns = (
+            c[table.primary_key],
+            c.item_type,
+            c.item_key,
+            c.content_hash,
+            c.version,
+            c.first_seen_at,
+            c.last_seen_at,
+        )
+        stored: dict[tuple[str, str], StoredItem] = {}
+        last_seen: dict[Any, float | None] = {}
+        for item_type, keys in by_type.items():
+            for chunk in _chunks(keys, _KEYS_PER_QUERY):
+                query = (
+                    sa.select(*columns)
+                    .where(c.item_type == item_type, c.item_key.in_(chunk))
+                    .order_by(c.item_key)
+                    .with_for_update()
+                )
+                for id_, found_type, key, content_hash, version, first, last in conn.execute(query):
+                    if (found_type, key) not in wanted:
+                        # the database's collation matched a key of the batch that differs
+                        raise self._conflict(found_type, key, [(item_type, k) for k in chunk])
+                    # NULL (a row not written by scrapy-ingest) stays NULL, as in PostgreSQL
+                    first_seen: Any = None if first is None else _epoch(first)
+                    stored[found_type, key] = StoredItem(id_, content_hash, version, first_seen)
+                    last_seen[id_] = None if last is None else _epoch(last)
+        return stored, last_seen
+
+    def _conflict(
+        self, stored_type: str, stored_key: str, asked: Sequence[tuple[str, str]]
+    ) -> ItemKeyConflict:
+        """The error for a stored key that the database found for another key in *asked*."""
+        form = _mysql_form(stored_type, stored_key)
+        item_type, key = next((k for k in asked if _mysql_form(*k) == form), asked[0])
+        return ItemKeyConflict(
+            f"the key {key!r} of a {item_type} item and the stored key {stored_key!r} of a "
+            f"{stored_type} item " + _CONFLICT.format(where=f"the database at {self.url}")
+        )
 
     @staticmethod
     def _insert_ignoring_duplicates(table: sa.Table, dialect: str) -> sa.Insert:
@@ -312,6 +502,81 @@ class SqlAlchemyBackend:
                     .values(status="crashed", close_reason="crashed", finished_at=jobs.c.updated_at)
                 )
         return ids
+
+
+#: why two keys are one, for MySQL and MariaDB (and any database whose collations are as lax)
+_CONFLICT = (
+    "are one key to {where}, whose collations ignore trailing spaces (utf8mb4_bin, that of "
+    "item keys) and case (the default one, that of item types). Fix: make keys differ by more "
+    "than that (e.g. strip the key fields in the spider), and item class names by more than "
+    "case"
+)
+
+
+def _keys_for_mysql(table: TableSpec, rows: Sequence[Row]) -> list[Row]:
+    """*rows* with their item type and key as MySQL and MariaDB store them (:func:`safe_text`,
+    and :func:`_bounded_key` for the key), so that the stored rows are found by them.
+
+    Raise :class:`ItemKeyConflict` for two keys of the batch that these databases compare
+    as equal though they differ: both would be inserted, and the unique index would refuse
+    the second one on every attempt.
+    """
+    type_at, key_at = table.position("item_type"), table.position(_KEY_COLUMN)
+    first_of: dict[tuple[str, str], tuple[str, str]] = {}
+    stored: list[Row] = []
+    for row in rows:
+        item_type, key = safe_text(row[type_at]), _bounded_key(safe_text(row[key_at]))
+        first = first_of.setdefault(_mysql_form(item_type, key), (item_type, key))
+        if first != (item_type, key):
+            raise ItemKeyConflict(
+                f"the key {key!r} of a {item_type} item and the key {first[1]!r} of a "
+                f"{first[0]} item of the same batch " + _CONFLICT.format(where="MySQL and MariaDB")
+            )
+        if item_type == row[type_at] and key == row[key_at]:
+            stored.append(row)
+        else:
+            changed = list(row)
+            changed[type_at], changed[key_at] = item_type, key
+            stored.append(tuple(changed))
+    return stored
+
+
+def _mysql_form(item_type: str, key: str) -> tuple[str, str]:
+    """What MySQL and MariaDB compare of an item type (default collation: case-insensitive)
+    and an item key (``utf8mb4_bin``): both without trailing spaces (``PAD SPACE``)."""
+    return item_type.casefold().rstrip(" "), key.rstrip(" ")
+
+
+def _bounded_key(key: str) -> str:
+    """*key*, or for one longer than MySQL's ``VARCHAR(255)`` its first 222 characters, ``~``
+    and 32 hex digits of its BLAKE2b hash: 255 characters that still identify the item."""
+    if len(key) <= _MYSQL_KEY_LENGTH:
+        return key
+    digest = hashlib.blake2b(key.encode(), digest_size=_KEY_HASH_DIGITS // 2).hexdigest()
+    return f"{key[: _MYSQL_KEY_LENGTH - _KEY_HASH_DIGITS - 1]}~{digest}"
+
+
+def _chunks(values: Sequence[_V], size: int) -> Iterator[Sequence[_V]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _create_indexes(conn: sa.Connection, table: sa.Table) -> None:
+    """Create the missing indexes of *table*.
+
+    MySQL, unlike MariaDB and SQLite, has no ``CREATE INDEX IF NOT EXISTS``: it is asked
+    which indexes exist instead.
+    """
+    indexes = sorted(table.indexes, key=lambda i: str(i.name))
+    dialect = conn.dialect
+    if dialect.name in ("mysql", "mariadb") and not getattr(dialect, "is_mariadb", False):
+        found = {index["name"] for index in sa.inspect(conn).get_indexes(table.name)}
+        for index in indexes:
+            if index.name not in found:
+                conn.execute(CreateIndex(index))
+        return
+    for index in indexes:
+        conn.execute(CreateIndex(index, if_not_exists=True))
 
 
 def _epoch(value: Any) -> float:
