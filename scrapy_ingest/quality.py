@@ -171,16 +171,17 @@ class ItemChecks:
         if checks.key is None:
             return Checked(self._encode(data), errors=errors)
         key = checks.key(data)
-        exclude = self._exclude
-        if not exclude or exclude.isdisjoint(data):
+        present = self._exclude.intersection(data) if self._exclude else None
+        if not present:
             encoded = hashed = self._encode(data, sort_keys=True)
         else:
             # the hashed fields, then the others appended: one encoding of each field
-            hashed = self._encode(
-                {k: v for k, v in data.items() if k not in exclude}, sort_keys=True
-            )
-            left_out = self._encode({k: v for k, v in data.items() if k in exclude})
-            encoded = hashed[:-1] + b"," + left_out[1:] if len(hashed) > 2 else left_out
+            kept = dict(data)
+            for name in present:
+                del kept[name]
+            hashed = self._encode(kept, sort_keys=True)
+            left_out = self._encode({name: data[name] for name in present})
+            encoded = hashed[:-1] + b"," + left_out[1:] if kept else left_out
         digest = hashlib.blake2b(hashed, digest_size=16).hexdigest()
         return Checked(encoded, key, digest, errors)
 

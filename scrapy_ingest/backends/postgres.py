@@ -216,18 +216,20 @@ class PostgresBackend:
     def _upsert(
         self, cur: psycopg.Cursor[Any], table: TableSpec, rows: Sequence[Row]
     ) -> dict[str, list[int]]:
+        # keys and id pairs travel by COPY into temporary tables: psycopg formats arrays of
+        # thousands of parameters in Python, COPY rows in C
         target = sql.Identifier(table.name)
+        keys_table = self._scratch(cur, f"_keys_{table.name}", "item_type text, item_key text")
         type_at, key_at = table.position("item_type"), table.position("item_key")
-        keys = sorted({(row[type_at], row[key_at]) for row in rows})
+        keys = sorted({(safe_text(row[type_at]), safe_text(row[key_at])) for row in rows})
+        _copy_rows(cur, keys_table, keys)
         cur.execute(
             sql.SQL(
                 "SELECT t.item_type, t.item_key, t.id, t.content_hash, t.version, "
                 "extract(epoch FROM t.first_seen_at)::float8 "
-                "FROM {} t JOIN unnest(%s::text[], %s::text[]) AS k(item_type, item_key) "
-                "ON t.item_type = k.item_type AND t.item_key = k.item_key "
+                "FROM {} t JOIN {} k ON t.item_type = k.item_type AND t.item_key = k.item_key "
                 "ORDER BY t.item_type, t.item_key FOR UPDATE OF t"
-            ).format(target),
-            [[k[0] for k in keys], [k[1] for k in keys]],
+            ).format(target, keys_table)
         )
         stored = {
             (item_type, key): StoredItem(id_, content_hash, version, first_seen)
@@ -238,25 +240,37 @@ class PostgresBackend:
         copy_into = sql.SQL("COPY {} ({}) FROM STDIN")
         if plan.inserts:
             self._copy(cur, copy_into.format(target, columns), table, plan.inserts)
+        if not plan.replaces and not plan.touches:
+            return plan.changes
+        # stored id -> the id of the row that replaces it, or the time it was seen again
+        pairs = self._scratch(cur, f"_pairs_{table.name}", "old uuid, new uuid, seen timestamptz")
+        _copy_rows(
+            cur,
+            pairs,
+            [(found.id, _uuid_text(row[0]), None) for found, row in plan.replaces]
+            + [(found.id, None, self._format_ts(seen)) for found, seen in plan.touches],
+        )
         history = table.history
-        if history is not None and (plan.archive or plan.archive_rows):
+        if history is not None and plan.archive:
             # the versions being replaced, copied before they are
             cur.execute(
                 sql.SQL(
-                    "INSERT INTO {} ({}) SELECT {} FROM {} WHERE id = ANY(%s) "
-                    "ON CONFLICT (id) DO NOTHING"
-                ).format(sql.Identifier(history.name), columns, columns, target),
-                [[found.id for found in plan.archive]],
+                    "INSERT INTO {} ({}) SELECT {} FROM {} t JOIN {} p ON t.id = p.old "
+                    "WHERE p.new IS NOT NULL ON CONFLICT (id) DO NOTHING"
+                ).format(
+                    sql.Identifier(history.name),
+                    columns,
+                    sql.SQL(", ").join(
+                        sql.SQL("t.{}").format(sql.Identifier(n)) for n in table.column_names
+                    ),
+                    target,
+                    pairs,
+                )
             )
-            if plan.archive_rows:
-                self._insert(cur, history, plan.archive_rows, idempotent=True)
+        if history is not None and plan.archive_rows:
+            self._insert(cur, history, plan.archive_rows, idempotent=True)
         if plan.replaces:
-            stage = sql.Identifier(f"_upsert_{table.name}")
-            cur.execute(
-                sql.SQL(
-                    "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS"
-                ).format(stage, target)
-            )
+            stage = self._scratch(cur, f"_upsert_{table.name}", None, like=target)
             self._copy(cur, copy_into.format(stage, columns), table, [r for _, r in plan.replaces])
             assignments = sql.SQL(", ").join(
                 sql.SQL("{} = s.{}").format(sql.Identifier(name), sql.Identifier(name))
@@ -264,23 +278,36 @@ class PostgresBackend:
             )
             cur.execute(
                 sql.SQL(
-                    "UPDATE {} t SET {} FROM {} s, unnest(%s::uuid[], %s::uuid[]) AS p(old, new) "
-                    "WHERE t.id = p.old AND s.id = p.new"
-                ).format(target, assignments, stage),
-                [
-                    [found.id for found, _ in plan.replaces],
-                    [_uuid_text(row[0]) for _, row in plan.replaces],
-                ],
+                    "UPDATE {} t SET {} FROM {} s, {} p WHERE t.id = p.old AND s.id = p.new"
+                ).format(target, assignments, stage, pairs)
             )
         if plan.touches:
             cur.execute(
                 sql.SQL(
-                    "UPDATE {} t SET last_seen_at = greatest(t.last_seen_at, to_timestamp(p.seen)) "
-                    "FROM unnest(%s::uuid[], %s::float8[]) AS p(id, seen) WHERE t.id = p.id"
-                ).format(target),
-                [[found.id for found, _ in plan.touches], [seen for _, seen in plan.touches]],
+                    "UPDATE {} t SET last_seen_at = greatest(t.last_seen_at, p.seen) "
+                    "FROM {} p WHERE t.id = p.old AND p.seen IS NOT NULL"
+                ).format(target, pairs)
             )
         return plan.changes
+
+    @staticmethod
+    def _scratch(
+        cur: psycopg.Cursor[Any],
+        name: str,
+        columns: str | None,
+        *,
+        like: sql.Identifier | None = None,
+    ) -> sql.Identifier:
+        """A temporary table of this session, emptied at each commit: *columns*, or those of
+        the table *like*."""
+        scratch = sql.Identifier(name)
+        shape = sql.SQL("LIKE {}").format(like) if like is not None else sql.SQL(columns or "")
+        cur.execute(
+            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+                scratch, shape
+            )
+        )
+        return scratch
 
     def _copy(
         self,
@@ -385,6 +412,12 @@ class PostgresBackend:
         if kind == "json":
             return value.decode()
         return value
+
+
+def _copy_rows(cur: psycopg.Cursor[Any], table: sql.Identifier, rows: Sequence[Row]) -> None:
+    with cur.copy(sql.SQL("COPY {} FROM STDIN").format(table)) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def _uuid_text(value: int | str) -> str:
