@@ -359,3 +359,22 @@ def test_plan_upsert_of_a_batch_stored_already_changes_nothing() -> None:
     again = plan_upsert(spec, rows, stored)
     assert again.changes == {"T": [0, 0, 3]}
     assert (again.inserts, again.archive, again.archive_rows, again.replaces) == ([], [], [], [])
+
+
+def test_a_routed_items_table_keeps_its_versions_beside_it(
+    site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    route = {"kind": "items", "item_type": "CatalogProduct", "url": sqlite_url, "table": "products"}
+    settings = {**KEYED, "INGEST_ROUTES": [route]}
+    _catalog(site, sqlite_url, tmp_path / "first", settings)
+    site.set_price(2, "2.00")
+    try:
+        second = _catalog(site, sqlite_url, tmp_path / "second", settings)
+    finally:
+        site.reset()
+    db = Database(sqlite_url)
+    assert db.count("products") == 10
+    [previous] = db.rows("products_versions")
+    assert (previous["item_key"], previous["data"]["price"]) == ("sku-2", "12.00")
+    assert db.count("ingest_item_versions") == 0
+    assert _quality(second, "changed", "unchanged") == {"changed": 1, "unchanged": 9}
