@@ -1,8 +1,9 @@
 """A local site of N linked pages, served from its own process for bench/pages.py.
 
-Usage: python bench/_site.py PAGES
+Usage: python bench/_site.py PAGES [LATENCY_MS]
 
-Prints the port it listens on (127.0.0.1), then serves until killed. Page k
+Prints the port it listens on (127.0.0.1), then serves until killed. With LATENCY_MS, each
+answer waits that long first, like a remote site (bench/distributed.py: an I/O-bound crawl). Page k
 (``/page/k``) is about 2 KB of HTML with a title, a price and links to pages
 2k+1 and 2k+2, so a crawl from ``/page/0`` finds every page through links
 (a binary tree, about 12 levels deep for 5,000 pages). An asyncio server
@@ -36,7 +37,7 @@ def response(status: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
-async def serve(pages: int) -> None:
+async def serve(pages: int, latency: float = 0.0) -> None:
     bodies = {f"/page/{k}".encode(): response("200 OK", page(k, pages)) for k in range(pages)}
     missing = response("404 Not Found", b"not found")
 
@@ -45,6 +46,8 @@ async def serve(pages: int) -> None:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 path = head.split(b" ", 2)[1]
+                if latency:
+                    await asyncio.sleep(latency)
                 writer.write(bodies.get(path, missing))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -59,4 +62,5 @@ async def serve(pages: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1])))
+    latency_ms = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    asyncio.run(serve(int(sys.argv[1]), latency_ms / 1000))

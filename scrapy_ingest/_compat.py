@@ -97,3 +97,29 @@ def enabled_components(settings: BaseSettings, name: str) -> list[Any]:
         load_object(component) if isinstance(component, str) else component
         for component in build_component_list(components)
     ]
+
+
+def requests_in_progress(crawler: Crawler) -> set[Any] | None:
+    """The requests the engine has taken from the scheduler and not finished (downloaded, the
+    callback or errback run, the items through the pipelines), or None when it has none open.
+
+    Scrapy keeps them in its engine slot's ``inprogress`` set (2.13 to 2.19 at least) and has no
+    public API or signal for "this request is done".
+    """
+    slot = getattr(getattr(crawler, "engine", None), "_slot", None)
+    in_progress = getattr(slot, "inprogress", None)
+    return in_progress if isinstance(in_progress, set) else None
+
+
+def wake_engine(crawler: Crawler) -> None:
+    """Make the engine ask the scheduler for requests now, rather than at its next heartbeat.
+
+    The engine asks when one of its own downloads ends, or every 5 seconds; a worker whose
+    requests are all done while the shared queue was empty would otherwise wait that long for
+    the requests other workers push. Scrapy has no public API for it: the engine slot's
+    ``nextcall`` (2.13 to 2.19 at least) is what it calls itself.
+    """
+    slot = getattr(getattr(crawler, "engine", None), "_slot", None)
+    nextcall = getattr(slot, "nextcall", None)
+    if nextcall is not None:
+        nextcall.schedule()

@@ -18,6 +18,13 @@ With ``INGEST_RETRY_ENABLED = True`` (off by default) it places
 550 and, where that placement stands, sets Scrapy's RetryMiddleware to
 ``None``: a component in ``REPLACES`` takes the place of Scrapy's, unless the
 project placed Scrapy's itself.
+
+With scrapy-redis (``SCHEDULER = "scrapy_redis.scheduler.Scheduler"``) and
+``INGEST_REDIS_LEASES = True`` (the default), it puts
+:class:`~scrapy_ingest.scheduler.RedisLeaseScheduler`, a subclass that leases
+the requests it takes from Redis until they are done, in its place (at the same
+priority), so that a worker that dies loses none of them. A project that names
+another scheduler (a subclass of its own) keeps it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import TYPE_CHECKING
 from scrapy.utils.misc import load_object
 
 from scrapy_ingest import settings as defaults
+from scrapy_ingest._redis import SCRAPY_REDIS_SCHEDULER
 from scrapy_ingest.downloadermiddlewares.proxy import ProxyMiddleware
 from scrapy_ingest.downloadermiddlewares.requestlog import RequestLogMiddleware
 from scrapy_ingest.downloadermiddlewares.retry import BackoffRetryMiddleware
@@ -58,6 +66,9 @@ REPLACES: dict[type, str] = {
     BackoffRetryMiddleware: "scrapy.downloadermiddlewares.retry.RetryMiddleware",
 }
 
+#: scrapy-redis's scheduler, with leases (see scrapy_ingest.scheduler)
+LEASE_SCHEDULER = "scrapy_ingest.scheduler.RedisLeaseScheduler"
+
 
 class IngestAddon:
     def update_settings(self, settings: BaseSettings) -> None:
@@ -70,6 +81,19 @@ class IngestAddon:
                 replaced = REPLACES.get(component)
                 if replaced is not None and _enabled(settings, setting, component):
                     _disable_by_default(settings, setting, replaced)
+        if settings.getbool("INGEST_REDIS_LEASES", defaults.INGEST_REDIS_LEASES):
+            _lease_redis_requests(settings)
+
+
+def _lease_redis_requests(settings: BaseSettings) -> None:
+    """scrapy-redis's own scheduler becomes RedisLeaseScheduler, at the same priority."""
+    scheduler = settings.get("SCHEDULER")
+    if not isinstance(scheduler, str):  # a class
+        scheduler = (
+            f"{getattr(scheduler, '__module__', '')}.{getattr(scheduler, '__qualname__', '')}"
+        )
+    if scheduler == SCRAPY_REDIS_SCHEDULER:
+        settings.set("SCHEDULER", LEASE_SCHEDULER, settings.getpriority("SCHEDULER") or 0)
 
 
 def _switched_on(settings: BaseSettings, switch: str | tuple[str, ...] | None) -> bool:

@@ -62,7 +62,8 @@ _RULES: dict[str, tuple[str, str]] = {
     ),
     "crawl_id": (
         "it must be a non-empty string of at most 200 characters, or None",
-        "leave {name} unset (the job id is used) or set a string shared by all processes",
+        "leave {name} unset (the job id, or scrapy-redis's queue key) or set a string shared "
+        "by all processes",
     ),
     "job_heartbeat": (
         "it must be a positive number of seconds",
@@ -113,6 +114,11 @@ _RULES: dict[str, tuple[str, str]] = {
     "retry_after_max": (
         "it must be a number of seconds, 0 or more",
         "set {name} to e.g. 300.0",
+    ),
+    "redis_leases": ("it must be a boolean", "set {name} to True or False"),
+    "redis_lease_timeout": (
+        "it must be a positive number of seconds",
+        "set {name} to e.g. 30.0",
     ),
     "require_backend": ("it must be a boolean", "set {name} to True or False"),
     "durable": ("it must be a boolean", "set {name} to True or False"),
@@ -229,6 +235,8 @@ class IngestConfig(BaseModel):
     logs_enabled: bool
     #: the level as a number (a name given in the setting is turned into one)
     log_level: int
+    redis_leases: bool
+    redis_lease_timeout: float = Field(gt=0)
     require_backend: bool
     durable: bool
     spill_dir: str | None = Field(min_length=1)

@@ -30,7 +30,8 @@ from scrapy_ingest import settings as defaults
 from scrapy_ingest._compat import close_spider
 from scrapy_ingest._ids import IdFactory, format_uuid
 from scrapy_ingest._redact import redact_url, redact_value
-from scrapy_ingest._stats import stat_key
+from scrapy_ingest._redis import redis_crawl_id
+from scrapy_ingest._stats import ProcessStats, stat_key
 from scrapy_ingest.backends import check_driver, check_url, is_best_effort
 from scrapy_ingest.batching import BatchWriter, BufferBudget, DurableLog
 from scrapy_ingest.config import IngestConfig
@@ -112,6 +113,9 @@ class IngestRuntime:
             raise NotConfigured("INGEST_ENABLED is False")
         assert crawler.stats is not None
         self.stats = crawler.stats
+        #: what this process counted, for the job row and the metrics: with a stats collector
+        #: shared by many processes (scrapy-redis's), crawler.stats reads the whole crawl's
+        self.process_stats = ProcessStats(crawler.stats)
         #: the default table of each kind, named with INGEST_TABLE_PREFIX
         self.tables = {
             t.kind: t for t in all_tables(config.table_prefix, keep_versions=config.keep_versions)
@@ -395,9 +399,11 @@ class IngestRuntime:
             or getattr(spider, "_job", None)
             or format_uuid(self.new_id())
         )
+        # the processes of a scrapy-redis crawl share its queue key
+        crawl_id = self.config.crawl_id or redis_crawl_id(self.crawler.settings, spider.name)
         return JobInfo(
             job_id=str(job_id),
-            crawl_id=self.config.crawl_id or str(job_id),
+            crawl_id=crawl_id or str(job_id),
             spider=spider.name,
             hostname=socket.gethostname(),
             pid=os.getpid(),
@@ -587,7 +593,7 @@ class IngestRuntime:
         assert self.job is not None
         self._tick()
         now = time.time()
-        stats = self.stats.get_stats()
+        stats = self.process_stats.get_stats()
         log_counts = self.log_counts
         if log_counts is None:  # without the logs extension, Scrapy's own counts
             prefix = "log_count/"

@@ -49,6 +49,10 @@ Why these numbers (see ``docs/performance.md`` for the measurements):
   stores every item (with its errors) instead of dropping some on the first day;
   ``INGEST_KEEP_VERSIONS`` off: history doubles what a changing site stores, and
   is asked for, not assumed.
+* ``INGEST_REDIS_LEASES``: on, since a scrapy-redis worker that dies otherwise loses the
+  requests it had taken from Redis; ``INGEST_REDIS_LEASE_TIMEOUT`` 30 s: three missed
+  refreshes (every 10 s) before another worker takes a silent worker's requests back, long
+  enough for a GC pause or a slow Redis, short next to a crawl.
 * ``INGEST_DURABLE``: off: waiting for a disk write per group of items costs an
   item-heavy crawl most of its speed (``docs/performance.md``).
 """
@@ -90,6 +94,8 @@ INGEST_PROXY_MAX_TRIES = 5
 INGEST_PROXY_POLICY = "round_robin"
 INGEST_PROXY_SESSION_IDLE = 300.0
 INGEST_PROXY_STICKY = "none"
+INGEST_REDIS_LEASE_TIMEOUT = 30.0
+INGEST_REDIS_LEASES = True
 INGEST_REQUIRE_BACKEND = False
 INGEST_REQUESTS_ENABLED = True
 INGEST_REQUESTS_STORE_HEADERS = False

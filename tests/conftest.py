@@ -1,5 +1,6 @@
-"""Shared fixtures: PostgreSQL (``postgres_dsn``, ``pg_url``), SQLite (``sqlite_url``) and a
-local HTTP site (``site``). The service logic lives in ``tests/services.py``."""
+"""Shared fixtures: PostgreSQL (``postgres_dsn``, ``pg_url``), SQLite (``sqlite_url``), Redis
+(``redis_server_url``) and a local HTTP site (``site``). The service logic lives in
+``tests/services.py``."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from services import (
     services_required,
     start_mariadb,
     start_postgres,
+    start_redis,
     with_database,
 )
 
@@ -169,6 +171,18 @@ def clickhouse_http_url(_clickhouse_server: str) -> Iterator[str]:
     finally:
         admin.command(f"DROP DATABASE IF EXISTS {name}")
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    """URL of a Redis server for the session: env ``SCRAPY_INGEST_TEST_REDIS_URL``, else a
+    throwaway local ``redis-server`` on 127.0.0.1 (no persistence), stopped at session end.
+    Tests keep to keys of their own (a random prefix), so a shared server is never flushed."""
+    try:
+        import scrapy_redis  # noqa: F401
+    except ImportError:
+        service_missing("scrapy-redis is not installed (pip install -e '.[test]')")
+    yield from _serve(lambda stack: start_redis(stack)[0], service_missing)
 
 
 @pytest.fixture

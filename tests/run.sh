@@ -3,8 +3,8 @@
 #   bash tests/run.sh                 # everything
 #   bash tests/run.sh -m "not postgres" -x
 # Installs what the tests start when it is missing (Debian, as root: PostgreSQL binaries,
-# tinyproxy, Chromium for scrapy-playwright), creates/reuses <repo>/.venv, installs the package
-# with its [test] extra, then runs pytest from the repo root.
+# tinyproxy, redis-server, Chromium for scrapy-playwright), creates/reuses <repo>/.venv,
+# installs the package with its [test] extra, then runs pytest from the repo root.
 # The exit code is pytest's.
 set -euo pipefail
 
@@ -51,7 +51,8 @@ ensure_postgres_binaries() {
 # tinyproxy (a real HTTP proxy with a password) and Chromium (scrapy-playwright's browser;
 # `playwright install` cannot download one here) for the request-log tests; Prometheus and its
 # pushgateway for the metrics tests; MariaDB, unless a server is given through
-# SCRAPY_INGEST_TEST_MYSQL_URL.
+# SCRAPY_INGEST_TEST_MYSQL_URL; redis-server (the distributed crawl tests), unless a server is
+# given through SCRAPY_INGEST_TEST_REDIS_URL.
 ensure_other_services() {
     local missing=()
     if [[ -z "${SCRAPY_INGEST_TEST_MYSQL_URL:-}" ]] && [[ ! -x /usr/sbin/mariadbd ]]; then
@@ -61,6 +62,10 @@ ensure_other_services() {
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     command -v prometheus >/dev/null || missing+=(prometheus)
     command -v prometheus-pushgateway >/dev/null || missing+=(prometheus-pushgateway)
+    if [[ -z "${SCRAPY_INGEST_TEST_REDIS_URL:-}" ]] && ! command -v redis-server >/dev/null \
+        && [[ ! -x /usr/bin/redis-server ]]; then
+        missing+=(redis-server)
+    fi
     if [[ ${#missing[@]} -eq 0 ]]; then
         return 0
     fi

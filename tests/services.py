@@ -456,6 +456,45 @@ def start_mariadb(stack: contextlib.ExitStack) -> tuple[str, str]:
     return f"mysql+pymysql://root@127.0.0.1:{port}", "local"
 
 
+# --------------------------------------------------------------------------------------------
+# Redis: env URL, else a throwaway local redis-server (Debian's redis-server)
+# --------------------------------------------------------------------------------------------
+
+REDIS_URL_ENV = "SCRAPY_INGEST_TEST_REDIS_URL"
+
+
+def start_redis(stack: contextlib.ExitStack) -> tuple[str, str]:
+    """Return ``(url, source)`` of a Redis server (``redis://host:port/db``); cleanup is pushed
+    onto ``stack``. A local server listens on 127.0.0.1 only and keeps nothing on disk."""
+    url = os.environ.get(REDIS_URL_ENV, "").strip()
+    if url:
+        return url, "env"
+    server = shutil.which("redis-server", path="/usr/bin:/usr/sbin:" + os.environ.get("PATH", ""))
+    if server is None:
+        raise ServiceUnavailable(
+            f"no Redis server for tests: {REDIS_URL_ENV} is not set and redis-server is not "
+            "installed (apt-get install -y redis-server)"
+        )
+    base = Path(tempfile.mkdtemp(prefix="scrapy_ingest_redis_"))
+    stack.callback(shutil.rmtree, base, ignore_errors=True)
+    port = free_port()
+    log = (base / "redis.log").open("wb")
+    stack.callback(log.close)
+    process = subprocess.Popen(
+        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(base), "--protected-mode", "yes"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    stack.callback(stop_process, process)
+    deadline = time.monotonic() + 20
+    while not port_answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            text = (base / "redis.log").read_text(errors="replace")
+            raise ServiceUnavailable(f"redis-server did not start: {_tail(text)}")
+        time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0", "local"
+
+
 def stop_process(process: subprocess.Popen[Any], timeout: float = 30) -> None:
     """Terminate *process*, and kill it if it has not exited after *timeout* seconds."""
     process.terminate()
@@ -596,6 +635,7 @@ def port_answers(port: int) -> bool:
 _PAGE_RE = re.compile(r"^/page/(\d+)$")
 _STATUS_RE = re.compile(r"^/status/(\d{3})$")
 _PRODUCT_RE = re.compile(r"^/product/(\d+)$")
+_NODE_RE = re.compile(r"^/node/(\d+)$")
 MAX_DELAY_MS = 10_000
 _TEXT = "text/plain; charset=utf-8"
 
@@ -633,6 +673,10 @@ class _SiteHandler(BaseHTTPRequestHandler):
     - ``/items?n=N&size=S``: ``text/plain`` body ``N`` (spiders make N items of ~S bytes);
     - ``/page/<k>?total=T&fanout=F``: HTML linking to the next F pages below T
       (defaults T=10, F=3), so ``/page/0`` reaches the whole site;
+    - ``/node/<k>?total=T&fanout=F&ms=M``: a page of a tree of T pages (defaults T=2000,
+      F=10, M=0), linking to its children ``/node/<k*F+1>`` ... ``/node/<k*F+F>`` below T, after
+      M milliseconds (at most 10 s); ``/node/0`` reaches every page once, by one link each (the
+      distributed crawl tests and bench);
     - ``/status/<code>``: an empty page with that status;
     - ``/delay?ms=M``: answers after M milliseconds (at most 10 s);
     - ``/redirect?to=PATH``: a 302 to PATH;
@@ -667,7 +711,7 @@ class _SiteHandler(BaseHTTPRequestHandler):
         except ValueError as exc:
             self._send(400, f"bad request: {exc}\n")
 
-    def _route(self, path: str, query: dict[str, str]) -> None:  # noqa: PLR0912 (one flat list)
+    def _route(self, path: str, query: dict[str, str]) -> None:  # noqa: PLR0912, PLR0915 (one flat list)
         if path == "/":
             links = '<a href="/page/0">pages</a> <a href="/items?n=10">items</a>'
             self._send(200, _html("index", links), "text/html; charset=utf-8")
@@ -677,6 +721,9 @@ class _SiteHandler(BaseHTTPRequestHandler):
             self._send(200, str(n))
         elif match := _PAGE_RE.match(path):
             self._send(200, _page(int(match[1]), query), "text/html; charset=utf-8")
+        elif match := _NODE_RE.match(path):
+            time.sleep(min(_non_negative(query.get("ms", "0"), "ms"), MAX_DELAY_MS) / 1000)
+            self._send(200, _node(int(match[1]), query), "text/html; charset=utf-8")
         elif match := _STATUS_RE.match(path):
             self._send(int(match[1]), "")
         elif path == "/redirect":
@@ -776,6 +823,18 @@ def _page(k: int, query: dict[str, str]) -> str:
         for j in range(k + 1, min(k + 1 + fanout, total))
     )
     return _html(f"page {k}", f"<h1>page {k}</h1><ul>{links}</ul>")
+
+
+def _node(k: int, query: dict[str, str]) -> str:
+    total = _non_negative(query.get("total", "2000"), "total")
+    fanout = _non_negative(query.get("fanout", "10"), "fanout")
+    ms = query.get("ms", "0")
+    first = k * fanout + 1
+    links = "".join(
+        f'<li><a href="/node/{j}?total={total}&amp;fanout={fanout}&amp;ms={ms}">node {j}</a></li>'
+        for j in range(first, min(first + fanout, total))
+    )
+    return _html(f"node {k}", f"<h1>node {k}</h1><ul>{links}</ul>")
 
 
 def _html(title: str, body: str) -> str:

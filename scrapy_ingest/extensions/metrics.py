@@ -278,7 +278,8 @@ class _Collector:
 
     def collect(self) -> Iterator[Any]:
         ext = self._extension
-        stats: dict[str, Any] = dict(ext._runtime.stats.get_stats())  # one C-level copy
+        # this process's stats (a copy), even with a collector shared by many processes
+        stats = ext._runtime.process_stats.get_stats()
         labels = ext._runtime.config.metrics_labels
         family = _Families(["spider", *labels], [ext.spider, *labels.values()])
         yield from self._crawl(family, stats)

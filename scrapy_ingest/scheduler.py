@@ -1,0 +1,321 @@
+"""scrapy-redis's scheduler with leases: a request taken from Redis stays there until it is done.
+
+scrapy-redis's :class:`~scrapy_redis.scheduler.Scheduler` pops a request from the shared Redis
+queue and forgets it: when the worker process dies (killed, out of memory, the machine lost),
+the requests it was downloading or parsing are gone from the crawl. This subclass moves each
+request it pops, in the same atomic Redis script, into a hash of the worker's leases; the lease
+is given back (deleted) once the request is done and the items it produced are in the database:
+
+* a request is done when it has left the engine (downloaded, its callback or errback run, its
+  items through the pipelines and its new requests in Redis);
+* the items of done requests are written (the items writers are drained) before their leases are
+  given back, every ``INGEST_REDIS_LEASE_TIMEOUT / 3`` seconds (at most 1 s).
+
+Every worker refreshes its entry in a sorted set of workers at the same pace, with Redis's own
+clock, and then, if the queue has requests, wakes its engine (which otherwise asks for more only
+when one of its downloads ends, or every 5 seconds). A worker whose entry is older than
+``INGEST_REDIS_LEASE_TIMEOUT`` is presumed dead: the first live worker that sees it puts its
+leased requests back in the queue, in one atomic script, so they are crawled again (keyed items,
+``INGEST_ITEM_KEYS``, are then not stored twice). While any worker holds a lease,
+:meth:`has_pending_requests` is true, so no worker closes for being idle while another one may
+still add requests, or has died holding some.
+
+The add-on puts this class in place of ``scrapy_redis.scheduler.Scheduler`` when a project sets
+that one (``INGEST_REDIS_LEASES = False`` keeps scrapy-redis's). Alone::
+
+    SCHEDULER = "scrapy_ingest.scheduler.RedisLeaseScheduler"
+
+Redis keys, next to the queue key ``Q`` (``SCHEDULER_QUEUE_KEY``): ``Q:workers`` (sorted set,
+worker -> last refresh), ``Q:leases:<worker>`` (hash, lease -> queue entry) and ``Q:leased``
+(the number of leases, all workers). Works with scrapy-redis's three queue classes; with its
+list queues, ``SCHEDULER_IDLE_BEFORE_CLOSE`` does not make pops wait.
+
+Settings: ``INGEST_REDIS_LEASES``, ``INGEST_REDIS_LEASE_TIMEOUT``. Stats:
+``ingest/redis/leases_returned`` (leases given back), ``ingest/redis/requeued`` (requests of
+dead workers put back by this one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import socket
+from typing import TYPE_CHECKING, Any
+
+from scrapy.exceptions import NotConfigured
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
+from scrapy_redis.queue import FifoQueue, LifoQueue, PriorityQueue
+from scrapy_redis.scheduler import Scheduler
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
+
+from scrapy_ingest import settings as defaults
+from scrapy_ingest._compat import requests_in_progress, wake_engine
+from scrapy_ingest._stats import stat_key
+from scrapy_ingest.exceptions import ConfigError
+from scrapy_ingest.runtime import IngestRuntime
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from scrapy import Request, Spider
+    from scrapy.crawler import Crawler
+    from twisted.internet.defer import Deferred
+
+logger = logging.getLogger(__name__)
+
+#: the longest pause between two refreshes (and lease returns) of a worker, in seconds
+MAX_REFRESH_INTERVAL = 1.0
+#: leases given back per Redis call
+RETURN_CHUNK = 1000
+
+# A queue entry kept in a lease is "<how to put it back>\n<the encoded request>": "z<score>"
+# for the priority queue (a sorted set), "R" (RPUSH) or "L" (LPUSH) for the list queues, so that
+# a request put back is the next one popped.
+_POP_SORTED = """
+local popped = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if not popped[1] then return false end
+redis.call('ZREM', KEYS[1], popped[1])
+redis.call('HSET', KEYS[2], ARGV[1], 'z' .. popped[2] .. '\\n' .. popped[1])
+redis.call('INCR', KEYS[3])
+return popped[1]
+"""
+_POP_LIST = """
+local popped
+if ARGV[2] == 'R' then popped = redis.call('RPOP', KEYS[1])
+else popped = redis.call('LPOP', KEYS[1]) end
+if not popped then return false end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '\\n' .. popped)
+redis.call('INCR', KEYS[3])
+return popped
+"""
+_RETURN = """
+local returned = redis.call('HDEL', KEYS[1], unpack(ARGV))
+if returned > 0 then redis.call('DECRBY', KEYS[2], returned) end
+return returned
+"""
+_REQUEUE = """
+local leases = redis.call('HGETALL', KEYS[2])
+local count = 0
+for i = 2, #leases, 2 do
+  local entry = leases[i]
+  local cut = string.find(entry, '\\n', 1, true)
+  local how, data = string.sub(entry, 1, cut - 1), string.sub(entry, cut + 1)
+  if how == 'R' then redis.call('RPUSH', KEYS[1], data)
+  elseif how == 'L' then redis.call('LPUSH', KEYS[1], data)
+  else redis.call('ZADD', KEYS[1], tonumber(string.sub(how, 2)), data) end
+  count = count + 1
+end
+redis.call('DEL', KEYS[2])
+if count > 0 then redis.call('DECRBY', KEYS[3], count) end
+redis.call('ZREM', KEYS[4], ARGV[1])
+return count
+"""
+_REFRESH = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+"""
+
+
+class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has no type hints
+    """scrapy-redis's scheduler whose popped requests are leased until done (see the module)."""
+
+    crawler: Crawler
+    lease_timeout: float
+    #: this process's name in Redis: host, pid and a random part
+    worker: str
+    #: the requests popped and not yet given back -> their lease
+    _leases: dict[Request, str]
+    _lease_ids: Iterator[int]
+    _loops: list[LoopingCall]
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> RedisLeaseScheduler:
+        scheduler: RedisLeaseScheduler = super().from_crawler(crawler)
+        scheduler.crawler = crawler
+        scheduler.lease_timeout = _lease_timeout(crawler)
+        scheduler.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        scheduler._leases = {}
+        scheduler._lease_ids = itertools.count(1)
+        scheduler._loops = []
+        return scheduler
+
+    # keys
+
+    def _key(self, suffix: str) -> str:
+        return f"{self.queue.key}:{suffix}"
+
+    def _lease_key(self, worker: str) -> str:
+        return self._key(f"leases:{worker}")
+
+    # the scheduler interface
+
+    def open(self, spider: Spider) -> Any:
+        result = super().open(spider)
+        self._pop_how = _pop_how(self.queue, self.crawler)
+        server = self.server
+        self._pop = server.register_script(_POP_SORTED if self._pop_how == "z" else _POP_LIST)
+        self._return = server.register_script(_RETURN)
+        self._requeue_script = server.register_script(_REQUEUE)
+        self._refresh_script = server.register_script(_REFRESH)
+        # known as alive before the first lease; dead workers' requests back in the queue
+        requeued, _ = self._refresh()
+        self._count_requeued(requeued)
+        interval = min(self.lease_timeout / 3, MAX_REFRESH_INTERVAL)
+        for call in (self._refresh_later, self._return_done):
+            loop = LoopingCall(call)
+            loop.start(interval, now=False).addErrback(
+                lambda failure: logger.error("Redis leases: %s", failure.getErrorMessage())
+            )
+            self._loops.append(loop)
+        logger.info(
+            "Leasing the requests taken from %s as worker %s (a worker silent for %s s is "
+            "presumed dead and its requests put back)",
+            self.queue.key,
+            self.worker,
+            self.lease_timeout,
+        )
+        return result
+
+    def close(self, reason: str) -> Any:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        # a worker closing early (shutdown) puts back what it had not finished
+        put_back = self._requeue(self.worker)
+        if put_back:
+            logger.info("Put %d unfinished requests back in %s", put_back, self.queue.key)
+        self._leases.clear()
+        return super().close(reason)
+
+    def next_request(self) -> Request | None:
+        lease = str(next(self._lease_ids))
+        keys = [self.queue.key, self._lease_key(self.worker), self._key("leased")]
+        args = [lease] if self._pop_how == "z" else [lease, self._pop_how]
+        data = self._pop(keys=keys, args=args)
+        if data is None:
+            return None
+        request: Request = self.queue._decode_request(data)
+        self._leases[request] = lease
+        if self.stats:
+            self.stats.inc_value("scheduler/dequeued/redis")
+        return request
+
+    def has_pending_requests(self) -> bool:
+        """True while the queue has requests, or any worker holds a lease (it may add requests,
+        or have died holding them: they come back once its lease times out)."""
+        return len(self.queue) > 0 or int(self.server.get(self._key("leased")) or 0) > 0
+
+    # leases
+
+    def _refresh_later(self) -> Deferred[None]:
+        refreshed: Deferred[tuple[int, int]] = deferToThread(self._refresh)
+        return refreshed.addCallback(self._refreshed)
+
+    def _refreshed(self, counts: tuple[int, int]) -> None:
+        """Back on the reactor thread: count what was put back; wake the engine when the
+        queue has requests (other workers pushed them while this one had none to do)."""
+        requeued, queued = counts
+        self._count_requeued(requeued)
+        if queued:
+            wake_engine(self.crawler)
+
+    def _count_requeued(self, requeued: int) -> None:
+        if requeued and self.stats:
+            self.stats.inc_value(stat_key("redis", "requeued"), requeued)
+
+    def _refresh(self) -> tuple[int, int]:
+        """Say this worker is alive; put back the requests of workers that are not. Return how
+        many requests were put back, and how many the queue has. In a thread."""
+        stale = self._refresh_script(
+            keys=[self._key("workers")], args=[self.worker, self.lease_timeout]
+        )
+        requeued = 0
+        for name in stale:
+            worker = name.decode() if isinstance(name, bytes) else str(name)
+            if worker == self.worker:
+                continue  # this process was paused for longer than the timeout: still alive
+            count = self._requeue(worker)
+            requeued += count
+            logger.warning(
+                "Worker %s of %s stopped refreshing its leases for %s s: its %d requests are "
+                "back in the queue",
+                worker,
+                self.queue.key,
+                self.lease_timeout,
+                count,
+            )
+        return requeued, len(self.queue)
+
+    def _requeue(self, worker: str) -> int:
+        keys = [self.queue.key, self._lease_key(worker), self._key("leased"), self._key("workers")]
+        return int(self._requeue_script(keys=keys, args=[worker]))
+
+    def _return_done(self) -> Deferred[None]:
+        return deferred_from_coro(self._give_back())
+
+    async def _give_back(self) -> None:
+        """Give back the leases of requests done, once their items are written."""
+        in_progress = requests_in_progress(self.crawler)
+        if in_progress is None:  # the engine is stopping: close() puts back what is left
+            return
+        done = [request for request in self._leases if request not in in_progress]
+        if not done:
+            return
+        await self._drain_items()
+        leases = [self._leases.pop(request) for request in done]
+        returned = await maybe_deferred_to_future(deferToThread(self._give_back_now, leases))
+        if self.stats:
+            self.stats.inc_value(stat_key("redis", "leases_returned"), returned)
+
+    def _give_back_now(self, leases: list[str]) -> int:
+        keys = [self._lease_key(self.worker), self._key("leased")]
+        return sum(
+            int(self._return(keys=keys, args=leases[start : start + RETURN_CHUNK]))
+            for start in range(0, len(leases), RETURN_CHUNK)
+        )
+
+    async def _drain_items(self) -> None:
+        if not self.crawler.settings.getbool("INGEST_ENABLED", defaults.INGEST_ENABLED):
+            return  # nothing of ours to wait for
+        try:
+            runtime = IngestRuntime.of(self.crawler)
+        except NotConfigured:
+            return
+        if runtime.job is not None and not runtime.closing:
+            await runtime.drain("items")
+
+
+def _lease_timeout(crawler: Crawler) -> float:
+    value = crawler.settings.get("INGEST_REDIS_LEASE_TIMEOUT", defaults.INGEST_REDIS_LEASE_TIMEOUT)
+    try:
+        timeout = float(value)
+    except (TypeError, ValueError):
+        timeout = 0.0
+    if not timeout > 0:
+        raise ConfigError(
+            f"INGEST_REDIS_LEASE_TIMEOUT ({value!r}) is invalid: it must be a positive number "
+            "of seconds. Fix: set it to e.g. 30.0"
+        )
+    return timeout
+
+
+def _pop_how(queue: Any, crawler: Crawler) -> str:
+    """How a popped entry of *queue* is put back: ``z`` (sorted set), ``R`` or ``L``."""
+    if isinstance(queue, PriorityQueue):
+        return "z"
+    if isinstance(queue, FifoQueue):
+        return "R"  # pushed with LPUSH, popped with RPOP
+    if isinstance(queue, LifoQueue):
+        return "L"
+    name = crawler.settings.get("SCHEDULER_QUEUE_CLASS")
+    raise ConfigError(
+        f"SCHEDULER_QUEUE_CLASS ({name!r}) is not supported by "
+        "scrapy_ingest.scheduler.RedisLeaseScheduler: it leases requests from scrapy-redis's "
+        "PriorityQueue, FifoQueue and LifoQueue only. Fix: use one of those, or set "
+        "INGEST_REDIS_LEASES = False to keep scrapy-redis's own scheduler (without leases)."
+    )

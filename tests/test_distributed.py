@@ -1,0 +1,349 @@
+"""Distributed crawls: worker processes sharing a scrapy-redis frontier, one PostgreSQL.
+
+The crawl tests run a real ``redis-server`` (``redis_server_url``), real worker processes
+(``_redis_crawl.py``) and the test site's ``/node/<k>`` tree of 2,000 pages. The others build
+components: the default crawl id, the add-on's scheduler, per-process stats and metrics with
+scrapy-redis's shared stats collector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from _helpers import REPO_DIR, TESTS_DIR, Database, wait_for
+from scrapy import Spider
+from scrapy.utils.test import get_crawler
+
+from scrapy_ingest import IngestAddon
+from scrapy_ingest.extensions.metrics import PrometheusExtension
+from scrapy_ingest.runtime import IngestRuntime
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from scrapy.crawler import Crawler
+    from services import LocalSite
+
+crawl_test = [pytest.mark.crawl, pytest.mark.slow]
+
+WORKER_SCRIPT = TESTS_DIR / "_redis_crawl.py"
+PAGES = 2000
+NODE_RE = re.compile(r"^/node/(\d+)\?")
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    result_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait(self, timeout: float = 120) -> dict[str, Any]:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"the worker did not end:\n{self.log()[-6000:]}") from None
+        log = self.log()
+        assert self.process.returncode == 0, log[-6000:]
+        assert " ERROR: " not in log and "Traceback" not in log, log[-6000:]
+        result: dict[str, Any] = json.loads(self.result_path.read_text(encoding="utf-8"))
+        return result
+
+
+class Frontier:
+    """The Redis keys of one test's crawl (a random prefix) and its workers."""
+
+    def __init__(self, redis_url: str, database_url: str, tmp_path: Path) -> None:
+        import redis
+
+        self.redis_url, self.database_url, self.tmp_path = redis_url, database_url, tmp_path
+        self.prefix = f"t{secrets.token_hex(4)}"
+        self.client = redis.Redis.from_url(redis_url)
+        self.workers: list[Worker] = []
+        #: scrapy-redis's queue key of the spider: the crawl id by default
+        self.queue_key = f"{self.prefix}:nodes:requests"
+
+    def seed(self, url: str) -> None:
+        self.client.lpush(f"{self.prefix}:nodes:start_urls", json.dumps({"url": url}))
+
+    def start(self, **args: Any) -> Worker:
+        number = len(self.workers)
+        log_path = self.tmp_path / f"worker-{number}.log"
+        result_path = self.tmp_path / f"worker-{number}.json"
+        args = {
+            "redis_url": self.redis_url,
+            "prefix": self.prefix,
+            "database_url": self.database_url,
+            "result": str(result_path),
+            **args,
+        }
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), str(TESTS_DIR)])}
+        env.pop("SCRAPY_SETTINGS_MODULE", None)
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, str(WORKER_SCRIPT), json.dumps(args)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.tmp_path,
+            )
+        worker = Worker(process, log_path, result_path)
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait()
+        keys = list(self.client.scan_iter(f"{self.prefix}:*"))
+        if keys:
+            self.client.delete(*keys)
+        self.client.close()
+
+
+@pytest.fixture
+def frontier(redis_server_url: str, pg_url: str, tmp_path: Path) -> Iterator[Frontier]:
+    crawl = Frontier(redis_server_url, pg_url, tmp_path)
+    try:
+        yield crawl
+    finally:
+        crawl.stop()
+
+
+def node_hits(site: LocalSite) -> Counter[int]:
+    """How many times each /node/<k> page was fetched."""
+    return Counter(int(match[1]) for path in site.hits if (match := NODE_RE.match(path)))
+
+
+def crawl_query() -> str:
+    """The PostgreSQL/SQLite query of docs/distributed.md that aggregates a crawl's jobs."""
+    text = (REPO_DIR / "docs" / "distributed.md").read_text(encoding="utf-8")
+    for block in re.findall(r"```sql\n(.*?)```", text, re.DOTALL):
+        if "CREATE VIEW ingest_crawls" in block:
+            return str(block)
+    raise AssertionError("docs/distributed.md has no CREATE VIEW ingest_crawls block")
+
+
+# the crawl id, the add-on, per-process stats
+
+
+def _crawler(tmp_path: Path, **settings: Any) -> Crawler:
+    return get_crawler(
+        settings_dict={
+            "ADDONS": {IngestAddon: 300},
+            "INGEST_DATABASE_URL": f"sqlite:///{tmp_path / 'ingest.sqlite3'}",
+            **settings,
+        }
+    )
+
+
+REDIS_SCHEDULER = "scrapy_redis.scheduler.Scheduler"
+
+
+@pytest.mark.parametrize(
+    ("settings", "crawl_id"),
+    [
+        ({}, None),  # the job id
+        ({"SCHEDULER": REDIS_SCHEDULER}, "books:requests"),
+        ({"SCHEDULER": REDIS_SCHEDULER, "INGEST_REDIS_LEASES": False}, "books:requests"),
+        (
+            {"SCHEDULER": REDIS_SCHEDULER, "SCHEDULER_QUEUE_KEY": "shop:%(spider)s:queue"},
+            "shop:books:queue",
+        ),
+        ({"SCHEDULER": REDIS_SCHEDULER, "INGEST_CRAWL_ID": "books-may"}, "books-may"),
+        ({"SCHEDULER": "scrapy_ingest.scheduler.RedisLeaseScheduler"}, "books:requests"),
+    ],
+)
+def test_crawl_id_defaults_to_the_scrapy_redis_queue_key(
+    tmp_path: Path, settings: dict[str, Any], crawl_id: str | None
+) -> None:
+    crawler = _crawler(tmp_path, **settings)
+    crawler.spider = Spider(name="books")
+    job = IngestRuntime.of(crawler)._make_job()
+    assert job.crawl_id == (crawl_id or job.job_id)
+
+
+def test_the_addon_leases_the_requests_of_scrapy_redis(tmp_path: Path) -> None:
+    from scrapy_redis.scheduler import Scheduler
+
+    leasing = "scrapy_ingest.scheduler.RedisLeaseScheduler"
+    for scheduler in (REDIS_SCHEDULER, Scheduler):
+        assert _crawler(tmp_path, SCHEDULER=scheduler).settings["SCHEDULER"] == leasing
+    kept = _crawler(tmp_path, SCHEDULER=REDIS_SCHEDULER, INGEST_REDIS_LEASES=False)
+    assert kept.settings["SCHEDULER"] == REDIS_SCHEDULER
+    assert _crawler(tmp_path).settings["SCHEDULER"] == "scrapy.core.scheduler.Scheduler"
+
+
+def test_shared_stats_are_not_counted_twice(redis_server_url: str, tmp_path: Path) -> None:
+    """Two crawlers on one RedisStatsCollector hash stand for two processes of a crawl."""
+    import redis
+
+    prefix = f"t{secrets.token_hex(4)}"
+    settings = {
+        "STATS_CLASS": "scrapy_redis.stats.RedisStatsCollector",
+        "REDIS_URL": redis_server_url,
+        "STATS_KEY": f"{prefix}:%(spider)s:stats",
+        "INGEST_METRICS_ENABLED": True,
+        "INGEST_METRICS_PORT": False,
+    }
+    one, other = _crawler(tmp_path, **settings), _crawler(tmp_path, **settings)
+    # built with the crawler's components, before the crawl counts anything
+    runtime, metrics = IngestRuntime.of(one), PrometheusExtension.from_crawler(one)
+    client = redis.Redis.from_url(redis_server_url)
+    try:
+        for crawler, count in ((one, 5), (other, 7)):
+            assert crawler.stats is not None
+            for _ in range(count):
+                crawler.stats.inc_value("item_scraped_count")
+                crawler.stats.inc_value("downloader/response_status_count/200")
+            crawler.stats.set_value("downloader/response_bytes", 1000 * count)
+            crawler.stats.max_value("ingest/test/max", count)
+        assert one.stats is not None
+        assert int(one.stats.get_stats()["item_scraped_count"]) == 12  # the whole crawl's
+
+        assert runtime.process_stats.shared
+        own = runtime.process_stats.get_stats()
+        assert own["item_scraped_count"] == 5
+        assert own["downloader/response_status_count/200"] == 5
+        assert own["downloader/response_bytes"] == 5000
+        assert own["ingest/test/max"] == 5
+
+        samples = {
+            (sample.name, sample.labels.get("status_class")): sample.value
+            for metric in metrics.registry.collect()
+            for sample in metric.samples
+        }
+        assert samples[("scrapy_ingest_items_scraped_total", None)] == 5
+        assert samples[("scrapy_ingest_responses_total", "2xx")] == 5
+        assert samples[("scrapy_ingest_response_bytes_total", None)] == 5000
+    finally:
+        client.delete(f"{prefix}:default:stats")
+        client.close()
+
+
+def test_memory_stats_are_read_as_they_are(tmp_path: Path) -> None:
+    crawler = _crawler(tmp_path)
+    assert crawler.stats is not None
+    crawler.stats.inc_value("item_scraped_count", 3)
+    process_stats = IngestRuntime.of(crawler).process_stats
+    assert not process_stats.shared
+    assert process_stats.get_stats()["item_scraped_count"] == 3
+
+
+# crawls
+
+
+@pytest.mark.crawl
+@pytest.mark.slow
+def test_three_workers_crawl_each_page_once(
+    frontier: Frontier, site: LocalSite, pg_url: str
+) -> None:
+    frontier.seed(site.url(f"/node/0?total={PAGES}&fanout=10&ms=0"))
+    # scrapy-redis's shared stats collector: the job rows must still count per process
+    stats = {
+        "STATS_CLASS": "scrapy_redis.stats.RedisStatsCollector",
+        "STATS_KEY": f"{frontier.prefix}:%(spider)s:stats",
+        # scrapy-redis 0.9.1's get_value() turns every value into an int, and fails on the
+        # start_time that LogStats reads at close (docs/distributed.md says so)
+        "EXTENSIONS": {"scrapy.extensions.logstats.LogStats": None},
+    }
+    workers = [frontier.start(settings=stats) for _ in range(3)]
+    results = [worker.wait() for worker in workers]
+
+    hits = node_hits(site)
+    assert sorted(hits) == list(range(PAGES))
+    assert set(hits.values()) == {1}, [k for k, n in hits.items() if n > 1][:20]
+
+    db = Database(pg_url)
+    rows = db.query("SELECT item_key, count(*) FROM ingest_items GROUP BY item_key")
+    assert sorted(int(key) for key, _ in rows) == list(range(PAGES))
+    assert {count for _, count in rows} == {1}
+
+    jobs = db.rows("ingest_jobs")
+    assert len(jobs) == 3
+    assert {job["crawl_id"] for job in jobs} == {frontier.queue_key}
+    assert {job["status"] for job in jobs} == {"finished"}
+    assert {job["job_id"] for job in jobs} == {result["job_id"] for result in results}
+    # the work was shared: every worker crawled some pages
+    assert all(job["items_count"] > 0 for job in jobs), [job["items_count"] for job in jobs]
+    assert sum(job["items_count"] for job in jobs) == PAGES
+    for job in jobs:  # this process's stats, not the whole crawl's
+        assert job["stats"]["item_scraped_count"] == job["items_count"]
+        assert job["stats"]["ingest/items/stored"] == job["items_count"]
+    shared = frontier.client.hgetall(f"{frontier.prefix}:nodes:stats")
+    assert int(shared[b"item_scraped_count"]) == PAGES
+
+    db.script(crawl_query())
+    (crawl,) = db.query(
+        "SELECT crawl_id, jobs, running, items, requests, errors FROM ingest_crawls"
+    )
+    requests = db.count("ingest_requests")
+    assert crawl == (frontier.queue_key, 3, 0, PAGES, requests, 0)
+    assert requests == PAGES
+    # leases: all given back, none left over
+    assert int(frontier.client.get(f"{frontier.queue_key}:leased") or 0) == 0
+    assert not list(frontier.client.scan_iter(f"{frontier.queue_key}:leases:*"))
+
+
+@pytest.mark.crawl
+@pytest.mark.slow
+def test_a_killed_worker_loses_nothing(frontier: Frontier, site: LocalSite, pg_url: str) -> None:
+    settings = {"INGEST_REDIS_LEASE_TIMEOUT": 3.0}
+    frontier.seed(site.url(f"/node/0?total={PAGES}&fanout=10&ms=40"))
+    doomed = frontier.start(settings=settings, concurrency=16)
+    others = [frontier.start(settings=settings) for _ in range(2)]
+    db = Database(pg_url)
+    wait_for(
+        lambda: db.table_exists("ingest_items") and db.count("ingest_items") >= 300,
+        timeout=60,
+        interval=0.1,
+        what="300 items stored",
+    )
+    leased = frontier.client.hgetall(_lease_key(frontier, doomed))
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait()
+    assert leased, "the worker was killed holding no lease: the test proves nothing"
+    replacement = frontier.start(settings=settings)
+    results = [worker.wait() for worker in [*others, replacement]]
+
+    hits = node_hits(site)
+    assert sorted(hits) == list(range(PAGES))  # nothing lost
+    rows = db.query("SELECT item_key, count(*) FROM ingest_items GROUP BY item_key")
+    assert sorted(int(key) for key, _ in rows) == list(range(PAGES))
+    assert {count for _, count in rows} == {1}  # nothing stored twice
+    requeued = sum(result["stats"].get("ingest/redis/requeued", 0) for result in results)
+    assert requeued >= 1
+    # only what the killed worker held can have been fetched twice
+    assert sum(n - 1 for n in hits.values()) <= requeued
+    jobs = db.rows("ingest_jobs")
+    assert len(jobs) == 4
+    assert {job["crawl_id"] for job in jobs} == {frontier.queue_key}
+    assert int(frontier.client.get(f"{frontier.queue_key}:leased") or 0) == 0
+
+
+def _lease_key(frontier: Frontier, worker: Worker) -> str:
+    pattern = f"{frontier.queue_key}:leases:*:{worker.process.pid}:*"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        keys = list(frontier.client.scan_iter(pattern))
+        if keys:
+            return str(keys[0].decode())
+        time.sleep(0.05)
+    raise AssertionError(f"no lease of worker {worker.process.pid}:\n{worker.log()[-4000:]}")
