@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from typing_extensions import Self
 
-    from scrapy_ingest.backends import Row
     from scrapy_ingest.batching import BatchWriter
 
 logger = logging.getLogger(__name__)
@@ -137,40 +136,29 @@ class IngestPipeline:
             append_json, add = self._append_json, self._add
         now = time.time()
         end = append_json(data)
-        row: Row
         if checked is None:
-            row = (
-                self._new_id(now),
-                self._job_id,
-                self._spider_name,
-                type(item).__name__,
-                url,
-                now,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                end,
-            )
+            key = digest = version = seen = errors = None
         else:
-            keyed = checked.key is not None
-            row = (
-                self._new_id(now),
-                self._job_id,
-                self._spider_name,
-                type(item).__name__,
-                url,
-                now,
-                checked.key,
-                checked.content_hash,
-                1 if keyed else None,
-                now if keyed else None,
-                now if keyed else None,
-                checked.errors,
-                end,
-            )
+            key, digest, errors = checked.key, checked.content_hash, checked.errors
+            if key is not None:  # keyed: version 1, seen now, until the database says more
+                version, seen = 1, now
+            else:
+                version = seen = None
+        row = (
+            self._new_id(now),
+            self._job_id,
+            self._spider_name,
+            type(item).__name__,
+            url,
+            now,
+            key,
+            digest,
+            version,
+            seen,
+            seen,
+            errors,
+            end,
+        )
         add(row, len(data) + ROW_OVERHEAD)
         self._queued += 1
         if self._durable and writer is not None:

@@ -447,12 +447,7 @@ def start_mariadb(stack: contextlib.ExitStack) -> tuple[str, str]:
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     stack.callback(stop_process, process)
-    deadline = time.monotonic() + 60
-    while not port_answers(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            text = (base / "server.log").read_text(errors="replace")
-            raise ServiceUnavailable(f"mariadbd did not start: {_tail(text)}")
-        time.sleep(0.1)
+    _wait_until_listening(process, port, base / "server.log", "mariadbd", timeout=60)
     return f"mysql+pymysql://root@127.0.0.1:{port}", "local"
 
 
@@ -486,13 +481,21 @@ def start_redis(stack: contextlib.ExitStack) -> tuple[str, str]:
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     stack.callback(stop_process, process)
-    deadline = time.monotonic() + 20
+    _wait_until_listening(process, port, base / "redis.log", "redis-server", timeout=20)
+    return f"redis://127.0.0.1:{port}/0", "local"
+
+
+def _wait_until_listening(
+    process: subprocess.Popen[Any], port: int, log: Path, name: str, *, timeout: float
+) -> None:
+    """Wait for the server *process* to answer on *port*; raise ServiceUnavailable, with the
+    tail of its *log*, if it exits or takes longer than *timeout* seconds."""
+    deadline = time.monotonic() + timeout
     while not port_answers(port):
         if process.poll() is not None or time.monotonic() > deadline:
-            text = (base / "redis.log").read_text(errors="replace")
-            raise ServiceUnavailable(f"redis-server did not start: {_tail(text)}")
+            text = log.read_text(errors="replace")
+            raise ServiceUnavailable(f"{name} did not start: {_tail(text)}")
         time.sleep(0.05)
-    return f"redis://127.0.0.1:{port}/0", "local"
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 30) -> None:
