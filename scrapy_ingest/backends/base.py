@@ -534,6 +534,9 @@ class LocalHost:
         self._probe_delay = _FIRST_RETRY_DELAY
         #: (batches, rows) replayed and not reported yet in a store() outcome or by recover()
         self._unreported = (0, 0)
+        #: a replay stopped part way while the database answered again (it failed once more):
+        #: tried again at the next probe time, and at the end of the crawl
+        self._replay_pending = False
 
     # lifecycle
 
@@ -564,7 +567,15 @@ class LocalHost:
         batches, rows = self._unreported
         self._unreported = (0, 0)
         unreported = ReplayOutcome(batches, rows)
-        if not self._down or self._journal is None:
+        if self._journal is None:
+            return unreported
+        if not self._down:
+            if self._replay_pending:  # up again, but a replay stopped part way: once more
+                self._replay_again()
+                more_batches, more_rows = self._unreported
+                self._unreported = (0, 0)
+                unreported.batches += more_batches
+                unreported.rows += more_rows
             return unreported
         self._next_probe = 0.0
         try:
@@ -623,10 +634,19 @@ class LocalHost:
         self._probe_delay = _FIRST_RETRY_DELAY
         self._down = False
         self._outage.recovered()
+        self._replay_again()
+
+    def _replay_again(self) -> None:
+        """Replay the journal; what it replays is reported with the next batch's outcome, or by
+        recover(). If the database fails again part way, the rest waits for the next probe."""
         replayed = self._replay()
-        if replayed is not None:  # reported with the next batch's outcome, or by recover()
-            batches, rows = self._unreported
-            self._unreported = (batches + replayed.batches, rows + replayed.rows)
+        if replayed is None:
+            return
+        batches, rows = self._unreported
+        self._unreported = (batches + replayed.batches, rows + replayed.rows)
+        self._replay_pending = replayed.failed
+        if replayed.failed:
+            self._next_probe = time.monotonic() + self._probe_delay
 
     def _replay(self) -> ReplayOutcome | None:
         journal = self._journal
@@ -683,6 +703,8 @@ class LocalHost:
             return self._spill(table, outcome.unwritten, outcome, outcome.failure)
         if was_down:
             self._came_back()
+        elif self._replay_pending and self._probe_due():
+            self._replay_again()
         # replays since the last answer (a job row write may have brought the host back)
         outcome.replayed_batches, outcome.replayed_rows = self._unreported
         self._unreported = (0, 0)
