@@ -653,6 +653,9 @@ class IngestRuntime:
             await self.update_job(reason=reason)
         except Exception:
             logger.exception("Could not close the job row of %s", self.job)
+        # the job row's write may be what found a database up again, and replayed its journal:
+        # that replay is counted now (no batch is left to report it with)
+        await self._recover_backends()
         try:
             await self._close_backends()
         finally:
