@@ -271,9 +271,15 @@ class UpsertPlan:
     changes: dict[str, list[int]] = field(default_factory=dict)
 
 
-def is_keyed(table: TableSpec, row: Row) -> bool:
-    """Whether *row* is an item with a key (upserted, not inserted)."""
-    return bool(table.unique) and row[table.position("item_key")] is not None
+def split_keyed(table: TableSpec, rows: Sequence[Row]) -> tuple[Sequence[Row], list[Row]]:
+    """*rows* as (rows inserted as they are, keyed items upserted as :func:`plan_upsert`
+    says); a batch without keyed items comes back whole, uncopied."""
+    if not table.unique:
+        return rows, []
+    key_at = table.position("item_key")
+    if all(row[key_at] is None for row in rows):
+        return rows, []
+    return [r for r in rows if r[key_at] is None], [r for r in rows if r[key_at] is not None]
 
 
 def plan_upsert(

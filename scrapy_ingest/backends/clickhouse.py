@@ -86,6 +86,7 @@ from scrapy_ingest.backends.base import (
     needs_migration,
     plan_upsert,
     safe_text,
+    split_keyed,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
@@ -274,12 +275,9 @@ class ClickHouseBackend:
             self._insert_new(table, rows, idempotent=idempotent)
             return None
         layout = self._items_layout(table)
-        key_at = table.position("item_key")
-        keyed = [row for row in rows if row[key_at] is not None]
-        if keyed:
-            if layout is not None and not layout.keyed:
-                raise SchemaError(self._unkeyed_layout_message(table, layout))
-            rows = [row for row in rows if row[key_at] is None] if len(keyed) < len(rows) else []
+        rows, keyed = split_keyed(table, rows)
+        if keyed and layout is not None and not layout.keyed:
+            raise SchemaError(self._unkeyed_layout_message(table, layout))
         if rows:
             by_id = layout is not None and layout.keyed
             self._insert_new(table, rows, idempotent=idempotent, keyed_by_id=by_id)

@@ -37,6 +37,7 @@ from scrapy_ingest.backends.base import (
     needs_migration,
     plan_upsert,
     safe_text,
+    split_keyed,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
@@ -179,12 +180,7 @@ class PostgresBackend:
         self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool
     ) -> dict[str, list[int]] | None:
         assert self._pool is not None, "write() before open()"
-        keyed: list[Row] = []
-        if table.unique:
-            key_at = table.position("item_key")
-            if any(row[key_at] is not None for row in rows):
-                keyed = [row for row in rows if row[key_at] is not None]
-                rows = [row for row in rows if row[key_at] is None]
+        rows, keyed = split_keyed(table, rows)
         with self._pool.connection() as conn, conn.cursor() as cur:
             if rows:
                 self._insert(cur, table, rows, idempotent=idempotent)

@@ -63,6 +63,7 @@ from scrapy_ingest.backends.base import (
     needs_migration,
     plan_upsert,
     safe_text,
+    split_keyed,
 )
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
@@ -278,12 +279,7 @@ class SqlAlchemyBackend:
         self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool
     ) -> dict[str, list[int]] | None:
         assert self._engine is not None, "write() before open()"
-        keyed: list[Row] = []
-        if table.unique:
-            key_at = table.position(_KEY_COLUMN)
-            if any(row[key_at] is not None for row in rows):
-                keyed = [row for row in rows if row[key_at] is not None]
-                rows = [row for row in rows if row[key_at] is None]
+        rows, keyed = split_keyed(table, rows)
         sa_table = self._tables[table.name]
         with self._engine.begin() as conn:
             if rows:
