@@ -477,15 +477,19 @@ def test_heartbeat_refreshes_the_running_job(site: LocalSite, db: Database, tmp_
                 "INGEST_JOB_HEARTBEAT": 0.2,
                 **SLOW_SETTINGS,
             },
-            **SLOW_CRAWL,
+            # 12 pages of 300 ms, one at a time: the job row is running for over 3.6 s
+            **{**SLOW_CRAWL, "pages": 12},
         },
         tmp_path,
     )
     seen: list[dict[str, Any]] = []
+    polls: list[tuple[float, str]] = []  # when, and what each poll saw (for the message)
+    started = time.monotonic()
     try:
         while crawl.running:
-            if db.table_exists("ingest_jobs"):
-                seen += [job for job in db.jobs() if job["status"] == "running"]
+            rows = db.jobs() if db.table_exists("ingest_jobs") else []
+            polls.append((time.monotonic() - started, ",".join(job["status"] for job in rows)))
+            seen += [job for job in rows if job["status"] == "running"]
             if len({job["updated_at"] for job in seen}) >= 3:
                 break
             time.sleep(0.05)
@@ -494,7 +498,10 @@ def test_heartbeat_refreshes_the_running_job(site: LocalSite, db: Database, tmp_
         crawl.kill()
     result.assert_clean()
     updates = sorted({job["updated_at"] for job in seen})
-    assert len(updates) >= 3, f"the running job row was refreshed {len(updates) - 1} times"
+    assert len(updates) >= 3, (
+        f"the running job row was refreshed {len(updates) - 1} times; polls (seconds, statuses):"
+        f" {polls}; {result.describe()}"
+    )
     refreshed = [job for job in seen if job["updated_at"] > job["started_at"]]
     assert refreshed
     assert all(job["stats"] for job in refreshed)  # progress is visible in SQL
