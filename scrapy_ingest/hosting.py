@@ -234,7 +234,10 @@ class ProcessHost:
     # lifecycle
 
     def open(self) -> Deferred[OpenOutcome]:
-        self._dir = Path(tempfile.mkdtemp(prefix="scrapy_ingest_", dir=_scratch_dir()))
+        # named after the crawl's process, so that one can tell whose batches these are
+        self._dir = Path(
+            tempfile.mkdtemp(prefix=f"scrapy_ingest_{os.getpid()}_", dir=_scratch_dir())
+        )
         self._start()
         d = self._request("open", self._open_args())
         d.addErrback(self._open_failed)

@@ -147,8 +147,10 @@ def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(pg_url: str) -
     assert stored_numbers(pg_url) == list(range(200))
 
 
-def _writer_dirs() -> set[Path]:
-    return set(Path(_scratch_dir() or tempfile.gettempdir()).glob("scrapy_ingest_*"))
+def _writer_dirs(pid: int) -> set[Path]:
+    """The batch directories of the writers of the crawl process *pid* (not of other crawls
+    that may run on the machine at the same time)."""
+    return set(Path(_scratch_dir() or tempfile.gettempdir()).glob(f"scrapy_ingest_{pid}_*"))
 
 
 def _children(pid: int) -> list[int]:
@@ -160,7 +162,6 @@ def _children(pid: int) -> list[int]:
 def test_a_killed_crawl_leaves_no_writer_process_nor_batch_files(
     site: LocalSite, pg_url: str, tmp_path: Path
 ) -> None:
-    before = _writer_dirs()
     crawl = Crawl(
         {
             "base_url": site.base_url,
@@ -173,7 +174,7 @@ def test_a_killed_crawl_leaves_no_writer_process_nor_batch_files(
     )
     try:
         writers = wait_for(lambda: _children(crawl.process.pid), timeout=30, what="a writer")
-        new = wait_for(lambda: _writer_dirs() - before, timeout=30, what="its batch dir")
+        new = wait_for(lambda: _writer_dirs(crawl.process.pid), timeout=30, what="its batch dir")
         crawl.process.send_signal(signal.SIGKILL)  # no chance to close anything
         crawl.process.wait()
         wait_for(
