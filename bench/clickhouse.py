@@ -38,7 +38,19 @@ from write_path import batches, make_rows, our_path  # noqa: E402
 from scrapy_ingest._ids import format_uuid  # noqa: E402
 from scrapy_ingest.schema import all_tables  # noqa: E402
 
-COLUMNS = ["id", "job_id", "spider", "item_type", "url", "scraped_at", "data"]
+#: an unkeyed item's row as our backend writes it: its id as item_key, version 0 (the other
+#: columns are NULL)
+COLUMNS = [
+    "id",
+    "job_id",
+    "spider",
+    "item_type",
+    "url",
+    "scraped_at",
+    "item_key",
+    "version",
+    "data",
+]
 
 
 def target(tmp: Path, name: str) -> str:
@@ -62,10 +74,12 @@ def plain_insert(url: str, rows_file: str, size: int) -> float:
     host.open()
     host.close()
     rows = pickle.loads(Path(rows_file).read_bytes())
-    values = [
-        [format_uuid(r[0]), r[1], r[2], r[3], r[4], round(r[5] * 1_000_000), r[6].decode()]
-        for r in rows
-    ]
+    values = []
+    for r in rows:
+        uuid = format_uuid(r[0])
+        values.append(
+            [uuid, r[1], r[2], r[3], r[4], round(r[5] * 1_000_000), uuid, 0, r[-1].decode()]
+        )
     client = clickhouse_connect.get_client(dsn=url)
     started = time.perf_counter()
     for batch in batches(values, size):
