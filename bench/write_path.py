@@ -107,7 +107,7 @@ def plain_copy(url: str, rows: list, size: int) -> float:
             r[3],
             r[4],
             dt.datetime.fromtimestamp(r[5], dt.timezone.utc),
-            r[6].decode(),
+            r[-1].decode(),  # the JSON: the last column
         )
         for r in rows
     ]
@@ -140,7 +140,7 @@ def binary_copy(url: str, rows: list, size: int) -> float:
                 for t in text:
                     parts.append(struct.pack(">i", len(t)) + t)
                 parts.append(struct.pack(">iq", 8, micros))
-                parts.append(struct.pack(">ib", len(r[6]) + 1, 1) + r[6])
+                parts.append(struct.pack(">ib", len(r[-1]) + 1, 1) + r[-1])
             parts.append(head.pack(-1))
             with conn.cursor().copy(
                 f"COPY ingest_items ({columns}) FROM STDIN (FORMAT BINARY)"
