@@ -62,14 +62,16 @@ class Host(Protocol):
 
     def recover(self) -> Deferred[ReplayOutcome | None]: ...
 
-    def mark_crashed(self, table: TableSpec, stale_before: float) -> Deferred[list[str]]: ...
+    def mark_crashed(
+        self, table: TableSpec, stale_before: float, alive: str
+    ) -> Deferred[list[str]]: ...
 
     def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]: ...
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> Deferred[bool]: ...
 
     def update_job(
-        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
     ) -> Deferred[None]: ...
 
 
@@ -148,8 +150,10 @@ class ThreadHost:
     def recover(self) -> Deferred[ReplayOutcome | None]:
         return self._run(self._local.recover)
 
-    def mark_crashed(self, table: TableSpec, stale_before: float) -> Deferred[list[str]]:
-        return self._run(self._local.mark_crashed, table, stale_before)
+    def mark_crashed(
+        self, table: TableSpec, stale_before: float, alive: str
+    ) -> Deferred[list[str]]:
+        return self._run(self._local.mark_crashed, table, stale_before, alive)
 
     def _shut_down(self, result: Any) -> Any:
         if self._executor is not None:
@@ -164,9 +168,9 @@ class ThreadHost:
         return self._run(self._local.insert_job, table, row)
 
     def update_job(
-        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
     ) -> Deferred[None]:
-        update = partial(self._local.update_job, only_running=only_running)
+        update = partial(self._local.update_job, unless_finished=unless_finished)
         return self._run(update, table, job_id, values)
 
 
@@ -311,13 +315,15 @@ class ProcessHost:
     def recover(self) -> Deferred[ReplayOutcome | None]:
         return self._request("recover", ())
 
-    def mark_crashed(self, table: TableSpec, stale_before: float) -> Deferred[list[str]]:
-        return self._request("mark_crashed", (table, stale_before))
+    def mark_crashed(
+        self, table: TableSpec, stale_before: float, alive: str
+    ) -> Deferred[list[str]]:
+        return self._request("mark_crashed", (table, stale_before, alive))
 
     def update_job(
-        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
     ) -> Deferred[None]:
-        return self._request("update_job", (table, job_id, dict(values), only_running))
+        return self._request("update_job", (table, job_id, dict(values), unless_finished))
 
     def _write_batch(self, batch: Batch) -> str:
         assert self._dir is not None, "store() before open()"

@@ -329,10 +329,11 @@ class IngestRuntime:
     async def _mark_crashed(self, host: Host) -> None:
         """Jobs left ``running`` by a process that died (their row not refreshed for three
         heartbeats) become ``crashed``."""
+        assert self.job is not None
         stale_before = time.time() - STALE_HEARTBEATS * self.config.job_heartbeat
         try:
             crashed = await maybe_deferred_to_future(
-                host.mark_crashed(self.tables["jobs"], stale_before)
+                host.mark_crashed(self.tables["jobs"], stale_before, self.job.job_id)
             )
         except Exception as exc:
             logger.warning("Could not look for crashed jobs in %s: %s", host.url, exc)
@@ -381,7 +382,8 @@ class IngestRuntime:
             "pid": self.job.pid,
             "status": "running",
             "started_at": self.job.started_at,
-            "updated_at": self.job.started_at,
+            # not started_at: opening the database may have taken longer than a heartbeat
+            "updated_at": time.time(),
             "items_count": 0,
             "requests_count": 0,
             "errors_count": 0,
@@ -614,6 +616,10 @@ class IngestRuntime:
             values["quality"] = self._job_encoder.encode(checks.as_dict())
         if reason is not None:
             values.update(status="finished", close_reason=reason, finished_at=now)
+        else:
+            # alive: a row another crawl took for crashed (its heartbeats were late, say behind
+            # a slow database) is running again
+            values.update(status="running", close_reason=None, finished_at=None)
         # a late heartbeat must not overwrite the final row; every database with the row
         # gets the update, even when another one fails
         failure: BaseException | None = None
@@ -621,7 +627,7 @@ class IngestRuntime:
             if not backend.has_job:
                 continue
             update = backend.host.update_job(
-                self.tables["jobs"], self.job.job_id, values, only_running=reason is None
+                self.tables["jobs"], self.job.job_id, values, unless_finished=reason is None
             )
             try:
                 await maybe_deferred_to_future(update)

@@ -313,18 +313,26 @@ def test_running_jobs_not_refreshed_in_time_are_marked_crashed(
         host.insert_job(jobs, _job_row("stale", now - 100))
         host.insert_job(jobs, _job_row("fresh", now - 1))
         host.insert_job(jobs, {**_job_row("done", now - 100), "status": "finished"})
-        assert host.mark_crashed(jobs, now - 30) == ["stale"]
-        assert host.mark_crashed(jobs, now - 30) == []  # once
+        host.insert_job(jobs, _job_row("mine", now - 100))  # the crawl asking: alive
+        host.insert_job(jobs, _job_row("late", now - 100))
+        assert sorted(host.mark_crashed(jobs, now - 30, "mine")) == ["late", "stale"]
+        assert host.mark_crashed(jobs, now - 30, "mine") == []  # once
+        # a heartbeat of a crawl taken for crashed revives its row; a closed row stays closed
+        alive = {"status": "running", "close_reason": None, "finished_at": None}
+        for job_id in ("late", "done"):
+            host.update_job(jobs, job_id, {**alive, "updated_at": now}, unless_finished=True)
     finally:
         host.close()
     rows = {
-        job_id: (status, reason)
-        for job_id, status, reason in Database(url).query(
-            "SELECT job_id, status, close_reason FROM ingest_jobs"
+        job_id: (status, reason, finished_at is None)
+        for job_id, status, reason, finished_at in Database(url).query(
+            "SELECT job_id, status, close_reason, finished_at FROM ingest_jobs"
         )
     }
     assert rows == {
-        "stale": ("crashed", "crashed"),
-        "fresh": ("running", None),
-        "done": ("finished", None),
+        "stale": ("crashed", "crashed", False),
+        "fresh": ("running", None, True),
+        "done": ("finished", None, True),
+        "mine": ("running", None, True),
+        "late": ("running", None, True),
     }

@@ -163,7 +163,13 @@ def row(job_id, updated_at, status="running"):
 host.insert_job(tables["jobs"], row("stale", now - 100))
 host.insert_job(tables["jobs"], row("fresh", now - 1))
 host.insert_job(tables["jobs"], row("done", now - 100, "finished"))
-print(host.mark_crashed(tables["jobs"], now - 30))
+host.insert_job(tables["jobs"], row("mine", now - 100))  # the crawl asking: alive
+host.insert_job(tables["jobs"], row("late", now - 100))
+print(sorted(host.mark_crashed(tables["jobs"], now - 30, "mine")))
+# a heartbeat of a crawl taken for crashed revives its row; a closed row stays closed
+alive = dict(status="running", close_reason=None, finished_at=None, updated_at=time.time())
+for job_id in ("late", "done"):
+    host.update_job(tables["jobs"], job_id, alive, unless_finished=True)
 found = host.backend._client.query(
     "SELECT job_id, status, close_reason FROM ingest_jobs FINAL ORDER BY job_id")
 print(sorted(tuple(r) for r in found.result_rows))
@@ -173,9 +179,10 @@ print(sorted(tuple(r) for r in found.result_rows))
     )
     assert out.returncode == 0, out.stderr[-3000:]
     marked, rows = out.stdout.strip().splitlines()[-2:]
-    assert marked == "['stale']"
+    assert marked == "['late', 'stale']"
     assert rows == (
-        "[('done', 'finished', None), ('fresh', 'running', None), ('stale', 'crashed', 'crashed')]"
+        "[('done', 'finished', None), ('fresh', 'running', None), ('late', 'running', None),"
+        " ('mine', 'running', None), ('stale', 'crashed', 'crashed')]"
     )
 
 

@@ -502,7 +502,7 @@ def test_heartbeat_refreshes_the_running_job(site: LocalSite, db: Database, tmp_
         f"the running job row was refreshed {len(updates) - 1} times; polls (seconds, statuses):"
         f" {polls}; {result.describe()}"
     )
-    refreshed = [job for job in seen if job["updated_at"] > job["started_at"]]
+    refreshed = [job for job in seen if job["updated_at"] > updates[0]]  # by heartbeats
     assert refreshed
     assert all(job["stats"] for job in refreshed)  # progress is visible in SQL
     assert all(job["finished_at"] is None for job in seen)
@@ -510,6 +510,26 @@ def test_heartbeat_refreshes_the_running_job(site: LocalSite, db: Database, tmp_
     [job] = db.jobs()
     assert job["status"] == "finished"
     assert job["updated_at"] > job["started_at"]
+
+
+def test_a_crawl_never_takes_its_own_job_for_crashed(
+    site: LocalSite, db: Database, tmp_path: Path
+) -> None:
+    # three heartbeats of 10 ms pass while the crawl opens the database, before its first
+    # heartbeat: its own row must not look like that of a crawl that died
+    result = run_crawl(
+        {
+            "base_url": site.base_url,
+            "pages": 2,
+            "per_page": 2,
+            "settings": {"INGEST_DATABASE_URL": db.url, "INGEST_JOB_HEARTBEAT": 0.01},
+        },
+        tmp_path,
+    )
+    result.assert_clean()
+    assert "marked crashed" not in result.output
+    [job] = db.jobs()
+    assert (job["status"], job["close_reason"]) == ("finished", "finished")
 
 
 def test_rows_are_visible_before_the_crawl_ends(

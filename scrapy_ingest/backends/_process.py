@@ -130,8 +130,8 @@ def _serve(host: LocalHost, operation: str, args: tuple[Any, ...]) -> Any:
     if operation == "insert_job":
         return host.insert_job(*args)
     if operation == "update_job":
-        table, job_id, values, only_running = args
-        return host.update_job(table, job_id, values, only_running=only_running)
+        table, job_id, values, unless_finished = args
+        return host.update_job(table, job_id, values, unless_finished=unless_finished)
     if operation == "recover":
         return host.recover()
     if operation == "mark_crashed":

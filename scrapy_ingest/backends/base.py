@@ -77,13 +77,15 @@ class Backend(Protocol):
         """Insert a job row; return False when its ``job_id`` exists already."""
 
     def update_job(
-        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
     ) -> None:
-        """Update columns of a job row (only while its status is ``running`` if asked)."""
+        """Update columns of a job row (only while its status is not ``finished`` if asked:
+        a heartbeat revives a row another process took for crashed, never a closed one)."""
 
-    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
         """Set status and close reason ``crashed`` (and ``finished_at`` to its last refresh) on
-        each ``running`` job row last refreshed before *stale_before*; return their ids."""
+        each ``running`` job row last refreshed before *stale_before*, except *alive* (the job
+        of the crawl asking); return their ids."""
 
 
 @dataclass
@@ -662,7 +664,7 @@ class LocalHost:
             self._store_replayed,
             self.backend.insert_job,
             lambda table, job_id, row: self.backend.update_job(
-                table, job_id, row, only_running=False
+                table, job_id, row, unless_finished=False
             ),
         )
 
@@ -767,14 +769,14 @@ class LocalHost:
         )
 
     def update_job(
-        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
     ) -> None:
         known = self._jobs.get(job_id)
         if known is not None:
             known[1].update(values)
         self._job_call(
             job_id,
-            lambda: self.backend.update_job(table, job_id, values, only_running=only_running),
+            lambda: self.backend.update_job(table, job_id, values, unless_finished=unless_finished),
             "Updating",
             None,
         )
@@ -803,11 +805,11 @@ class LocalHost:
             self._came_back()
         return result
 
-    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
         if self._down:
             return []  # the next crawl will see them
         return self._retry(
-            lambda: self.backend.mark_crashed(table, stale_before), "Marking crashed jobs"
+            lambda: self.backend.mark_crashed(table, stale_before, alive), "Marking crashed jobs"
         )
 
     def _save_job(self, job_id: str) -> None:

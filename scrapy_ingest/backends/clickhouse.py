@@ -466,10 +466,10 @@ class ClickHouseBackend:
         return True
 
     def update_job(
-        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
     ) -> None:
         current = self._job(table, job_id)
-        if current is None or (only_running and current["status"] != "running"):
+        if current is None or (unless_finished and current["status"] == "finished"):
             return
         self._insert_job_version(table, {**current, **values})
 
@@ -493,12 +493,12 @@ class ClickHouseBackend:
                 job[name] = value.encode() if isinstance(value, str) else _json_bytes(value)
         return job
 
-    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
         assert self._client is not None, "mark_crashed() before open()"
         found = self._client.query(
             f"SELECT job_id FROM {_quote(table.name)} FINAL WHERE status = 'running' "
-            "AND toFloat64(updated_at) < {stale:Float64}",
-            parameters={"stale": stale_before},
+            "AND toFloat64(updated_at) < {stale:Float64} AND job_id != {alive:String}",
+            parameters={"stale": stale_before, "alive": alive},
         )
         ids = [row[0] for row in found.result_rows]
         for job_id in ids:

@@ -371,7 +371,7 @@ class PostgresBackend:
         return found is not None and is_same_job(row, *found)
 
     def update_job(
-        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
     ) -> None:
         assert self._pool is not None, "update_job() before open()"
         names = list(values)
@@ -381,20 +381,20 @@ class PostgresBackend:
                 sql.SQL("{} = {}").format(sql.Identifier(n), self._placeholder(table, n))
                 for n in names
             ),
-            sql.SQL(" AND status = 'running'" if only_running else ""),
+            sql.SQL(" AND status <> 'finished'" if unless_finished else ""),
         )
         with self._pool.connection() as conn:
             conn.execute(query, [*(self._param(table, n, values[n]) for n in names), job_id])
 
-    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
         assert self._pool is not None, "mark_crashed() before open()"
         query = sql.SQL(
             "UPDATE {} SET status = 'crashed', close_reason = 'crashed', "
             "finished_at = updated_at WHERE status = 'running' AND updated_at < %s "
-            "RETURNING job_id"
+            "AND job_id <> %s RETURNING job_id"
         ).format(sql.Identifier(table.name))
         with self._pool.connection() as conn:
-            return [row[0] for row in conn.execute(query, [utc_from_epoch(stale_before)])]
+            return [row[0] for row in conn.execute(query, [utc_from_epoch(stale_before), alive])]
 
     def _placeholder(self, table: TableSpec, name: str) -> sql.Composable:
         return sql.SQL("%s::jsonb" if table.column_kind(name) == "json" else "%s")

@@ -474,21 +474,23 @@ class SqlAlchemyBackend:
         return True
 
     def update_job(
-        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, only_running: bool
+        self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
     ) -> None:
         assert self._engine is not None, "update_job() before open()"
         jobs = self._tables[table.name]
         stmt = jobs.update().where(jobs.c.job_id == job_id)
-        if only_running:
-            stmt = stmt.where(jobs.c.status == "running")
+        if unless_finished:
+            stmt = stmt.where(jobs.c.status != "finished")
         with self._engine.begin() as conn:
             conn.execute(stmt.values(self._convert_values(table, values)))
 
-    def mark_crashed(self, table: TableSpec, stale_before: float) -> list[str]:
+    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
         assert self._engine is not None, "mark_crashed() before open()"
         jobs = self._tables[table.name]
         stale = self._convert_values(table, {"updated_at": stale_before})["updated_at"]
-        running = (jobs.c.status == "running") & (jobs.c.updated_at < stale)
+        running = (
+            (jobs.c.status == "running") & (jobs.c.updated_at < stale) & (jobs.c.job_id != alive)
+        )
         with self._engine.begin() as conn:
             ids = [row[0] for row in conn.execute(sa.select(jobs.c.job_id).where(running))]
             if ids:
