@@ -106,8 +106,7 @@ def requests_in_progress(crawler: Crawler) -> set[Any] | None:
     Scrapy keeps them in its engine slot's ``inprogress`` set (2.13 to 2.19 at least) and has no
     public API or signal for "this request is done".
     """
-    slot = getattr(getattr(crawler, "engine", None), "_slot", None)
-    in_progress = getattr(slot, "inprogress", None)
+    in_progress = getattr(_engine_slot(crawler), "inprogress", None)
     return in_progress if isinstance(in_progress, set) else None
 
 
@@ -119,7 +118,11 @@ def wake_engine(crawler: Crawler) -> None:
     the requests other workers push. Scrapy has no public API for it: the engine slot's
     ``nextcall`` (2.13 to 2.19 at least) is what it calls itself.
     """
-    slot = getattr(getattr(crawler, "engine", None), "_slot", None)
-    nextcall = getattr(slot, "nextcall", None)
+    nextcall = getattr(_engine_slot(crawler), "nextcall", None)
     if nextcall is not None:
         nextcall.schedule()
+
+
+def _engine_slot(crawler: Crawler) -> Any:
+    """The engine's private slot (``inprogress``, ``nextcall``), or None while it has none."""
+    return getattr(getattr(crawler, "engine", None), "_slot", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scrapy.utils.misc import load_object
+from scrapy.utils.python import global_object_name
 
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
@@ -31,10 +32,7 @@ def uses_redis_scheduler(settings: BaseSettings) -> bool:
         cls = load_object(scheduler) if isinstance(scheduler, str) else scheduler
     except (ImportError, AttributeError, ValueError, NameError):
         return False  # Scrapy reports an unusable SCHEDULER itself
-    return any(
-        f"{c.__module__}.{c.__qualname__}" == SCRAPY_REDIS_SCHEDULER
-        for c in getattr(cls, "__mro__", ())
-    )
+    return any(global_object_name(c) == SCRAPY_REDIS_SCHEDULER for c in getattr(cls, "__mro__", ()))
 
 
 def queue_key(settings: BaseSettings, spider: str) -> str:

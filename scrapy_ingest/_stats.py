@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from scrapy.utils.python import global_object_name
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -25,9 +27,7 @@ _WRITERS = ("set_value", "set_stats", "inc_value", "max_value", "min_value", "cl
 
 def is_shared(collector: object) -> bool:
     """Whether *collector* is (a subclass of) a stats collector shared between processes."""
-    return any(
-        f"{c.__module__}.{c.__qualname__}" in SHARED_COLLECTORS for c in type(collector).__mro__
-    )
+    return any(global_object_name(c) in SHARED_COLLECTORS for c in type(collector).__mro__)
 
 
 class ProcessStats:

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scrapy.utils.misc import load_object
+from scrapy.utils.python import global_object_name
 
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._redis import SCRAPY_REDIS_SCHEDULER
@@ -88,10 +89,8 @@ class IngestAddon:
 def _lease_redis_requests(settings: BaseSettings) -> None:
     """scrapy-redis's own scheduler becomes RedisLeaseScheduler, at the same priority."""
     scheduler = settings.get("SCHEDULER")
-    if not isinstance(scheduler, str):  # a class
-        scheduler = (
-            f"{getattr(scheduler, '__module__', '')}.{getattr(scheduler, '__qualname__', '')}"
-        )
+    if scheduler is not None and not isinstance(scheduler, str):  # a class
+        scheduler = global_object_name(scheduler)
     if scheduler == SCRAPY_REDIS_SCHEDULER:
         settings.set("SCHEDULER", LEASE_SCHEDULER, settings.getpriority("SCHEDULER") or 0)
 

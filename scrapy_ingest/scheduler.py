@@ -54,6 +54,7 @@ from twisted.internet.threads import deferToThread
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._compat import requests_in_progress, wake_engine
 from scrapy_ingest._stats import stat_key
+from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import ConfigError
 from scrapy_ingest.runtime import IngestRuntime
 
@@ -137,7 +138,8 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
     def from_crawler(cls, crawler: Crawler) -> RedisLeaseScheduler:
         scheduler: RedisLeaseScheduler = super().from_crawler(crawler)
         scheduler.crawler = crawler
-        scheduler.lease_timeout = _lease_timeout(crawler)
+        # validated with every INGEST_* setting (a ConfigError names the setting and the fix)
+        scheduler.lease_timeout = IngestConfig.from_settings(crawler.settings).redis_lease_timeout
         scheduler.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         scheduler._leases = {}
         scheduler._lease_ids = itertools.count(1)
@@ -288,20 +290,6 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
             return
         if runtime.job is not None and not runtime.closing:
             await runtime.drain("items")
-
-
-def _lease_timeout(crawler: Crawler) -> float:
-    value = crawler.settings.get("INGEST_REDIS_LEASE_TIMEOUT", defaults.INGEST_REDIS_LEASE_TIMEOUT)
-    try:
-        timeout = float(value)
-    except (TypeError, ValueError):
-        timeout = 0.0
-    if not timeout > 0:
-        raise ConfigError(
-            f"INGEST_REDIS_LEASE_TIMEOUT ({value!r}) is invalid: it must be a positive number "
-            "of seconds. Fix: set it to e.g. 30.0"
-        )
-    return timeout
 
 
 def _pop_how(queue: Any, crawler: Crawler) -> str:

@@ -124,6 +124,9 @@ BAD_VALUES = [
     ("INGEST_CRAWL_ID", "c" * 201, "'" + "c" * 201 + "'"),
     ("INGEST_CREATE_TABLES", "maybe", "'maybe'"),
     ("INGEST_ENABLED", "sometimes", "'sometimes'"),
+    ("INGEST_REDIS_LEASES", "maybe", "'maybe'"),
+    ("INGEST_REDIS_LEASE_TIMEOUT", 0, "0"),
+    ("INGEST_REDIS_LEASE_TIMEOUT", "soon", "'soon'"),
 ]
 
 
