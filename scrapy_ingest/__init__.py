@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from scrapy_ingest.extensions.jobs import IngestJobsExtension
     from scrapy_ingest.extensions.logs import IngestLogsExtension
     from scrapy_ingest.extensions.metrics import PrometheusExtension
-    from scrapy_ingest.pipelines import IngestPipeline
+    from scrapy_ingest.pipelines import IngestItemProcessor, IngestPipeline
     from scrapy_ingest.spidermiddlewares.source import SourceMiddleware
 
 __version__ = "0.1.0.dev0"
@@ -21,6 +21,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BackoffRetryMiddleware",
     "IngestAddon",
+    "IngestItemProcessor",
     "IngestJobsExtension",
     "IngestLogsExtension",
     "IngestPipeline",
@@ -36,6 +37,7 @@ __all__ = [
 _EXPORTS = {
     "BackoffRetryMiddleware": "scrapy_ingest.downloadermiddlewares.retry",
     "IngestAddon": "scrapy_ingest.addon",
+    "IngestItemProcessor": "scrapy_ingest.pipelines",
     "IngestJobsExtension": "scrapy_ingest.extensions.jobs",
     "IngestLogsExtension": "scrapy_ingest.extensions.logs",
     "ProxyMiddleware": "scrapy_ingest.downloadermiddlewares.proxy",

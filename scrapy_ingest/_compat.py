@@ -55,6 +55,11 @@ def pipeline_hook(method: Callable[_P, Coroutine[Any, Any, None]]) -> Callable[_
     return wrapper
 
 
+#: Scrapy 2.14 added ItemPipelineManager.process_item_async(item), which its scraper calls
+#: instead of process_item(item, spider), which returns a Deferred (2.13)
+ITEM_PROCESSOR_IS_ASYNC = _scrapy_version() >= (2, 14)
+
+
 #: Scrapy 2.17 added RETRY_GIVE_UP_LOG_LEVEL, and get_retry_request()'s give_up_log_level
 #: argument; 2.13 to 2.16 log a give-up as an error
 GIVE_UP_LOG_LEVEL = "give_up_log_level" in inspect.signature(get_retry_request).parameters

@@ -22,13 +22,14 @@ Stats:
 from __future__ import annotations
 
 import logging
-import time
+from time import time as _time
 from typing import TYPE_CHECKING, Any
 
 from scrapy.exceptions import DropItem
-from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.pipelines import ItemPipelineManager
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 
-from scrapy_ingest._compat import pipeline_hook
+from scrapy_ingest._compat import ITEM_PROCESSOR_IS_ASYNC, pipeline_hook
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.exceptions import IngestError
@@ -38,8 +39,11 @@ from scrapy_ingest.router import Route
 from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from scrapy import Spider
     from scrapy.crawler import Crawler
+    from twisted.internet.defer import Deferred
     from typing_extensions import Self
 
     from scrapy_ingest.batching import BatchWriter
@@ -95,6 +99,8 @@ class IngestPipeline:
         self._durable = runtime.config.durable
         #: INGEST_ITEM_SCHEMAS / INGEST_ITEM_KEYS, or None (no item is checked)
         self._checks = runtime.item_checks
+        # the common case, which capture() queues without a coroutine
+        self._direct = not self._per_item and self._checks is None and not self._durable
         runtime.on_tick(self._publish_stats)
 
     @pipeline_hook
@@ -111,9 +117,62 @@ class IngestPipeline:
             self._runtime.stats.inc_value(_QUEUED, self._queued - self._published)
             self._published = self._queued
 
-    # async: Scrapy awaits the coroutine as it is, which costs less per item
-    # than the wrapper it puts around a plain return value
     async def process_item(self, item: Any, spider: Spider | None = None) -> Any:
+        pending = self.capture(item)
+        if pending is not None:
+            await pending
+        return item
+
+    def capture(self, item: Any) -> Awaitable[None] | None:
+        """Queue *item* for storage; return what the crawl must await first, if anything.
+
+        The synchronous core of :meth:`process_item`, which
+        :class:`IngestItemProcessor` calls directly. An item of the common
+        case (one database, no schema, key or INGEST_DURABLE) is queued here
+        and then; the awaitable, when there is one, is the wait for buffer
+        room (backpressure). Raises DropItem for an item that
+        ``INGEST_VALIDATION = "strict"`` rejects.
+        """
+        if not self._direct:
+            return self._capture_checked(item)
+        source = self._take_source(id(item), None)
+        try:
+            data = self._encode(item)
+        except EncodeError as exc:
+            self._reject(item, exc)
+            return None
+        now = _time()
+        self._add(
+            (
+                self._new_id(now),
+                self._job_id,
+                self._spider_name,
+                type(item).__name__,
+                source[1] if source is not None and source[0] is item else None,
+                now,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                self._append_json(data),
+            ),
+            len(data) + ROW_OVERHEAD,
+        )
+        self._queued += 1
+        budget = self._budget
+        if budget.used >= budget.limit:
+            return self._wait_for_room()
+        return None
+
+    async def _wait_for_room(self) -> None:
+        # backpressure: the crawl waits here until the writers catch up
+        self._runtime.stats.inc_value(_WAITS)
+        await maybe_deferred_to_future(self._budget.wait())
+
+    async def _capture_checked(self, item: Any) -> None:
+        """:meth:`capture` with routing per item, item schemas or keys, or INGEST_DURABLE."""
         source = self._take_source(id(item), None)
         url = source[1] if source is not None and source[0] is item else None
         checked: Checked | None = None
@@ -125,17 +184,16 @@ class IngestPipeline:
                 data = checked.data
         except (EncodeError, ItemRejected) as exc:
             self._reject(item, exc)
-            return item
+            return
         if self._per_item:
             writer = await self._routed_writer(item)
             if writer is None:  # its database cannot be used: dead-lettered
-                return item
-            append_json, add = writer.append_json, writer.add
+                return
         else:
             writer = self._writer
-            append_json, add = self._append_json, self._add
-        now = time.time()
-        end = append_json(data)
+            assert writer is not None
+        now = _time()
+        end = writer.append_json(data)
         if checked is None:
             key = digest = version = seen = errors = None
         else:
@@ -159,17 +217,14 @@ class IngestPipeline:
             errors,
             end,
         )
-        add(row, len(data) + ROW_OVERHEAD)
+        writer.add(row, len(data) + ROW_OVERHEAD)
         self._queued += 1
-        if self._durable and writer is not None:
+        if self._durable:
             # INGEST_DURABLE: the item is in the journal before process_item returns
             await maybe_deferred_to_future(writer.acknowledged())
         budget = self._budget
         if budget.used >= budget.limit:
-            # backpressure: the crawl waits here until the writers catch up
-            self._runtime.stats.inc_value(_WAITS)
-            await maybe_deferred_to_future(budget.wait())
-        return item
+            await self._wait_for_room()
 
     def _reject(self, item: Any, exc: EncodeError | ItemRejected) -> None:
         """Dead-letter *item* with the reason; drop it when it is invalid in strict mode."""
@@ -198,6 +253,59 @@ class IngestPipeline:
             runtime.dead_letter("items", reason, _safe_repr(item))
             return None
         return runtime.writer("items", found)
+
+
+class IngestItemProcessor(ItemPipelineManager):
+    """Scrapy's item pipeline manager, which calls :class:`IngestPipeline` directly.
+
+    The add-on makes it the ``ITEM_PROCESSOR``, unless the project set one.
+    It runs the item pipelines as Scrapy's does; when the last one with a
+    ``process_item`` is IngestPipeline (the add-on places it at 900), it
+    calls the pipeline's :meth:`IngestPipeline.capture` itself rather than
+    through Scrapy's generic chain, which for every item formats the
+    method's name, wraps its result and awaits one more coroutine: in a
+    crawl that does nothing but yield items, that chain cost about 7% of
+    the items per second (docs/performance.md). An IngestPipeline followed
+    by other pipelines is called through the chain, like any other.
+    """
+
+    def __init__(self, *middlewares: Any, **kwargs: Any) -> None:
+        super().__init__(*middlewares, **kwargs)
+        self._capture: Callable[[Any], Awaitable[None] | None] | None = None
+        last = next((mw for mw in reversed(middlewares) if hasattr(mw, "process_item")), None)
+        if isinstance(last, IngestPipeline):
+            self.methods["process_item"].pop()
+            self._capture = last.capture
+
+    async def process_item_async(self, item: Any) -> Any:
+        if self.methods["process_item"]:
+            item = await super().process_item_async(item)
+        capture = self._capture
+        if capture is not None:
+            pending = capture(item)
+            if pending is not None:
+                await pending
+        return item
+
+    if not ITEM_PROCESSOR_IS_ASYNC:  # Scrapy 2.13 calls this instead of process_item_async
+
+        def process_item(self, item: Any, spider: Spider) -> Deferred[Any]:
+            d: Deferred[Any] = super().process_item(item, spider)
+            if self._capture is not None:
+                d.addCallback(self._captured)
+            return d
+
+        def _captured(self, item: Any) -> Any:
+            assert self._capture is not None
+            pending = self._capture(item)
+            if pending is None:
+                return item
+            return deferred_from_coro(_then(pending, item))
+
+
+async def _then(pending: Awaitable[None], item: Any) -> Any:
+    await pending
+    return item
 
 
 def _safe_repr(item: Any) -> str:

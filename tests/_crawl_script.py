@@ -64,6 +64,16 @@ class ReplaceItemPipeline:
         return dict(item)
 
 
+class DropOddItemsPipeline:
+    """A project pipeline that drops the items of odd ``idx`` and marks the others."""
+
+    def process_item(self, item: Any, spider: Any = None) -> Any:
+        if item["idx"] % 2:
+            raise scrapy.exceptions.DropItem("odd")
+        item["kept_by"] = "DropOddItemsPipeline"
+        return item
+
+
 class AckedItemsPipeline:
     """After ours: writes the ``idx`` of each item the pipelines before it returned for, to the
     file ``TEST_ACKED_FILE``, each line fsync'd (what a SIGKILL must not lose)."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from scrapy.utils.misc import load_object
+from scrapy.pipelines import ItemPipelineManager
+from scrapy.utils.misc import build_from_crawler, load_object
 from scrapy.utils.test import get_crawler
 
 from scrapy_ingest import (
@@ -19,6 +20,7 @@ from scrapy_ingest import (
     SourceMiddleware,
 )
 from scrapy_ingest._redact import REDACTED, redact_text, redact_url, redact_value
+from scrapy_ingest.pipelines import IngestItemProcessor
 from scrapy_ingest.runtime import IngestRuntime
 
 if TYPE_CHECKING:
@@ -94,6 +96,57 @@ def test_project_components_are_kept_next_to_ours(db_url: str) -> None:
     pipelines = _components(crawler, "ITEM_PIPELINES")
     assert pipelines[IngestPipeline] == 900
     assert pipelines[load_object("scrapy.pipelines.images.ImagesPipeline")] is None
+
+
+def test_addon_sets_the_item_processor(db_url: str) -> None:
+    crawler = _crawler(db_url)
+    assert load_object(crawler.settings["ITEM_PROCESSOR"]) is IngestItemProcessor
+
+
+class ProjectItemProcessor(ItemPipelineManager):
+    pass
+
+
+@pytest.mark.parametrize(
+    "processor", [ProjectItemProcessor, "scrapy.pipelines.ItemPipelineManager"]
+)
+def test_a_project_item_processor_wins(db_url: str, processor: Any) -> None:
+    # even Scrapy's own, set by the project, is kept
+    crawler = _crawler(db_url, ITEM_PROCESSOR=processor)
+    assert crawler.settings["ITEM_PROCESSOR"] == processor
+
+
+def test_no_item_processor_without_the_pipeline(db_url: str) -> None:
+    crawler = _crawler(db_url, ITEM_PIPELINES={IngestPipeline: None})
+    assert crawler.settings["ITEM_PROCESSOR"] == "scrapy.pipelines.ItemPipelineManager"
+
+
+class UpperPipeline:
+    def process_item(self, item: Any, spider: Any = None) -> Any:
+        return {key.upper(): value for key, value in item.items()}
+
+
+def _process_item_owners(processor: ItemPipelineManager) -> list[type]:
+    """The classes whose process_item the processor's chain calls, in order."""
+    return [
+        type(getattr(method, "__self__", None) or method.__wrapped__.__self__)
+        for method in processor.methods["process_item"]
+    ]
+
+
+def test_the_item_processor_calls_the_last_ingest_pipeline_itself(db_url: str) -> None:
+    crawler = _crawler(db_url, ITEM_PIPELINES={UpperPipeline: 100})
+    processor = build_from_crawler(IngestItemProcessor, crawler)
+    assert _process_item_owners(processor) == [UpperPipeline]
+    ingest = next(mw for mw in processor.middlewares if isinstance(mw, IngestPipeline))
+    assert processor._capture == ingest.capture
+
+
+def test_an_ingest_pipeline_followed_by_others_stays_in_the_chain(db_url: str) -> None:
+    crawler = _crawler(db_url, ITEM_PIPELINES={UpperPipeline: 950})
+    processor = build_from_crawler(IngestItemProcessor, crawler)
+    assert _process_item_owners(processor) == [IngestPipeline, UpperPipeline]
+    assert processor._capture is None
 
 
 @pytest.mark.parametrize("enabled", [False, "False", "false", 0])

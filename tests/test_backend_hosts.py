@@ -147,6 +147,61 @@ def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(pg_url: str) -
     assert stored_numbers(pg_url) == list(range(200))
 
 
+_WRITER_DIES_WHILE_STORING = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    import psycopg
+    from twisted.internet import defer, task
+    from scrapy_ingest.backends import Batch
+    from scrapy_ingest.hosting import ProcessHost
+    from scrapy_ingest.schema import all_tables
+    sys.path.insert(0, {tests!r})
+    from test_backend_hosts import make_rows
+
+    async def main(reactor):
+        tables = all_tables("ingest_")
+        items = next(t for t in tables if t.kind == "items")
+        host = ProcessHost({url!r}, tables, create_tables=True, retry_timeout=30)
+        await host.open()
+        with psycopg.connect({url!r}) as lock:
+            # the writer's COPY waits for this lock: it has read the batch's file, not stored it
+            lock.execute("LOCK TABLE ingest_items IN ACCESS EXCLUSIVE MODE")
+            stored = host.store(items, Batch(make_rows(100)))
+            deadline = time.monotonic() + 30
+            while not lock.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline, "the writer never waited for the lock"
+                time.sleep(0.05)
+            os.kill(host._process.pid, signal.SIGKILL)
+        # the lock is released; the batch is handed to the next writer from the same file
+        outcome = await stored
+        await host.close()
+        print(json.dumps(outcome.written))
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    """
+)
+
+
+@pytest.mark.postgres
+def test_a_writer_process_that_dies_while_storing_a_batch_loses_none_of_it(pg_url: str) -> None:
+    # the crawl process keeps no copy of a batch it handed over: its file must outlive the writer
+    script = _WRITER_DIES_WHILE_STORING.format(tests=str(REPO_DIR / "tests"), url=pg_url)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_DIR,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == 100
+    assert "starting it again" in done.stderr
+    assert stored_numbers(pg_url) == list(range(100))
+
+
 def _writer_dirs(pid: int) -> set[Path]:
     """The batch directories of the writers of the crawl process *pid* (not of other crawls
     that may run on the machine at the same time)."""

@@ -583,3 +583,27 @@ def test_an_item_replaced_by_an_earlier_pipeline_gets_no_url_not_a_wrong_one(
     items = db.items()
     assert len(items) == 1000
     assert {item["url"] for item in items} == {None}
+
+
+@pytest.mark.parametrize("reactor", ["asyncio", "default"])
+def test_items_a_project_pipeline_drops_are_not_stored_and_its_changes_are(
+    site: LocalSite, sqlite_url: str, tmp_path: Path, reactor: str
+) -> None:
+    # with the add-on, IngestItemProcessor runs the project's pipelines, then ours directly
+    db = Database(sqlite_url)
+    result = _crawl(
+        site,
+        db,
+        tmp_path,
+        reactor=reactor,
+        pages=4,
+        per_page=50,
+        settings={"ITEM_PIPELINES": {"_crawl_script.DropOddItemsPipeline": 800}},
+    )
+    result.assert_clean()
+    assert result.stats["item_dropped_count"] == 100
+    items = db.items()
+    assert sorted(item["data"]["idx"] for item in items) == list(range(0, 200, 2))
+    assert {item["data"]["kept_by"] for item in items} == {"DropOddItemsPipeline"}
+    assert all(item["url"].startswith(site.base_url) for item in items)
+    assert result.stats["ingest/items/stored"] == 100

@@ -7,7 +7,7 @@ length-prefixed: requests on the child's stdin, answers (and log records,
 which the parent logs under the same logger names) on a copy of its stdout.
 The child's own stdout is pointed at stderr so that nothing else can write
 into the answer stream. A batch comes as a file: pickled rows, then the JSON
-payload as it is. The child answers requests in order, and exits when its
+payload as it is; the child removes it once the batch is stored. The child answers requests in order, and exits when its
 stdin closes, so a crawl process that dies takes its writer with it.
 """
 
@@ -122,11 +122,15 @@ def _serve(host: LocalHost, operation: str, args: tuple[Any, ...]) -> Any:
     if operation == "store":
         table, path, packed = args
         data = Path(path).read_bytes()
-        os.unlink(path)
         (size,) = HEADER.unpack_from(data)
         end = HEADER.size + size
         rows = pickle.loads(data[HEADER.size : end])
-        return host.store(table, Batch(rows, data[end:] if packed else None))
+        try:
+            return host.store(table, Batch(rows, data[end:] if packed else None))
+        finally:
+            # the crawl process keeps no copy: until now, a writer started again after this
+            # one died would be sent this file again
+            os.unlink(path)
     if operation == "insert_job":
         return host.insert_job(*args)
     if operation == "update_job":
