@@ -7,8 +7,9 @@ length-prefixed: requests on the child's stdin, answers (and log records,
 which the parent logs under the same logger names) on a copy of its stdout.
 The child's own stdout is pointed at stderr so that nothing else can write
 into the answer stream. A batch comes as a file: pickled rows, then the JSON
-payload as it is; the child removes it once the batch is stored. The child answers requests in order, and exits when its
-stdin closes, so a crawl process that dies takes its writer with it.
+payload as it is; the child removes it once the batch is stored. The child
+answers requests in order, and exits when its stdin closes, so a crawl process
+that dies takes its writer with it.
 """
 
 from __future__ import annotations
