@@ -247,13 +247,9 @@ class ProcessHost:
             tempfile.mkdtemp(prefix=f"scrapy_ingest_{os.getpid()}_", dir=_scratch_dir())
         )
         self._start()
-        d = self._request("open", self._open_args())
+        d = self._request("open", self._backend_args)
         d.addErrback(self._open_failed)
         return d
-
-    def _open_args(self) -> tuple[Any, ...]:
-        # the child removes the batch directory if this process dies without closing it
-        return (*self._backend_args, str(self._dir))
 
     def _open_failed(self, failure: Failure) -> Failure:
         self._stop_process()
@@ -264,8 +260,10 @@ class ProcessHost:
         # the child must import this very copy of scrapy_ingest
         root = str(Path(scrapy_ingest.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        # the batch directory as an argument, not in a request: the child removes it if this
+        # process dies without closing it, even before the child has read anything
         process = subprocess.Popen(
-            [sys.executable, "-m", "scrapy_ingest.backends._process"],
+            [sys.executable, "-m", "scrapy_ingest.backends._process", str(self._dir)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -404,7 +402,7 @@ class ProcessHost:
         pending, self._pending = self._pending, deque()
         self._start()
         if not any(r.operation == "open" for r in pending):
-            reopen = self._request("open", self._open_args())
+            reopen = self._request("open", self._backend_args)
             reopen.addErrback(lambda failure: logger.error("Reopening failed: %s", failure.value))
         # a store's file is still there: the child removes it only once it has answered
         for request in pending:

@@ -245,6 +245,25 @@ def test_a_killed_crawl_leaves_no_writer_process_nor_batch_files(
         crawl.kill()
 
 
+def test_a_writer_whose_crawl_dies_before_any_request_removes_the_batch_dir(
+    tmp_path: Path,
+) -> None:
+    # the crawl process can die between starting its writer and sending it the first request
+    batches = tmp_path / "scrapy_ingest_batches"
+    batches.mkdir()
+    (batches / "0.batch").write_bytes(b"")
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "scrapy_ingest.backends._process", str(batches)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=REPO_DIR,
+    )
+    assert writer.stdin is not None
+    writer.stdin.close()  # what the crawl process's death does to the writer's stdin
+    assert writer.wait(timeout=60) == 0
+    assert not batches.exists()
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"

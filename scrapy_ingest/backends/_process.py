@@ -1,7 +1,7 @@
 """The writer process: a backend served in a child process of the crawl.
 
 The parent side is :class:`scrapy_ingest.hosting.ProcessHost`, which says why.
-The child runs :func:`main` (``python -m scrapy_ingest.backends._process``)
+The child runs :func:`main` (``python -m scrapy_ingest.backends._process BATCH_DIR``)
 and imports neither Scrapy nor Twisted. Messages are pickled and
 length-prefixed: requests on the child's stdin, answers (and log records,
 which the parent logs under the same logger names) on a copy of its stdout.
@@ -84,13 +84,14 @@ def main() -> None:
     logging.getLogger().addHandler(_ForwardHandler(reply))
     logging.getLogger().setLevel(logging.INFO)
     host: LocalHost | None = None
-    scratch: str | None = None
+    # the batch directory of the crawl process, to remove if it dies without closing us
+    scratch = sys.argv[1] if len(sys.argv) > 1 else None
     try:
         while True:
             operation, args = receive(requests)
             try:
                 if operation == "open":
-                    url, tables, create_tables, retry_timeout, spill_dir, require, scratch = args
+                    url, tables, create_tables, retry_timeout, spill_dir, require = args
                     # kept even if opening fails: its next operation opens it again
                     host = local_host(
                         url,
