@@ -130,9 +130,9 @@ _WRITER_DIES = textwrap.dedent(
 )
 
 
-@pytest.mark.postgres
-def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(pg_url: str) -> None:
-    script = _WRITER_DIES.format(tests=str(REPO_DIR / "tests"), url=pg_url)
+def _run_host_script(template: str, pg_url: str) -> tuple[Any, str]:
+    """Run a ProcessHost script in a process of its own: what it printed last, and its stderr."""
+    script = template.format(tests=str(REPO_DIR / "tests"), url=pg_url)
     done = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -142,8 +142,14 @@ def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(pg_url: str) -
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [100, 100]
-    assert "starting it again" in done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.postgres
+def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(pg_url: str) -> None:
+    written, stderr = _run_host_script(_WRITER_DIES, pg_url)
+    assert written == [100, 100]
+    assert "starting it again" in stderr
     assert stored_numbers(pg_url) == list(range(200))
 
 
@@ -187,18 +193,9 @@ _WRITER_DIES_WHILE_STORING = textwrap.dedent(
 @pytest.mark.postgres
 def test_a_writer_process_that_dies_while_storing_a_batch_loses_none_of_it(pg_url: str) -> None:
     # the crawl process keeps no copy of a batch it handed over: its file must outlive the writer
-    script = _WRITER_DIES_WHILE_STORING.format(tests=str(REPO_DIR / "tests"), url=pg_url)
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO_DIR,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == 100
-    assert "starting it again" in done.stderr
+    written, stderr = _run_host_script(_WRITER_DIES_WHILE_STORING, pg_url)
+    assert written == 100
+    assert "starting it again" in stderr
     assert stored_numbers(pg_url) == list(range(100))
 
 
