@@ -128,9 +128,10 @@ class IngestPipeline:
 
         The synchronous core of :meth:`process_item`, which
         :class:`IngestItemProcessor` calls directly. An item of the common
-        case (one database, no schema, key or INGEST_DURABLE) is queued here
-        and then; the awaitable, when there is one, is the wait for buffer
-        room (backpressure). Raises DropItem for an item that
+        case (one database, no schema or key, no INGEST_DURABLE) is queued
+        at once, without a coroutine, and the awaitable, when there is one,
+        is the wait for buffer room (backpressure); other items get a
+        coroutine that does the rest. Raises DropItem for an item that
         ``INGEST_VALIDATION = "strict"`` rejects.
         """
         if not self._direct:
