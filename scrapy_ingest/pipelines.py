@@ -131,7 +131,7 @@ class IngestPipeline:
         case (one database, no schema or key, no INGEST_DURABLE) is queued
         at once, without a coroutine, and the awaitable, when there is one,
         is the wait for buffer room (backpressure); other items get a
-        coroutine that does the rest. Raises DropItem for an item that
+        coroutine that does the rest, and raises DropItem for an item that
         ``INGEST_VALIDATION = "strict"`` rejects.
         """
         if not self._direct:
