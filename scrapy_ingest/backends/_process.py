@@ -7,7 +7,7 @@ length-prefixed: requests on the child's stdin, answers (and log records,
 which the parent logs under the same logger names) on a copy of its stdout.
 The child's own stdout is pointed at stderr so that nothing else can write
 into the answer stream. A batch comes as a file: pickled rows, then the JSON
-payload as it is; the child removes it once the batch is stored. The child
+payload as it is; the child removes it once it has answered for the batch. The child
 answers requests in order, and exits when its stdin closes, so a crawl process
 that dies takes its writer with it.
 """
@@ -108,10 +108,14 @@ def main() -> None:
                     result = _serve(host, operation, args)
             except Exception as exc:
                 reply(("error", type(exc).__name__, str(exc)))
-                continue
-            reply(("ok", result))
-            if operation == "close":
-                return
+            else:
+                reply(("ok", result))
+                if operation == "close":
+                    return
+            if operation == "store":
+                # the crawl process keeps no copy of the batch and sends this file again to the
+                # next writer if this one dies before its answer is out: removed only now
+                Path(args[1]).unlink(missing_ok=True)
     except (EOFError, BrokenPipeError):
         # the crawl process is gone without closing us: remove its batch files, which
         # would otherwise stay in memory (/dev/shm) until the machine restarts
@@ -127,12 +131,7 @@ def _serve(host: LocalHost, operation: str, args: tuple[Any, ...]) -> Any:
         (size,) = HEADER.unpack_from(data)
         end = HEADER.size + size
         rows = pickle.loads(data[HEADER.size : end])
-        try:
-            return host.store(table, Batch(rows, data[end:] if packed else None))
-        finally:
-            # the crawl process keeps no copy: until now, a writer started again after this
-            # one died would be sent this file again
-            os.unlink(path)
+        return host.store(table, Batch(rows, data[end:] if packed else None))
     if operation == "insert_job":
         return host.insert_job(*args)
     if operation == "update_job":
