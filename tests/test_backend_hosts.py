@@ -103,9 +103,11 @@ def test_a_batch_written_twice_is_stored_once(
         assert numbers == list(range(50))
 
 
-_WRITER_DIES = textwrap.dedent(
+#: the start of every ProcessHost script: imports, and a host opened on the test database
+_HOST_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys, time
+    import psycopg
     from twisted.internet import defer, task
     from scrapy_ingest.backends import Batch
     from scrapy_ingest.hosting import ProcessHost
@@ -113,11 +115,19 @@ _WRITER_DIES = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_backend_hosts import make_rows
 
-    async def main(reactor):
+    async def opened_host():
         tables = all_tables("ingest_")
         items = next(t for t in tables if t.kind == "items")
         host = ProcessHost({url!r}, tables, create_tables=True, retry_timeout=30)
         await host.open()
+        return host, items
+    """
+)
+
+_WRITER_DIES = textwrap.dedent(
+    """
+    async def main(reactor):
+        host, items = await opened_host()
         first = await host.store(items, Batch(make_rows(100)))
         os.kill(host._process.pid, signal.SIGKILL)
         # handed over while the writer is dead or dying: sent again to its successor
@@ -130,9 +140,9 @@ _WRITER_DIES = textwrap.dedent(
 )
 
 
-def _run_host_script(template: str, pg_url: str) -> tuple[Any, str]:
-    """Run a ProcessHost script in a process of its own: what it printed last, and its stderr."""
-    script = template.format(tests=str(REPO_DIR / "tests"), url=pg_url)
+def _run_host_script(body: str, pg_url: str) -> tuple[Any, str]:
+    """Run _HOST_SCRIPT and *body* in a process of its own: what it printed last, its stderr."""
+    script = (_HOST_SCRIPT + body).format(tests=str(REPO_DIR / "tests"), url=pg_url)
     done = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -155,20 +165,8 @@ def test_a_writer_process_that_dies_is_replaced_and_loses_nothing(pg_url: str) -
 
 _WRITER_DIES_WHILE_STORING = textwrap.dedent(
     """
-    import json, os, signal, sys, time
-    import psycopg
-    from twisted.internet import defer, task
-    from scrapy_ingest.backends import Batch
-    from scrapy_ingest.hosting import ProcessHost
-    from scrapy_ingest.schema import all_tables
-    sys.path.insert(0, {tests!r})
-    from test_backend_hosts import make_rows
-
     async def main(reactor):
-        tables = all_tables("ingest_")
-        items = next(t for t in tables if t.kind == "items")
-        host = ProcessHost({url!r}, tables, create_tables=True, retry_timeout=30)
-        await host.open()
+        host, items = await opened_host()
         with psycopg.connect({url!r}) as lock:
             # the writer's COPY waits for this lock: it has read the batch's file, not stored it
             lock.execute("LOCK TABLE ingest_items IN ACCESS EXCLUSIVE MODE")
@@ -182,8 +180,11 @@ _WRITER_DIES_WHILE_STORING = textwrap.dedent(
             os.kill(host._process.pid, signal.SIGKILL)
         # the lock is released; the batch is handed to the next writer from the same file
         outcome = await stored
+        # answered in order: once a later request is answered, the batch's file has gone
+        await host.recover()
+        left = os.listdir(host._dir)
         await host.close()
-        print(json.dumps(outcome.written))
+        print(json.dumps([outcome.written, left]))
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
     """
@@ -193,8 +194,9 @@ _WRITER_DIES_WHILE_STORING = textwrap.dedent(
 @pytest.mark.postgres
 def test_a_writer_process_that_dies_while_storing_a_batch_loses_none_of_it(pg_url: str) -> None:
     # the crawl process keeps no copy of a batch it handed over: its file must outlive the writer
-    written, stderr = _run_host_script(_WRITER_DIES_WHILE_STORING, pg_url)
+    (written, left), stderr = _run_host_script(_WRITER_DIES_WHILE_STORING, pg_url)
     assert written == 100
+    assert left == []
     assert "starting it again" in stderr
     assert stored_numbers(pg_url) == list(range(100))
 
