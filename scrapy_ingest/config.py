@@ -446,7 +446,12 @@ class IngestConfig(BaseModel):
         if self.spill_dir:
             return os.path.abspath(self.spill_dir)
         try:
-            return os.path.abspath(data_path("ingest-spill"))
+            try:
+                return os.path.abspath(data_path("ingest-spill"))
+            except FileExistsError:
+                # Scrapy checks for .scrapy/, then creates it: another crawl of the project,
+                # starting at the same moment, created it in between; it is there now
+                return os.path.abspath(data_path("ingest-spill"))
         except NotConfigured:  # a settings module, but no scrapy.cfg to find its project by
             return os.path.abspath(os.path.join(".scrapy", "ingest-spill"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -265,3 +266,32 @@ def test_bad_metrics_settings_are_named_with_the_fix(name: str, value: Any) -> N
         _config({name: value})
     assert str(info.value).startswith(f"{name} ({value!r}) is invalid:")
     assert "Fix:" in str(info.value)
+
+
+def test_the_spill_root_when_another_crawl_creates_the_data_dir_at_the_same_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Scrapy's project_data_dir() checks that .scrapy/ exists, then creates it: two crawls of
+    # one fresh project that start together can both find it missing
+    (tmp_path / "scrapy.cfg").write_text("[settings]\ndefault = project.settings\n")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "__init__.py").write_text("")
+    (tmp_path / "project" / "settings.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SCRAPY_SETTINGS_MODULE", "project.settings")
+    data_dir = tmp_path / ".scrapy"
+    exists = Path.exists
+    raced = []
+
+    def exists_but_created_meanwhile(path: Path) -> bool:
+        if path == data_dir and not raced:  # missing when checked; made by the other crawl
+            raced.append(path)
+            data_dir.mkdir()
+            return False
+        return exists(path)
+
+    monkeypatch.setattr(Path, "exists", exists_but_created_meanwhile)
+    config = IngestConfig.from_settings(Settings())
+    assert config.spill_root() == str(data_dir / "ingest-spill")
+    assert raced == [data_dir]
