@@ -99,8 +99,11 @@ class IngestPipeline:
         self._durable = runtime.config.durable
         #: INGEST_ITEM_SCHEMAS / INGEST_ITEM_KEYS, or None (no item is checked)
         self._checks = runtime.item_checks
-        # the common case, which capture() queues without a coroutine
-        self._direct = not self._per_item and self._checks is None and not self._durable
+        # the common case, which capture() queues without a coroutine, and items with
+        # schemas or keys, which also need none with one database and INGEST_DURABLE off
+        one_step = not self._per_item and not self._durable
+        self._direct = one_step and self._checks is None
+        self._checked_now = one_step and self._checks is not None
         runtime.on_tick(self._publish_stats)
 
     @pipeline_hook
@@ -127,14 +130,17 @@ class IngestPipeline:
         """Queue *item* for storage; return what the crawl must await first, if anything.
 
         The synchronous core of :meth:`process_item`, which
-        :class:`IngestItemProcessor` calls directly. An item of the common
-        case (one database, no schema or key, no INGEST_DURABLE) is queued
-        at once, without a coroutine, and the awaitable, when there is one,
-        is the wait for buffer room (backpressure); other items get a
-        coroutine that does the rest, and raises DropItem for an item that
-        ``INGEST_VALIDATION = "strict"`` rejects.
+        :class:`IngestItemProcessor` calls directly. With one database and
+        INGEST_DURABLE off, the item is checked (schemas, keys) and queued at
+        once, without a coroutine, and the awaitable, when there is one, is
+        the wait for buffer room (backpressure); with routing per item or
+        INGEST_DURABLE, a coroutine does the rest. An item that
+        ``INGEST_VALIDATION = "strict"`` rejects raises DropItem, here or
+        from the coroutine.
         """
         if not self._direct:
+            if self._checked_now:
+                return self._capture_checked_now(item)
             return self._capture_checked(item)
         source = self._take_source(id(item), None)
         try:
@@ -172,17 +178,29 @@ class IngestPipeline:
         self._runtime.stats.inc_value(_WAITS)
         await maybe_deferred_to_future(self._budget.wait())
 
-    async def _capture_checked(self, item: Any) -> None:
-        """:meth:`capture` with routing per item, item schemas or keys, or INGEST_DURABLE."""
+    def _capture_checked_now(self, item: Any) -> Awaitable[None] | None:
+        """:meth:`capture` with item schemas or keys (one database, not durable)."""
         source = self._take_source(id(item), None)
-        url = source[1] if source is not None and source[0] is item else None
-        checked: Checked | None = None
+        assert self._checks is not None and self._writer is not None
+        try:
+            checked = self._checks.check(item)
+        except (EncodeError, ItemRejected) as exc:
+            self._reject(item, exc)
+            return None
+        self._queue(self._writer, item, source, checked)
+        budget = self._budget
+        if budget.used >= budget.limit:
+            return self._wait_for_room()
+        return None
+
+    async def _capture_checked(self, item: Any) -> None:
+        """:meth:`capture` with routing per item, or INGEST_DURABLE."""
+        source = self._take_source(id(item), None)
         try:
             if self._checks is None:
-                data = self._encode(item)
+                checked = Checked(self._encode(item))
             else:
                 checked = self._checks.check(item)
-                data = checked.data
         except (EncodeError, ItemRejected) as exc:
             self._reject(item, exc)
             return
@@ -193,39 +211,40 @@ class IngestPipeline:
         else:
             writer = self._writer
             assert writer is not None
-        now = _time()
-        end = writer.append_json(data)
-        if checked is None:
-            key = digest = version = seen = errors = None
-        else:
-            key, digest, errors = checked.key, checked.content_hash, checked.errors
-            if key is not None:  # keyed: version 1, seen now, until the database says more
-                version, seen = 1, now
-            else:
-                version = seen = None
-        row = (
-            self._new_id(now),
-            self._job_id,
-            self._spider_name,
-            type(item).__name__,
-            url,
-            now,
-            key,
-            digest,
-            version,
-            seen,
-            seen,
-            errors,
-            end,
-        )
-        writer.add(row, len(data) + ROW_OVERHEAD)
-        self._queued += 1
+        self._queue(writer, item, source, checked)
         if self._durable:
             # INGEST_DURABLE: the item is in the journal before process_item returns
             await maybe_deferred_to_future(writer.acknowledged())
         budget = self._budget
         if budget.used >= budget.limit:
             await self._wait_for_room()
+
+    def _queue(
+        self, writer: BatchWriter, item: Any, source: tuple[Any, str] | None, checked: Checked
+    ) -> None:
+        """Add the row of a checked item to *writer*'s batch."""
+        data, key, leave_out, errors = checked
+        now = _time()
+        # keyed: version 1, seen now, until the database says more; the content hash is
+        # computed by the writer (backends.base.split_keyed), leaving out the fields named
+        version, seen = (None, None) if key is None else (1, now)
+        row = (
+            self._new_id(now),
+            self._job_id,
+            self._spider_name,
+            type(item).__name__,
+            source[1] if source is not None and source[0] is item else None,
+            now,
+            key,
+            leave_out,
+            version,
+            seen,
+            seen,
+            errors,
+            writer.append_json(data),
+        )
+        writer.add(row, len(data) + ROW_OVERHEAD)
+        self._queued += 1
 
     def _reject(self, item: Any, exc: EncodeError | ItemRejected) -> None:
         """Dead-letter *item* with the reason; drop it when it is invalid in strict mode."""

@@ -16,7 +16,6 @@ the settings; other items take the pipeline's fast path untouched.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -60,7 +59,10 @@ class Checked(NamedTuple):
 
     data: bytes
     key: str | None = None
-    content_hash: str | None = None
+    #: for a keyed item, the INGEST_HASH_EXCLUDE fields it has: its ``content_hash`` column
+    #: holds them until the writer computes the hash (:func:`~scrapy_ingest.backends.base.
+    #: split_keyed`); None for an item without a key
+    content_hash: tuple[str, ...] | None = None
     #: the validation errors as JSON (INGEST_VALIDATION = "warn"), or None
     errors: bytes | None = None
 
@@ -119,7 +121,7 @@ class ItemChecks:
         self._keys = {name: _load_key(name, spec) for name, spec in config.item_keys.items()}
         self._validate = config.validation != "off"
         self._strict = config.validation == "strict"
-        self._exclude = config.hash_exclude
+        self._exclude = tuple(sorted(config.hash_exclude))
         self._encode = encoder.encode
         self._by_class: dict[type, _TypeChecks] = {}
         #: item type -> its figures, for every item type seen
@@ -142,14 +144,16 @@ class ItemChecks:
         if figures is None:
             figures = self.figures[checks.label] = TypeFigures()
         figures.items += 1
-        # is_empty(), inlined: a truthy value is filled, and so are 0 and False
-        shape = tuple(
-            [
-                name
-                for name, value in data.items()
-                if value or (value is not None and not isinstance(value, _EMPTY_TYPES))
-            ]
-        )
+        if all(data.values()):  # every field filled: the names as they are (no loop in Python)
+            shape = tuple(data)
+        else:  # is_empty(), inlined: a truthy value is filled, and so are 0 and False
+            shape = tuple(
+                [
+                    name
+                    for name, value in data.items()
+                    if value or (value is not None and not isinstance(value, _EMPTY_TYPES))
+                ]
+            )
         shapes = figures.shapes
         shapes[shape] = shapes.get(shape, 0) + 1
         errors: bytes | None = None
@@ -171,19 +175,20 @@ class ItemChecks:
         if checks.key is None:
             return Checked(self._encode(data), errors=errors)
         key = checks.key(data)
-        present = self._exclude.intersection(data) if self._exclude else None
-        if not present:
-            encoded = hashed = self._encode(data, sort_keys=True)
-        else:
-            # the hashed fields, then the others appended: one encoding of each field
-            kept = dict(data)
-            for name in present:
-                del kept[name]
-            hashed = self._encode(kept, sort_keys=True)
-            left_out = self._encode({name: data[name] for name in present})
-            encoded = hashed[:-1] + b"," + left_out[1:] if kept else left_out
-        digest = hashlib.blake2b(hashed, digest_size=16).hexdigest()
-        return Checked(encoded, key, digest, errors)
+        # the hash itself is computed where the batch is written, off the reactor thread
+        # (records.content_hash); the row carries the fields it leaves out
+        leave_out = self._leave_out(data) if self._exclude else ()
+        return Checked(self._encode(data, sort_keys=True), key, leave_out, errors)
+
+    def _leave_out(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        """The INGEST_HASH_EXCLUDE fields that *data* has, in name order."""
+        names = self._exclude
+        if len(names) == 1:
+            return names if names[0] in data else ()
+        present = [name for name in names if name in data]
+        if len(present) == len(names):  # the usual case: one tuple for every row
+            return names
+        return tuple(present)
 
     def _checks_of(self, cls: type) -> _TypeChecks:
         checks = self._by_class.get(cls)

@@ -6,13 +6,15 @@ The ClickHouse and MariaDB variants live in test_clickhouse.py and test_mysql.py
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import pytest
 from _helpers import Crawl, CrawlResult, Database, run_crawl
 
-from scrapy_ingest.backends.base import StoredItem, plan_upsert
+from scrapy_ingest.backends.base import StoredItem, content_hash, plan_upsert
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import ConfigError
 from scrapy_ingest.quality import ItemChecks, key_text
@@ -318,8 +320,37 @@ def test_the_content_hash_ignores_excluded_fields_and_key_order() -> None:
     two = checks.check({"seen_at": "tuesday", "price": 1, "sku": "a"})
     three = checks.check({"sku": "a", "price": 2, "seen_at": "monday"})
     assert one.key == two.key == "a"
-    assert one.content_hash == two.content_hash != three.content_hash
+    # the writer computes the hash; the row carries the fields it leaves out
+    assert one.content_hash == two.content_hash == ("seen_at",)
+    hashes = [content_hash(c.data, c.content_hash) for c in (one, two, three)]
+    assert hashes[0] == hashes[1] != hashes[2]
     assert checks.as_dict()["dict"]["coverage"] == {"price": 1.0, "seen_at": 1.0, "sku": 1.0}
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"sku": "a", "seen_at": "x", "price": 1.1, "n": -0.0, "big": 2**64 - 1, "small": -(2**63)},
+        {"sku": "a", "seen_at": "x", "name": "caf\u00e9 \U0001f600 \x00 \ud800", "huge": 2**70},
+        {"seen_at": "x", "sku": "a", "z": {"b": [1, {"y": None, "x": float("nan")}], "a": 1e-300}},
+        {"sku": "a", "seen_at": "x", "when": dt.datetime(2024, 5, 1), "d": Decimal("1.50")},
+        {"sku": "a", "seen_at": "x"},
+    ],
+)
+def test_the_writers_content_hash_is_the_hash_of_the_item_encoded_without_the_fields(
+    item: dict[str, Any],
+) -> None:
+    """Hashes stored by earlier versions (made on the reactor thread from the item without
+    its excluded fields) stay the hashes of the same content."""
+    checks = _checks(INGEST_ITEM_KEYS={"dict": ("sku",)}, INGEST_HASH_EXCLUDE=["seen_at", "t"])
+    checked = checks.check(item)
+    assert checked.content_hash == ("seen_at",)
+    without = {name: value for name, value in item.items() if name != "seen_at"}
+    expected = RecordEncoder().encode(without, sort_keys=True)
+    assert content_hash(checked.data, checked.content_hash) == (
+        hashlib.blake2b(expected, digest_size=16).hexdigest()
+    )
+    assert orjson.loads(checked.data) == {**orjson.loads(expected), "seen_at": "x"}
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,14 @@ Its methods block. Rows follow the conventions of :mod:`scrapy_ingest.schema`.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import orjson
 
 from scrapy_ingest._redact import redact_text
 from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
@@ -275,13 +278,45 @@ class UpsertPlan:
 
 def split_keyed(table: TableSpec, rows: Sequence[Row]) -> tuple[Sequence[Row], list[Row]]:
     """*rows* as (rows inserted as they are, keyed items upserted as :func:`plan_upsert`
-    says); a batch without keyed items comes back whole, uncopied."""
+    says); a batch without keyed items comes back whole, uncopied.
+
+    The keyed rows come back with their content hash: the pipeline leaves it to the writer
+    (off the reactor thread), and the row's ``content_hash`` holds the fields the hash
+    leaves out until then (see :func:`content_hash`).
+    """
     if not table.unique:
         return rows, []
     key_at = table.position("item_key")
     if all(row[key_at] is None for row in rows):
         return rows, []
-    return [r for r in rows if r[key_at] is None], [r for r in rows if r[key_at] is not None]
+    hash_at = table.position("content_hash")
+    return [r for r in rows if r[key_at] is None], [
+        _with_hash(r, hash_at) if isinstance(r[hash_at], tuple) else r
+        for r in rows
+        if r[key_at] is not None
+    ]
+
+
+def content_hash(data: bytes, leave_out: tuple[str, ...] = ()) -> str:
+    """The content hash of a record: BLAKE2b (128 bits, hex) of its canonical JSON.
+
+    *data* is the record as :meth:`~scrapy_ingest.records.RecordEncoder.encode` gives it
+    with ``sort_keys``; *leave_out* names top-level fields the hash ignores
+    (``INGEST_HASH_EXCLUDE``), which are taken out and the rest encoded again. orjson reads
+    back what it wrote exactly, so the hash is the one of the record encoded without those
+    fields in the first place.
+    """
+    if leave_out:
+        fields = orjson.loads(data)
+        for name in leave_out:
+            del fields[name]
+        data = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _with_hash(row: Row, hash_at: int) -> Row:
+    digest = content_hash(row[-1], row[hash_at])
+    return (*row[:hash_at], digest, *row[hash_at + 1 :])
 
 
 def plan_upsert(
