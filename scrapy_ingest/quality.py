@@ -144,14 +144,18 @@ class ItemChecks:
         if figures is None:
             figures = self.figures[checks.label] = TypeFigures()
         figures.items += 1
-        if all(data.values()):  # every field filled: the names as they are (no loop in Python)
+        try:
+            filled = all(data.values())
+        except Exception:  # a value whose truth is undefined (a numpy array)
+            filled = False
+        if filled:  # every field filled: the names as they are (no loop in Python)
             shape = tuple(data)
-        else:  # is_empty(), inlined: a truthy value is filled, and so are 0 and False
+        else:  # is_empty(), inlined; only texts and collections are asked for their truth
             shape = tuple(
                 [
                     name
                     for name, value in data.items()
-                    if value or (value is not None and not isinstance(value, _EMPTY_TYPES))
+                    if value is not None and (not isinstance(value, _EMPTY_TYPES) or value)
                 ]
             )
         shapes = figures.shapes

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -325,6 +326,33 @@ def test_the_content_hash_ignores_excluded_fields_and_key_order() -> None:
     hashes = [content_hash(c.data, c.content_hash) for c in (one, two, three)]
     assert hashes[0] == hashes[1] != hashes[2]
     assert checks.as_dict()["dict"]["coverage"] == {"price": 1.0, "seen_at": 1.0, "sku": 1.0}
+
+
+class _Ambiguous(Mapping[str, int]):
+    """A value the encoder stores but whose truth is undefined, like a numpy array."""
+
+    def __getitem__(self, name: str) -> int:
+        return {"a": 1, "b": 2}[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("a", "b"))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __bool__(self) -> bool:
+        raise ValueError("the truth value of this object is ambiguous")
+
+
+@pytest.mark.parametrize("empty", [None, "", []], ids=["none", "empty-text", "empty-list"])
+def test_a_value_whose_truth_is_undefined_is_stored_and_counted_as_filled(empty: Any) -> None:
+    checks = _checks(INGEST_ITEM_KEYS={"dict": ("sku",)})
+    checked = checks.check({"sku": "a", "sizes": _Ambiguous(), "note": empty})
+    assert orjson.loads(checked.data) == {"note": empty, "sizes": {"a": 1, "b": 2}, "sku": "a"}
+    # a field no item has filled yet is not listed (docs/validation.md)
+    assert checks.as_dict()["dict"]["coverage"] == {"sizes": 1.0, "sku": 1.0}
+    checks.check({"sku": "b", "sizes": _Ambiguous(), "note": "x"})  # every field filled
+    assert checks.as_dict()["dict"]["coverage"] == {"note": 0.5, "sizes": 1.0, "sku": 1.0}
 
 
 @pytest.mark.parametrize(
