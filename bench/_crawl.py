@@ -2,8 +2,10 @@
 
 Usage: python bench/_crawl.py MODE ITEMS [DATABASE_URL]
 
-MODE is ``none`` (no pipeline), ``feed`` (JSON Lines feed export), ``ingest``
-(the add-on), ``keyed`` (the add-on with ``INGEST_ITEM_KEYS`` on the items' ``sku``:
+MODE is ``none`` (no pipeline), ``quiet`` (no pipeline, with the log formatter
+that the add-on sets, ``scrapy_ingest.IngestLogFormatter``: the crawl that the
+add-on's own per-item work is added to), ``feed`` (JSON Lines feed export),
+``ingest`` (the add-on), ``keyed`` (the add-on with ``INGEST_ITEM_KEYS`` on the items' ``sku``:
 every item upserted; run it again into the same database and every item is
 found unchanged), ``metrics`` (the add-on with the Prometheus extension serving,
 scraped by bench/items.py every second), or one of two partial stacks that bound what any write path
@@ -124,7 +126,9 @@ def main() -> None:
         "LOGSTATS_INTERVAL": 0,
         "ROBOTSTXT_OBEY": False,
     }
-    if mode == "feed":
+    if mode == "quiet":
+        settings["LOG_FORMATTER"] = "scrapy_ingest.IngestLogFormatter"
+    elif mode == "feed":
         settings["FEEDS"] = {str(tmp / "items.jsonl"): {"format": "jsonlines"}}
     elif mode == "encode":
         settings["ITEM_PIPELINES"] = {EncodeOnlyPipeline: 900}

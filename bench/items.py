@@ -8,6 +8,10 @@ PostgreSQL database. PostgreSQL comes from SCRAPY_INGEST_BENCH_PG_DSN (or
 SCRAPY_INGEST_TEST_PG_DSN), else a throwaway local server like the tests'.
 Prints every run, then the medians and each mode's ratio to no pipeline.
 The target (issue 2): ingest >= 0.90 of none, with every item stored.
+Every run also has ``quiet``: no pipeline, with the log formatter that the
+add-on sets (``scrapy_ingest.IngestLogFormatter``, which omits Scrapy's
+per-item DEBUG message when no log handler would take it). The last column, each
+mode's ratio to quiet, is the cost of the add-on's own per-item work alone.
 With --metrics, the add-on runs with and without the Prometheus extension
 (scraped every second while it runs); issue 5's target: metrics costs at most
 3% more than ingest.
@@ -38,7 +42,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import services  # noqa: E402  (tests/services.py: the throwaway PostgreSQL)
 
-MODES = ("none", "feed", "ingest")
+MODES = ("none", "quiet", "feed", "ingest")
 #: the modes that write into a database
 WRITING = ("ingest", "buffer", "metrics", "durable", "keyed", "rekeyed")
 PARTIAL = ("encode", "buffer")
@@ -89,11 +93,11 @@ def main() -> None:
     options = parser.parse_args()
     modes = (*MODES, *PARTIAL) if options.partial else MODES
     if options.metrics:
-        modes = ("none", "ingest", "metrics")
+        modes = ("none", "quiet", "ingest", "metrics")
     if options.durable:
-        modes = ("none", "ingest", "durable")
+        modes = ("none", "quiet", "ingest", "durable")
     if options.keys:
-        modes = ("none", "ingest", "keyed", "rekeyed")
+        modes = ("none", "quiet", "ingest", "keyed", "rekeyed")
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     keyed_url: str | None = None
     with contextlib.ExitStack() as stack:
@@ -120,11 +124,18 @@ def main() -> None:
     print()
     base = statistics.median(r["items_per_s"] for r in runs["none"])
     base_wall = statistics.median(r["wall_items_per_s"] for r in runs["none"])
-    print(f"{'mode':<8}{'items/s':>10}{'ratio':>8}{'wall items/s':>14}{'wall ratio':>12}")
+    quiet = statistics.median(r["items_per_s"] for r in runs["quiet"])
+    print(
+        f"{'mode':<8}{'items/s':>10}{'ratio':>8}{'wall items/s':>14}{'wall ratio':>12}"
+        f"{'to quiet':>10}"
+    )
     for mode in modes:
         rate = statistics.median(r["items_per_s"] for r in runs[mode])
         wall = statistics.median(r["wall_items_per_s"] for r in runs[mode])
-        print(f"{mode:<8}{rate:>10.0f}{rate / base:>8.3f}{wall:>14.0f}{wall / base_wall:>12.3f}")
+        print(
+            f"{mode:<8}{rate:>10.0f}{rate / base:>8.3f}{wall:>14.0f}{wall / base_wall:>12.3f}"
+            f"{rate / quiet:>10.3f}"
+        )
 
 
 if __name__ == "__main__":

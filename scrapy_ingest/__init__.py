@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from scrapy_ingest.extensions.jobs import IngestJobsExtension
     from scrapy_ingest.extensions.logs import IngestLogsExtension
     from scrapy_ingest.extensions.metrics import PrometheusExtension
+    from scrapy_ingest.logformatter import IngestLogFormatter
     from scrapy_ingest.pipelines import IngestItemProcessor, IngestPipeline
     from scrapy_ingest.spidermiddlewares.source import SourceMiddleware
 
@@ -23,6 +24,7 @@ __all__ = [
     "IngestAddon",
     "IngestItemProcessor",
     "IngestJobsExtension",
+    "IngestLogFormatter",
     "IngestLogsExtension",
     "IngestPipeline",
     "PrometheusExtension",
@@ -39,6 +41,7 @@ _EXPORTS = {
     "IngestAddon": "scrapy_ingest.addon",
     "IngestItemProcessor": "scrapy_ingest.pipelines",
     "IngestJobsExtension": "scrapy_ingest.extensions.jobs",
+    "IngestLogFormatter": "scrapy_ingest.logformatter",
     "IngestLogsExtension": "scrapy_ingest.extensions.logs",
     "ProxyMiddleware": "scrapy_ingest.downloadermiddlewares.proxy",
     "IngestPipeline": "scrapy_ingest.pipelines",

@@ -26,6 +26,12 @@ Scrapy's generic chain of pipeline methods, which costs a crawl of many items
 several percent of its speed. A project that sets ``ITEM_PROCESSOR`` (even to
 Scrapy's own) keeps it.
 
+Where ``LOG_FORMATTER`` is Scrapy's default, it sets it to
+:class:`~scrapy_ingest.logformatter.IngestLogFormatter`, Scrapy's log formatter
+omitting the per-item and per-response messages that no log handler would
+take (with ``LOG_LEVEL = "INFO"``, Scrapy still builds a ``DEBUG`` record for
+every item). A project that sets ``LOG_FORMATTER`` keeps it.
+
 With scrapy-redis (``SCHEDULER = "scrapy_redis.scheduler.Scheduler"``) and
 ``INGEST_REDIS_LEASES = True`` (the default), it puts
 :class:`~scrapy_ingest.scheduler.RedisLeaseScheduler`, a subclass that leases
@@ -78,6 +84,10 @@ REPLACES: dict[type, str] = {
 SCRAPY_ITEM_PROCESSOR = "scrapy.pipelines.ItemPipelineManager"
 ITEM_PROCESSOR = "scrapy_ingest.IngestItemProcessor"
 
+#: Scrapy's log formatter (LOG_FORMATTER), and ours, which omits what no handler would take
+SCRAPY_LOG_FORMATTER = "scrapy.logformatter.LogFormatter"
+LOG_FORMATTER = "scrapy_ingest.IngestLogFormatter"
+
 #: scrapy-redis's scheduler, with leases (see scrapy_ingest.scheduler)
 LEASE_SCHEDULER = "scrapy_ingest.scheduler.RedisLeaseScheduler"
 
@@ -94,19 +104,20 @@ class IngestAddon:
                 if replaced is not None and _enabled(settings, setting, component):
                     _disable_by_default(settings, setting, replaced)
         if _enabled(settings, "ITEM_PIPELINES", IngestPipeline):
-            _process_items_directly(settings)
+            _replace_default(settings, "ITEM_PROCESSOR", SCRAPY_ITEM_PROCESSOR, ITEM_PROCESSOR)
+        _replace_default(settings, "LOG_FORMATTER", SCRAPY_LOG_FORMATTER, LOG_FORMATTER)
         if settings.getbool("INGEST_REDIS_LEASES", defaults.INGEST_REDIS_LEASES):
             _lease_redis_requests(settings)
 
 
-def _process_items_directly(settings: BaseSettings) -> None:
-    """ITEM_PROCESSOR becomes IngestItemProcessor, unless the project (or another add-on)
-    set one: Scrapy's own is only replaced where it is the default."""
-    processor = settings.get("ITEM_PROCESSOR")
-    if processor is not None and not isinstance(processor, str):  # a class
-        processor = global_object_name(processor)
-    if processor == SCRAPY_ITEM_PROCESSOR and settings.getpriority("ITEM_PROCESSOR") == 0:
-        settings.set("ITEM_PROCESSOR", ITEM_PROCESSOR, "addon")
+def _replace_default(settings: BaseSettings, name: str, scrapys: str, ours: str) -> None:
+    """*name* becomes *ours* where it is Scrapy's default (*scrapys*, at the default priority):
+    a value the project (or another add-on) set, even Scrapy's own, is kept."""
+    value = settings.get(name)
+    if value is not None and not isinstance(value, str):  # a class
+        value = global_object_name(value)
+    if value == scrapys and settings.getpriority(name) == 0:
+        settings.set(name, ours, "addon")
 
 
 def _lease_redis_requests(settings: BaseSettings) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from scrapy.logformatter import LogFormatter
 from scrapy.pipelines import ItemPipelineManager
 from scrapy.utils.misc import build_from_crawler, load_object
 from scrapy.utils.test import get_crawler
@@ -13,6 +14,7 @@ from scrapy.utils.test import get_crawler
 from scrapy_ingest import (
     IngestAddon,
     IngestJobsExtension,
+    IngestLogFormatter,
     IngestLogsExtension,
     IngestPipeline,
     PrometheusExtension,
@@ -119,6 +121,29 @@ def test_a_project_item_processor_wins(db_url: str, processor: Any) -> None:
 def test_no_item_processor_without_the_pipeline(db_url: str) -> None:
     crawler = _crawler(db_url, ITEM_PIPELINES={IngestPipeline: None})
     assert crawler.settings["ITEM_PROCESSOR"] == "scrapy.pipelines.ItemPipelineManager"
+
+
+def test_addon_sets_the_log_formatter(db_url: str) -> None:
+    crawler = _crawler(db_url)
+    assert load_object(crawler.settings["LOG_FORMATTER"]) is IngestLogFormatter
+    assert type(crawler.logformatter) is IngestLogFormatter
+
+
+class ProjectLogFormatter(LogFormatter):
+    pass
+
+
+@pytest.mark.parametrize("formatter", [ProjectLogFormatter, "scrapy.logformatter.LogFormatter"])
+def test_a_project_log_formatter_wins(db_url: str, formatter: Any) -> None:
+    # even Scrapy's own, set by the project, is kept
+    crawler = _crawler(db_url, LOG_FORMATTER=formatter)
+    assert crawler.settings["LOG_FORMATTER"] == formatter
+    assert type(crawler.logformatter) is load_object(formatter)
+
+
+def test_no_log_formatter_when_ingest_is_disabled(db_url: str) -> None:
+    crawler = _crawler(db_url, INGEST_ENABLED=False)
+    assert type(crawler.logformatter) is LogFormatter
 
 
 class UpperPipeline:
