@@ -92,13 +92,13 @@ def scrapy_loggers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[logging.Log
     """Scrapy's engine and scraper loggers, cut off from the root (pytest's handlers), letting
     every record through."""
     loggers = [logging.getLogger("scrapy.core.engine"), logging.getLogger("scrapy.core.scraper")]
+    levels = [logger.level for logger in loggers]
     for logger in loggers:
         monkeypatch.setattr(logger, "propagate", False)
         monkeypatch.setattr(logger, "handlers", [])
-        level = logger.level
-        logger.setLevel(1)
+        logger.setLevel(1)  # setLevel, not the attribute: it clears logging's cache of levels
     yield loggers
-    for logger in loggers:
+    for logger, level in zip(loggers, levels, strict=True):
         logger.setLevel(level)
 
 
