@@ -306,6 +306,52 @@ def test_keyed_items_in_an_items_table_of_the_old_layout_are_dead_lettered(
     assert int(version) == 3
 
 
+def test_a_batchs_texts_and_nulls_are_stored_as_given(chdb_url: str) -> None:
+    # one column with texts that need cleaning (a NUL, a lone surrogate) beside texts that do
+    # not and NULLs; columns NULL in every row, which the insert leaves out; one NULL in some
+    # rows only
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json
+from scrapy_ingest.backends import Batch, local_host
+from scrapy_ingest._ids import IdFactory
+from scrapy_ingest.schema import all_tables
+tables = {{t.kind: t for t in all_tables("ingest_")}}
+requests = tables["requests"]
+host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
+host.open()
+new_id = IdFactory()
+def row(n, proxy, status, error):
+    values = {{"id": new_id(), "job_id": "j", "spider": "s", "url": f"http://a/{{n}}",
+              "method": "GET", "status": status, "started_at": 1_700_000_000.0 + n,
+              "retry_times": 0, "proxy": proxy, "error": error, "playwright": False}}
+    return tuple(values.get(name) for name in requests.column_names)
+proxies = ["http://p/1", "http://p/\\u00fc\\x00", "http://p/1", "http://p/\\ud800", None]
+rows = [row(n, proxy, 200 if n != 3 else None, "boom" if n == 2 else None)
+        for n, proxy in enumerate(proxies)]
+print(host.store(requests, Batch(rows)).written)
+print(json.dumps(host.backend._client.query(
+    "SELECT proxy, status, error, fingerprint, latency_ms, parent_id FROM ingest_requests "
+    "ORDER BY started_at").result_rows))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    written, stored = out.stdout.strip().splitlines()[-2:]
+    assert written == "5"
+    assert json.loads(stored) == [
+        ["http://p/1", 200, None, None, None, None],
+        ["http://p/\u00fc\ufffd", 200, None, None, None, None],
+        ["http://p/1", 200, "boom", None, None, None],
+        ["http://p/\ufffd", None, None, None, None, None],
+        [None, 200, None, None, None, None],
+    ]
+
+
 def test_keyed_rows_written_straight_to_the_backend(chdb_url: str) -> None:
     # several versions of a key in one batch, a key seen again, keys whose text the database
     # cleans, and an item without a key next to keyed ones

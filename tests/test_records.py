@@ -363,6 +363,11 @@ def test_ids_are_valid_uuid7_strings() -> None:
         assert before_ms <= parsed.int >> 80 <= after_ms  # 48-bit Unix millisecond prefix
 
 
+@pytest.mark.parametrize("value", [0, 1, 0xFF << 60, 2**128 - 1])
+def test_an_id_is_formatted_as_uuid_formats_it(value: int) -> None:
+    assert format_uuid(value) == str(uuid.UUID(int=value))
+
+
 def test_id_carries_the_capture_time() -> None:
     epoch = 1714564800.123
     parsed = uuid.UUID(format_uuid(IdFactory()(epoch)))
