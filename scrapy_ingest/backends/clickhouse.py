@@ -161,8 +161,6 @@ class ClickHouseBackend:
         self._client: Client | None = None
         self._json_type = False
         self._conversions = conversions_by_kind(_column_conversion)
-        #: table name -> the positions of its Nullable columns (see _insert)
-        self._nullable: dict[str, tuple[int, ...]] = {}
         #: items table name -> its layout, read from the database at its first write
         self._layouts: dict[str, _ItemsLayout] = {}
 
@@ -249,16 +247,13 @@ class ClickHouseBackend:
             )
         return f"CREATE TABLE IF NOT EXISTS {_quote(table.name)} ({columns}) ENGINE = {engine}"
 
-    def _nullable_positions(self, table: TableSpec) -> tuple[int, ...]:
+    def _nullable_positions(self, table: TableSpec) -> list[int]:
         """The positions of *table*'s columns whose ClickHouse type is Nullable."""
-        positions = self._nullable.get(table.name)
-        if positions is None:
-            positions = self._nullable[table.name] = tuple(
-                i
-                for i, column in enumerate(_column_specs(table))
-                if "Nullable(" in self._column_type(column)
-            )
-        return positions
+        return [
+            i
+            for i, column in enumerate(_column_specs(table))
+            if "Nullable(" in self._column_type(column)
+        ]
 
     def _column_type(self, column: Column) -> str:
         kind = column.kind
@@ -563,7 +558,7 @@ def _conversion(kind: ColumnKind) -> Callable[[Any], Any] | None:
     if kind == "timestamp":
         return _ticks
     if kind == "text":
-        return _clean_text
+        return safe_text
     return None
 
 
@@ -598,14 +593,10 @@ def _clean_texts(values: list[Any]) -> list[Any]:
     types and URLs a few; checking every value was a third of the conversion's time."""
     distinct = set(values)
     distinct.discard(None)
-    cleaned = {value: _clean_text(value) for value in distinct}
+    cleaned = {value: safe_text(value) for value in distinct}
     if all(clean is value for value, clean in cleaned.items()):
         return values
     return [None if v is None else cleaned[v] for v in values]
-
-
-def _clean_text(value: str) -> str:
-    return value if value.isascii() and "\x00" not in value else safe_text(value)
 
 
 def _json_text(value: Any) -> str:
@@ -636,7 +627,7 @@ def _read_expression(table: TableSpec, name: str, json_typed: frozenset[str]) ->
 
 def _clean_key(row: Row, type_at: int, key_at: int) -> Row:
     item_type, key = row[type_at], row[key_at]
-    clean_type, clean_key = _clean_text(item_type), _clean_text(key)
+    clean_type, clean_key = safe_text(item_type), safe_text(key)
     if clean_type is item_type and clean_key is key:
         return row
     return _with(_with(row, type_at, clean_type), key_at, clean_key)
