@@ -11,7 +11,11 @@ own, as the writer process of a crawl does):
 * ``writer process``: what a crawl uses: ProcessHost, the ClickHouse backend
   in its child process (batch files, rows converted there, ``client.insert``);
 * ``plain insert``: ``client.insert()`` of the same rows, converted to the
-  values ClickHouse columns take before the clock starts.
+  values ClickHouse columns take before the clock starts;
+* ``typed insert``: the same, given the column types (read once, before the
+  clock), as our backend gives them: without them, clickhouse-connect runs a
+  ``DESCRIBE TABLE`` before each insert. Shown to tell that saving apart from
+  the rest; the target is against ``plain insert``.
 
 Set SCRAPY_INGEST_BENCH_CH_URL (``clickhouse://user:pw@host:8123``) to measure
 against a ClickHouse server instead of chDB. The target (issue 4): writer
@@ -64,7 +68,7 @@ def target(tmp: Path, name: str) -> str:
     return f"chdb://{tmp / name}"
 
 
-def plain_insert(url: str, rows_file: str, size: int) -> float:
+def plain_insert(url: str, rows_file: str, size: int, *, typed: bool = False) -> float:
     """In a process of its own: create the tables as we do, then time client.insert()."""
     import clickhouse_connect
 
@@ -81,9 +85,13 @@ def plain_insert(url: str, rows_file: str, size: int) -> float:
             [uuid, r[1], r[2], r[3], r[4], round(r[5] * 1_000_000), uuid, 0, r[-1].decode()]
         )
     client = clickhouse_connect.get_client(dsn=url)
+    types = None
+    if typed:
+        context = client.create_insert_context("ingest_items", COLUMNS)
+        types = context.column_types
     started = time.perf_counter()
     for batch in batches(values, size):
-        client.insert("ingest_items", batch, column_names=COLUMNS)
+        client.insert("ingest_items", batch, column_names=COLUMNS, column_types=types)
     seconds = time.perf_counter() - started
     client.close()
     return seconds
@@ -110,7 +118,15 @@ def writer_process(url: str, rows_file: str, size: int) -> float:
     return result[0]
 
 
-METHODS = {"writer process": writer_process, "plain insert": plain_insert}
+def typed_insert(url: str, rows_file: str, size: int) -> float:
+    return plain_insert(url, rows_file, size, typed=True)
+
+
+METHODS = {
+    "writer process": writer_process,
+    "plain insert": plain_insert,
+    "typed insert": typed_insert,
+}
 
 
 def main() -> None:

@@ -721,6 +721,8 @@ def _row_payload(kind: str, row: Row) -> str:
     last = row[-1]
     if kind == "items" and isinstance(last, bytes):
         return last.decode("utf-8", "replace")
+    if kind == "items" and isinstance(last, str):  # a backend with json_as_text
+        return last
     return repr(row)
 
 

@@ -3,7 +3,8 @@
 Column kinds are logical: each backend maps them to its own types (see
 ``docs/tables.md``). Rows travel from capture to backend as tuples in column
 order, with ``uuid``/``text`` as ``str``, ``timestamp`` as epoch seconds
-(``float``), ``json`` as UTF-8 JSON ``bytes`` and ``int``/``float``/``bool`` as such;
+(``float``), ``json`` as UTF-8 JSON ``bytes`` (``str`` for a backend whose ``json_as_text``
+is set, see ``backends.base.Batch.rows``) and ``int``/``float``/``bool`` as such;
 the ``content_hash`` of a keyed item is a tuple (the fields its hash leaves out) until
 ``backends.base.split_keyed`` computes it, where the batch is written.
 

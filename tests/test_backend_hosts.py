@@ -52,6 +52,31 @@ def stored_numbers(url: str) -> list[int]:
         return [r[0] for r in conn.execute("SELECT (data->>'n')::int FROM ingest_items ORDER BY 1")]
 
 
+@pytest.mark.parametrize("payload_type", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ['{"n":1}', "{}", '{"title":"a \\"quoted\\" \\\\ title"}'],
+        # non-ASCII text: byte offsets are no longer character offsets
+        ['{"n":1}', '{"title":"Zo\u00eb \u2603 \U0001f600"}', "{}", '{"t":"\u00e9"}'],
+    ],
+    ids=["ascii", "utf-8"],
+)
+def test_a_batchs_json_is_cut_out_of_its_payload_as_bytes_or_text(
+    payload_type: type, texts: list[str]
+) -> None:
+    # packed as BatchWriter packs them: the payload holds the JSON, each row its end offset
+    payload, packed = bytearray(), []
+    for n, text in enumerate(texts):
+        payload += text.encode()
+        packed.append((n, f"row {n}", len(payload)))
+    batch = Batch(packed, payload_type(payload))
+    assert batch.rows() == [(n, f"row {n}", t.encode()) for n, t in enumerate(texts)]
+    assert batch.rows(text=True) == [(n, f"row {n}", t) for n, t in enumerate(texts)]
+    rows = [(1, b"{}")]
+    assert Batch(rows).rows() is rows  # not packed: the rows as they are
+
+
 @pytest.mark.postgres
 def test_a_dropped_connection_is_retried_and_nothing_is_stored_twice(pg_url: str) -> None:
     host = opened(pg_url)

@@ -61,7 +61,7 @@ def test_a_crawl_into_chdb(site: LocalSite, chdb_url: str, tmp_path: Path) -> No
     assert "ReplacingMergeTree(version)" in create
     assert "ORDER BY (item_type, item_key)" in create
     assert "PARTITION BY" not in create
-    assert "`item_key` String," in create
+    assert "`item_key` String DEFAULT toString(id)," in create
     assert "`version` Int64," in create
     assert "`errors` Nullable(String)" in create  # a list, which the JSON type cannot hold
     assert "LowCardinality(String)" in create
@@ -293,7 +293,8 @@ def test_keyed_items_in_an_items_table_of_the_old_layout_are_dead_lettered(
         assert "ORDER BY (job_id, scraped_at, id) PARTITION BY toYYYYMM(scraped_at)" in reason
         assert "ReplacingMergeTree(version) ORDER BY (item_type, item_key)" in reason
         assert "INGEST_ROUTES" in reason and "RENAME TABLE ingest_items" in reason
-        assert "sku-" in letter["payload"]
+        # the item's JSON as the writer process had it (as text: json_as_text), not a row
+        assert parse_json(letter["payload"])["sku"].startswith("sku-")
     assert db.count("ingest_items") == 0
 
     # items without a key still go there, the columns of schema version 3 added
@@ -402,3 +403,94 @@ print(json.dumps(client.query(
         ["a", 2, t, t + 10, '{"v":3}'],
     ]
     assert json.loads(history) == [["a", 1, '{"v":1}']]
+
+
+def test_items_without_a_key_are_stored_under_their_id_whatever_the_tables_defaults(
+    chdb_url: str,
+) -> None:
+    # an items table made by the backend fills in item_key (DEFAULT toString(id)) and version
+    # itself; one made by hand, without that default or with another one, is given both
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, time
+from scrapy_ingest.backends import Batch, local_host
+from scrapy_ingest._ids import IdFactory
+from scrapy_ingest.schema import all_tables
+tables = [t for prefix in ("ingest_", "bare_", "other_") for t in all_tables(prefix)]
+host = local_host({chdb_url!r}, tables, create_tables=True, retry_timeout=5)
+backend = host.backend
+new_id = IdFactory()
+items = {{t.name: t for t in tables if t.kind == "items"}}
+host.open()
+made = backend._create_table_sql(items["ingest_items"])
+assert "`item_key` String DEFAULT toString(id)," in made, made
+backend._client.command("DROP TABLE bare_items")
+backend._client.command("DROP TABLE other_items")
+backend._client.command(made.replace("ingest_items", "bare_items").replace(
+    " DEFAULT toString(id)", ""))
+backend._client.command(made.replace("ingest_items", "other_items").replace(
+    "DEFAULT toString(id)", "DEFAULT 'x'"))
+t = time.time()
+for name, table in items.items():
+    rows = [(new_id(t), "j", "s", "T", None, t, *(None,) * 6, b'{{"n":%d}}' % n)
+            for n in range(5)]
+    assert host.store(table, Batch(rows)).written == 5
+    print(json.dumps([name, *backend._client.query(
+        f"SELECT count(), countIf(item_key = toString(id)), countIf(version = 0) FROM {{name}}"
+    ).result_rows[0]]))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [json.loads(line) for line in out.stdout.strip().splitlines()[-3:]] == [
+        ["ingest_items", 5, 5, 5],
+        ["bare_items", 5, 5, 5],
+        ["other_items", 5, 5, 5],
+    ]
+
+
+def test_a_table_without_a_column_the_backend_writes_dead_letters_with_the_fix(
+    chdb_url: str,
+) -> None:
+    # the backend gives each insert the column types it read from the table once; when the
+    # table changes, the insert the server refuses is retried once, with the types read
+    # again, and a column the table lacks is named: each record goes to the dead letters
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, time
+from scrapy_ingest.backends import Batch, local_host
+from scrapy_ingest._ids import IdFactory
+from scrapy_ingest.schema import all_tables
+tables = {{t.kind: t for t in all_tables("ingest_")}}
+logs = tables["logs"]
+host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
+host.open()
+new_id = IdFactory()
+def row(n):
+    values = {{"id": new_id(), "job_id": "j", "spider": "s", "logged_at": time.time(),
+              "level": 30, "level_name": "WARNING", "logger": "x", "message": f"m{{n}}"}}
+    return tuple(values.get(name) for name in logs.column_names)
+print(host.store(logs, Batch([row(0), row(1)])).written)
+host.backend._client.command("ALTER TABLE ingest_logs DROP COLUMN logger")
+outcome = host.store(logs, Batch([row(2), row(3)]))
+print(json.dumps([outcome.written, outcome.retries, [reason for _, reason in outcome.dead]]))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, second = out.stdout.strip().splitlines()[-2:]
+    assert first == "2"
+    written, retries, reasons = json.loads(second)
+    assert (written, retries, len(reasons)) == (0, 1, 2)
+    for reason in reasons:
+        assert "the table ingest_logs in chdb://" in reason
+        assert "has no column logger" in reason
+        assert "INGEST_CREATE_TABLES" in reason

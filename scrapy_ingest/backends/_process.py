@@ -131,7 +131,7 @@ def _serve(host: LocalHost, operation: str, args: tuple[Any, ...]) -> Any:
         (size,) = HEADER.unpack_from(data)
         end = HEADER.size + size
         rows = pickle.loads(data[HEADER.size : end])
-        return host.store(table, Batch(rows, data[end:] if packed else None))
+        return host.store(table, Batch(rows, memoryview(data)[end:] if packed else None))
     if operation == "insert_job":
         return host.insert_job(*args)
     if operation == "update_job":

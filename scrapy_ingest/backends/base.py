@@ -54,6 +54,9 @@ class Backend(Protocol):
     url: str
     #: how many threads may write to it at once
     threads: int
+    #: whether :meth:`write` takes JSON as ``str`` (decoded once per batch) rather than as
+    #: ``bytes``; it must take both, since rows spilled by the crawl process hold bytes
+    json_as_text: bool
 
     def open(self) -> None:
         """Connect, and create or check the tables. Raise BackendUnavailable or SchemaError."""
@@ -101,18 +104,33 @@ class Batch:
     """
 
     packed_rows: list[Row]
-    payload: bytes | bytearray | None = None
+    payload: bytes | bytearray | memoryview | None = None
 
-    def rows(self) -> list[Row]:
-        """The rows, each with its JSON as bytes in its last column."""
-        if self.payload is None:
+    def rows(self, *, text: bool = False) -> list[Row]:
+        """The rows, each with its JSON in its last column: as bytes, or with *text* as str.
+
+        As text, the payload is decoded once; when it is ASCII (orjson writes other text as
+        UTF-8, so it is not when an item holds such text), byte offsets are character
+        offsets, and each row's JSON is a slice of the decoded text.
+        """
+        payload = self.payload
+        if payload is None:
             return self.packed_rows
-        view = memoryview(self.payload)
+        if text:
+            decoded = str(payload, "utf-8")
+            if len(decoded) == len(payload):
+                return self._cut(decoded)
+        rows = self._cut(bytes(payload))
+        if text:
+            return [(*row[:-1], row[-1].decode()) for row in rows]
+        return rows
+
+    def _cut(self, payload: bytes | str) -> list[Row]:
         rows: list[Row] = []
         start = 0
         for row in self.packed_rows:
             end = row[-1]
-            rows.append((*row[:-1], bytes(view[start:end])))
+            rows.append((*row[:-1], payload[start:end]))
             start = end
         return rows
 
@@ -297,7 +315,7 @@ def split_keyed(table: TableSpec, rows: Sequence[Row]) -> tuple[Sequence[Row], l
     ]
 
 
-def content_hash(data: bytes, leave_out: tuple[str, ...] = ()) -> str:
+def content_hash(data: bytes | str, leave_out: tuple[str, ...] = ()) -> str:
     """The content hash of a record: BLAKE2b (128 bits, hex) of its canonical JSON.
 
     *data* is the record as :meth:`~scrapy_ingest.records.RecordEncoder.encode` gives it
@@ -311,6 +329,8 @@ def content_hash(data: bytes, leave_out: tuple[str, ...] = ()) -> str:
         for name in leave_out:
             del fields[name]
         data = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    elif isinstance(data, str):
+        data = data.encode()
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
@@ -718,7 +738,7 @@ class LocalHost:
     # writing
 
     def store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
-        rows = batch.rows()
+        rows = batch.rows(text=self.backend.json_as_text)
         was_down = self._down
         if was_down and not self._probe_due():
             return self._spill(table, rows, WriteOutcome(), "the database is still unavailable")

@@ -15,7 +15,9 @@ Tables are ``ReplacingMergeTree``:
   partitioned (the engine only collapses rows within a partition), so that a
   keyed item (``INGEST_ITEM_KEYS``) has one current row per key. An item
   without a key is stored with its own id (as text) as ``item_key`` and
-  ``version`` 0 (NULL in the other databases): a row of its own. Data-skipping
+  ``version`` 0 (NULL in the other databases): a row of its own. The table
+  fills both in itself (``item_key String DEFAULT toString(id)``, and an
+  ``Int64``'s default 0), so such items are inserted without them. Data-skipping
   indexes on ``job_id`` (bloom filter) and ``scraped_at`` (minmax) keep the
   per-job and per-time queries narrow;
 - item versions (``INGEST_KEEP_VERSIONS``) by ``ORDER BY (item_type,
@@ -73,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 import clickhouse_connect
 import orjson
+from clickhouse_connect.datatypes.registry import get_from_name
 from clickhouse_connect.driver import exceptions as ch_errors
 
 from scrapy_ingest._ids import format_uuid
@@ -95,6 +98,7 @@ from scrapy_ingest.schema import SCHEMA_VERSION
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
+    from clickhouse_connect.datatypes.base import ClickHouseType
     from clickhouse_connect.driver.client import Client
 
     from scrapy_ingest.schema import Column, ColumnKind, TableSpec
@@ -134,6 +138,10 @@ _ENGINE_HEAD = re.compile(r"\w+(\([^)]*\))?")
 _VERSIONED_ENGINE = re.compile(r"\w*ReplacingMergeTree\((?:[^)]*,\s*)?`?version`?\s*\)")
 #: item keys looked up per query (they travel as a query parameter)
 _KEYS_PER_QUERY = 500
+#: the default of an items table's item_key: an item without a key is stored under its id
+_ITEM_KEY_DEFAULT = "toString(id)"
+#: the types of a column of JSON that needs no conversion
+_TEXT_OR_NONE = frozenset({str, type(None)})
 
 
 @dataclass(frozen=True)
@@ -145,12 +153,16 @@ class _ItemsLayout:
     keyed: bool
     #: the JSON columns of the JSON type (read back as text with toJSONString)
     json_typed: frozenset[str]
+    #: whether the table fills in the item_key and version of an item without a key (one made
+    #: by hand or by a development version of scrapy-ingestion may not: it is given both)
+    fills_unkeyed: bool
     #: engine, sorting key and partition key, for messages
     ddl: str
 
 
 class ClickHouseBackend:
     threads = 1  # a clickhouse-connect client runs one query at a time
+    json_as_text = True  # clickhouse-connect writes str; bytes it would decode value by value
 
     def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
         self._url = url
@@ -163,10 +175,14 @@ class ClickHouseBackend:
         self._conversions = conversions_by_kind(_column_conversion)
         #: items table name -> its layout, read from the database at its first write
         self._layouts: dict[str, _ItemsLayout] = {}
+        #: table name -> column name -> type, read from the database at the table's first write
+        self._types: dict[str, dict[str, ClickHouseType]] = {}
 
     # lifecycle
 
     def open(self) -> None:
+        self._layouts.clear()
+        self._types.clear()
         try:
             self._client = _client(self._url)
             self._json_type = _has_json_type(self._client)
@@ -220,11 +236,10 @@ class ClickHouseBackend:
             self._client.command(self._create_table_sql(table))
         self._tables[table.name] = table
         self._layouts.pop(table.name, None)
+        self._types.pop(table.name, None)
 
     def _create_table_sql(self, table: TableSpec) -> str:
-        columns = ", ".join(
-            f"{_quote(c.name)} {self._column_type(c)}" for c in _column_specs(table)
-        )
+        columns = ", ".join(self._column_definition(table, c) for c in _column_specs(table))
         if table.kind == "jobs":
             engine = "ReplacingMergeTree(updated_at) ORDER BY job_id"
         elif table.kind == "schema_version":
@@ -246,6 +261,12 @@ class ClickHouseBackend:
                 f"PARTITION BY toYYYYMM({time_column})"
             )
         return f"CREATE TABLE IF NOT EXISTS {_quote(table.name)} ({columns}) ENGINE = {engine}"
+
+    def _column_definition(self, table: TableSpec, column: Column) -> str:
+        definition = f"{_quote(column.name)} {self._column_type(column)}"
+        if table.kind == "items" and column.name == "item_key":
+            definition += f" DEFAULT {_ITEM_KEY_DEFAULT}"
+        return definition
 
     def _nullable_positions(self, table: TableSpec) -> list[int]:
         """The positions of *table*'s columns whose ClickHouse type is Nullable."""
@@ -284,44 +305,97 @@ class ClickHouseBackend:
         if keyed and layout is not None and not layout.keyed:
             raise SchemaError(self._unkeyed_layout_message(table, layout))
         if rows:
-            by_id = layout is not None and layout.keyed
-            self._insert_new(table, rows, idempotent=idempotent, keyed_by_id=by_id)
+            by_id = layout if layout is not None and layout.keyed else None
+            self._insert_new(table, rows, idempotent=idempotent, by_id=by_id)
         if keyed:
             return self._upsert(table, keyed, layout)
         return None
 
     def _insert_new(
-        self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool, keyed_by_id: bool = False
+        self,
+        table: TableSpec,
+        rows: Sequence[Row],
+        *,
+        idempotent: bool,
+        by_id: _ItemsLayout | None = None,
     ) -> None:
         """Insert *rows*; with *idempotent*, those whose id is not stored yet.
 
-        *keyed_by_id*: items without a key, for a keyed items table, where each is stored
-        with its id (as text) as ``item_key`` and version 0, and found by that key.
+        *by_id*: the layout of the keyed items table that *rows*, items without a key, go to;
+        each is stored with its id (as text) as ``item_key`` and version 0, and found by that
+        key.
         """
         if idempotent:
-            rows = self._without_stored_ids(table, rows, by_key=keyed_by_id)
+            rows = self._without_stored_ids(table, rows, by_key=by_id is not None)
         if rows:
-            self._insert(table, rows, keyed_by_id=keyed_by_id)
+            self._insert(table, rows, by_id=by_id)
 
-    def _insert(self, table: TableSpec, rows: Sequence[Row], *, keyed_by_id: bool = False) -> None:
+    def _insert(
+        self, table: TableSpec, rows: Sequence[Row], *, by_id: _ItemsLayout | None = None
+    ) -> None:
         assert self._client is not None
         # column by column: one comprehension per column converts faster than a loop per row
         columns = [list(column) for column in zip(*rows, strict=True)]
         for index, convert in self._conversions[table.kind]:
             columns[index] = convert(columns[index])
-        if keyed_by_id:  # after the conversions: a formatted id needs no cleaning
-            at = table.position
-            columns[at("item_key")] = [format_uuid(v) for v in columns[at("id")]]
-            columns[at("version")] = [0] * len(rows)
-        names = list(table.column_names)
         # a Nullable column that is NULL in every row is left out, and ClickHouse fills in
         # NULL: writing its null map and a placeholder per row cost about 7% of the insert of
         # a batch of unkeyed items, which leave four of the items table's columns NULL
-        empty = {i for i in self._nullable_positions(table) if columns[i].count(None) == len(rows)}
-        if empty:
-            names = [name for i, name in enumerate(names) if i not in empty]
-            columns = [column for i, column in enumerate(columns) if i not in empty]
-        self._client.insert(table.name, columns, column_names=names, column_oriented=True)
+        left_out = {
+            i for i in self._nullable_positions(table) if columns[i].count(None) == len(rows)
+        }
+        if by_id is not None:
+            at = table.position
+            if by_id.fills_unkeyed:  # formatting ids here was a tenth of this method's time
+                left_out.update((at("item_key"), at("version")))
+            else:  # after the conversions: a formatted id needs no cleaning
+                columns[at("item_key")] = [format_uuid(v) for v in columns[at("id")]]
+                columns[at("version")] = [0] * len(rows)
+        names = list(table.column_names)
+        if left_out:
+            names = [name for i, name in enumerate(names) if i not in left_out]
+            columns = [column for i, column in enumerate(columns) if i not in left_out]
+        types = self._column_types(table)
+        try:
+            column_types = None if types is None else [types[name] for name in names]
+        except KeyError as exc:
+            del self._types[table.name]  # read again: the table may be mended by then
+            raise SchemaError(
+                f"the table {table.name} in {self.url} has no column {exc.args[0]}, which "
+                "scrapy-ingestion writes. Fix: let the crawl create its tables "
+                "(INGEST_CREATE_TABLES = True) in a new database, or add the column "
+                "(docs/tables.md lists each table's columns)"
+            ) from None
+        try:
+            self._client.insert(
+                table.name,
+                columns,
+                column_names=names,
+                column_types=column_types,
+                column_oriented=True,
+            )
+        except Exception:
+            self._types.pop(table.name, None)  # the table may have changed: read it again
+            raise
+
+    def _column_types(self, table: TableSpec) -> dict[str, ClickHouseType] | None:
+        """*table*'s column types as the database has them, read at its first insert. Given to
+        each insert, they spare it the ``DESCRIBE TABLE`` that clickhouse-connect otherwise
+        runs before every insert (an eighth of the time of an insert of 2,000 items into
+        chDB)."""
+        types = self._types.get(table.name)
+        if types is None:
+            assert self._client is not None
+            found = self._client.query(
+                "SELECT name, type FROM system.columns "
+                "WHERE database = currentDatabase() AND table = {name:String} "
+                "AND default_kind NOT IN ('ALIAS', 'MATERIALIZED')",
+                parameters={"name": table.name},
+            ).result_rows
+            if not found:  # no such table: the insert says so
+                return None
+            types = self._types[table.name] = {name: get_from_name(type_) for name, type_ in found}
+        return types
 
     def _without_stored_ids(
         self, table: TableSpec, rows: Sequence[Row], *, by_key: bool = False
@@ -398,9 +472,9 @@ class ClickHouseBackend:
             )
             for values in found.result_rows:
                 row = list(values)
-                for i in json_at:  # JSON as bytes, as rows hold it
-                    if isinstance(row[i], str):
-                        row[i] = row[i].encode()
+                for i in json_at:  # JSON as text, as rows hold it here (json_as_text)
+                    if isinstance(row[i], bytes):
+                        row[i] = row[i].decode()
                 stored[(row[type_at], row[key_at])] = StoredItem(
                     row[id_at], row[hash_at], row[version_at], row[first_at], tuple(row)
                 )
@@ -420,11 +494,12 @@ class ClickHouseBackend:
         if not found:
             return None
         engine_full, sorting_key, partition_key = found[0]
-        types = self._client.query(
-            "SELECT name, type FROM system.columns "
+        columns = self._client.query(
+            "SELECT name, type, default_kind, default_expression FROM system.columns "
             "WHERE database = currentDatabase() AND table = {name:String}",
             parameters={"name": table.name},
         ).result_rows
+        defaults = {name: (kind, expression) for name, _, kind, expression in columns}
         head = _ENGINE_HEAD.match(engine_full)
         engine = head.group(0) if head else engine_full
         ddl = f"{engine} ORDER BY ({sorting_key})"
@@ -437,7 +512,11 @@ class ClickHouseBackend:
                 and not partition_key
             ),
             json_typed=frozenset(
-                name for name, type_ in types if type_.startswith(("JSON", "Object("))
+                name for name, type_, _, _ in columns if type_.startswith(("JSON", "Object("))
+            ),
+            fills_unkeyed=(
+                defaults.get("item_key") == ("DEFAULT", _ITEM_KEY_DEFAULT)
+                and defaults.get("version") == ("", "")
             ),
             ddl=ddl,
         )
@@ -577,6 +656,8 @@ def _column_conversion(kind: ColumnKind) -> Callable[[list[Any]], list[Any]] | N
     """How :meth:`ClickHouseBackend._insert` converts a whole column of *kind*."""
     if kind == "text":
         return _clean_texts
+    if kind == "json":
+        return _json_texts
     convert = _conversion(kind)
     if convert is None:
         return None
@@ -597,6 +678,14 @@ def _clean_texts(values: list[Any]) -> list[Any]:
     if all(clean is value for value, clean in cleaned.items()):
         return values
     return [None if v is None else cleaned[v] for v in values]
+
+
+def _json_texts(values: list[Any]) -> list[Any]:
+    """*values* as JSON text: kept as they are when they are text already (rows hold JSON
+    as text here, see ``json_as_text``, but those spilled by the crawl process as bytes)."""
+    if set(map(type, values)) <= _TEXT_OR_NONE:
+        return values
+    return _each(_json_text, values)
 
 
 def _json_text(value: Any) -> str:

@@ -66,6 +66,7 @@ _POOL_WAIT = 2.0
 
 class PostgresBackend:
     threads = 2
+    json_as_text = False
 
     def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
         # SQLAlchemy-style "postgresql+psycopg://" is accepted too

@@ -135,6 +135,7 @@ def _sa_type(kind: ColumnKind, indexed: bool, *, exact: bool = False) -> sa.type
 
 class SqlAlchemyBackend:
     threads = 1  # SQLite takes one writer at a time anyway
+    json_as_text = False
 
     def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
         # mysql:// and mariadb:// with no driver: PyMySQL, which the [mysql] extra installs
