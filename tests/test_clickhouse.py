@@ -4,6 +4,8 @@ names one. Reads go through a subprocess: chDB lets a process open one data path
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
@@ -20,6 +22,27 @@ pytestmark = pytest.mark.crawl
 #: download attempts of the tree crawl without its refused and TLS links: /tree, 4 pages, a
 #: redirect and its target, a 404, and 3 attempts each of a 500 and a timeout
 TREE_ROWS = 1 + 4 + 2 + 1 + 2 * 3
+
+
+#: what the scripts of _run_script share
+_SCRIPT_HEAD = """
+import json, time
+import orjson
+from scrapy_ingest.backends import Batch, local_host
+from scrapy_ingest._ids import IdFactory
+from scrapy_ingest.schema import all_tables
+new_id = IdFactory()
+"""
+
+
+def _run_script(script: str) -> list[str]:
+    """Run *script* in a Python process of its own (chDB opens one data path per process),
+    after _SCRIPT_HEAD; return the lines it printed."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT_HEAD + script], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()
 
 
 def _tree(site: LocalSite, settings: dict, tmp_path: Path) -> CrawlResult:
@@ -106,15 +129,7 @@ def test_items_to_clickhouse_requests_to_postgres_logs_to_sqlite(
 
 
 def test_a_batch_written_again_is_stored_once(chdb_url: str, tmp_path: Path) -> None:
-    # run in a subprocess of its own: chDB allows one data path per process
-    import subprocess
-    import sys
-
     script = f"""
-import time, orjson
-from scrapy_ingest.backends import Batch, local_host
-from scrapy_ingest._ids import IdFactory
-from scrapy_ingest.schema import all_tables
 tables = {{t.kind: t for t in all_tables("ingest_")}}
 host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
 host.open()
@@ -129,11 +144,8 @@ host.backend.write(tables["items"], again, idempotent=True)
 client = host.backend._client
 print(client.query("SELECT count(), count(DISTINCT id) FROM ingest_items").result_rows[0])
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "(51, 51)"
+    lines = _run_script(script)
+    assert lines[-1] == "(51, 51)"
 
 
 def test_a_real_clickhouse_server_over_http(
@@ -146,13 +158,7 @@ def test_a_real_clickhouse_server_over_http(
 
 
 def test_running_jobs_not_refreshed_in_time_are_marked_crashed(chdb_url: str) -> None:
-    import subprocess
-    import sys
-
     script = f"""
-import time
-from scrapy_ingest.backends import local_host
-from scrapy_ingest.schema import all_tables
 tables = {{t.kind: t for t in all_tables("ingest_")}}
 host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
 host.open()
@@ -174,11 +180,8 @@ found = host.backend._client.query(
     "SELECT job_id, status, close_reason FROM ingest_jobs FINAL ORDER BY job_id")
 print(sorted(tuple(r) for r in found.result_rows))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    marked, rows = out.stdout.strip().splitlines()[-2:]
+    lines = _run_script(script)
+    marked, rows = lines[-2:]
     assert marked == "['late', 'stale']"
     assert rows == (
         "[('done', 'finished', None), ('fresh', 'running', None), ('late', 'running', None),"
@@ -312,19 +315,12 @@ def test_a_batchs_texts_and_nulls_are_stored_as_given(chdb_url: str) -> None:
     # not and NULLs; columns NULL in every row, which the insert leaves out; one NULL in some
     # rows only
     import json
-    import subprocess
-    import sys
 
     script = f"""
-import json
-from scrapy_ingest.backends import Batch, local_host
-from scrapy_ingest._ids import IdFactory
-from scrapy_ingest.schema import all_tables
 tables = {{t.kind: t for t in all_tables("ingest_")}}
 requests = tables["requests"]
 host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
 host.open()
-new_id = IdFactory()
 def row(n, proxy, status, error):
     values = {{"id": new_id(), "job_id": "j", "spider": "s", "url": f"http://a/{{n}}",
               "method": "GET", "status": status, "started_at": 1_700_000_000.0 + n,
@@ -338,11 +334,8 @@ print(json.dumps(host.backend._client.query(
     "SELECT proxy, status, error, fingerprint, latency_ms, parent_id FROM ingest_requests "
     "ORDER BY started_at").result_rows))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    written, stored = out.stdout.strip().splitlines()[-2:]
+    lines = _run_script(script)
+    written, stored = lines[-2:]
     assert written == "5"
     assert json.loads(stored) == [
         ["http://p/1", 200, None, None, None, None],
@@ -357,19 +350,12 @@ def test_keyed_rows_written_straight_to_the_backend(chdb_url: str) -> None:
     # several versions of a key in one batch, a key seen again, keys whose text the database
     # cleans, and an item without a key next to keyed ones
     import json
-    import subprocess
-    import sys
 
     script = f"""
-import json, time
-from scrapy_ingest.backends import Batch, local_host
-from scrapy_ingest._ids import IdFactory
-from scrapy_ingest.schema import all_tables
 tables = {{t.kind: t for t in all_tables("ingest_", keep_versions=True)}}
 items = tables["items"]
 host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
 host.open()
-new_id = IdFactory()
 def row(key, digest, at, value):
     keyed = key is not None
     return (new_id(at), "j", "s", "T", None, at, key, digest, 1 if keyed else None,
@@ -386,11 +372,8 @@ print(json.dumps(client.query(
 print(json.dumps(client.query(
     "SELECT item_key, version, toJSONString(data) FROM ingest_item_versions FINAL").result_rows))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    first, second, current, history = out.stdout.strip().splitlines()[-4:]
+    lines = _run_script(script)
+    first, second, current, history = lines[-4:]
     assert first == "{'T': [3, 1, 0]}"
     assert second == "{'T': [0, 0, 2]}"
     t = 1_700_000_000.0
@@ -411,18 +394,11 @@ def test_items_without_a_key_are_stored_under_their_id_whatever_the_tables_defau
     # an items table made by the backend fills in item_key (DEFAULT toString(id)) and version
     # itself; one made by hand, without that default or with another one, is given both
     import json
-    import subprocess
-    import sys
 
     script = f"""
-import json, time
-from scrapy_ingest.backends import Batch, local_host
-from scrapy_ingest._ids import IdFactory
-from scrapy_ingest.schema import all_tables
 tables = [t for prefix in ("ingest_", "bare_", "other_") for t in all_tables(prefix)]
 host = local_host({chdb_url!r}, tables, create_tables=True, retry_timeout=5)
 backend = host.backend
-new_id = IdFactory()
 items = {{t.name: t for t in tables if t.kind == "items"}}
 host.open()
 made = backend._create_table_sql(items["ingest_items"])
@@ -442,11 +418,8 @@ for name, table in items.items():
         f"SELECT count(), countIf(item_key = toString(id)), countIf(version = 0) FROM {{name}}"
     ).result_rows[0]]))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert [json.loads(line) for line in out.stdout.strip().splitlines()[-3:]] == [
+    lines = _run_script(script)
+    assert [json.loads(line) for line in lines[-3:]] == [
         ["ingest_items", 5, 5, 5],
         ["bare_items", 5, 5, 5],
         ["other_items", 5, 5, 5],
@@ -460,19 +433,12 @@ def test_a_table_without_a_column_the_backend_writes_dead_letters_with_the_fix(
     # table changes, the insert the server refuses is retried once, with the types read
     # again, and a column the table lacks is named: each record goes to the dead letters
     import json
-    import subprocess
-    import sys
 
     script = f"""
-import json, time
-from scrapy_ingest.backends import Batch, local_host
-from scrapy_ingest._ids import IdFactory
-from scrapy_ingest.schema import all_tables
 tables = {{t.kind: t for t in all_tables("ingest_")}}
 logs = tables["logs"]
 host = local_host({chdb_url!r}, list(tables.values()), create_tables=True, retry_timeout=5)
 host.open()
-new_id = IdFactory()
 def row(n):
     values = {{"id": new_id(), "job_id": "j", "spider": "s", "logged_at": time.time(),
               "level": 30, "level_name": "WARNING", "logger": "x", "message": f"m{{n}}"}}
@@ -482,11 +448,8 @@ host.backend._client.command("ALTER TABLE ingest_logs DROP COLUMN logger")
 outcome = host.store(logs, Batch([row(2), row(3)]))
 print(json.dumps([outcome.written, outcome.retries, [reason for _, reason in outcome.dead]]))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    first, second = out.stdout.strip().splitlines()[-2:]
+    lines = _run_script(script)
+    first, second = lines[-2:]
     assert first == "2"
     written, retries, reasons = json.loads(second)
     assert (written, retries, len(reasons)) == (0, 1, 2)
