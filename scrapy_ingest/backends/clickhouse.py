@@ -268,14 +268,6 @@ class ClickHouseBackend:
             definition += f" DEFAULT {_ITEM_KEY_DEFAULT}"
         return definition
 
-    def _nullable_positions(self, table: TableSpec) -> list[int]:
-        """The positions of *table*'s columns whose ClickHouse type is Nullable."""
-        return [
-            i
-            for i, column in enumerate(_column_specs(table))
-            if "Nullable(" in self._column_type(column)
-        ]
-
     def _column_type(self, column: Column) -> str:
         kind = column.kind
         json_type = kind == "json" and self._json_type and column.name not in _JSON_LISTS
@@ -338,11 +330,18 @@ class ClickHouseBackend:
         columns = [list(column) for column in zip(*rows, strict=True)]
         for index, convert in self._conversions[table.kind]:
             columns[index] = convert(columns[index])
+        types = self._column_types(table)
+        names = list(table.column_names)
         # a Nullable column that is NULL in every row is left out, and ClickHouse fills in
         # NULL: writing its null map and a placeholder per row cost about 7% of the insert of
         # a batch of unkeyed items, which leave four of the items table's columns NULL
         left_out = {
-            i for i in self._nullable_positions(table) if columns[i].count(None) == len(rows)
+            i
+            for i, name in enumerate(names)
+            if types is not None
+            and name in types
+            and types[name].nullable
+            and columns[i].count(None) == len(rows)
         }
         if by_id is not None:
             at = table.position
@@ -351,11 +350,9 @@ class ClickHouseBackend:
             else:  # after the conversions: a formatted id needs no cleaning
                 columns[at("item_key")] = [format_uuid(v) for v in columns[at("id")]]
                 columns[at("version")] = [0] * len(rows)
-        names = list(table.column_names)
         if left_out:
             names = [name for i, name in enumerate(names) if i not in left_out]
             columns = [column for i, column in enumerate(columns) if i not in left_out]
-        types = self._column_types(table)
         try:
             column_types = None if types is None else [types[name] for name in names]
         except KeyError as exc:
@@ -385,17 +382,26 @@ class ClickHouseBackend:
         chDB)."""
         types = self._types.get(table.name)
         if types is None:
-            assert self._client is not None
-            found = self._client.query(
-                "SELECT name, type FROM system.columns "
-                "WHERE database = currentDatabase() AND table = {name:String} "
-                "AND default_kind NOT IN ('ALIAS', 'MATERIALIZED')",
-                parameters={"name": table.name},
-            ).result_rows
+            found = self._table_columns(table.name)
             if not found:  # no such table: the insert says so
                 return None
-            types = self._types[table.name] = {name: get_from_name(type_) for name, type_ in found}
+            types = self._types[table.name] = {
+                name: get_from_name(type_)
+                for name, type_, default_kind, _ in found
+                if default_kind not in ("ALIAS", "MATERIALIZED")  # not inserted
+            }
         return types
+
+    def _table_columns(self, name: str) -> list[tuple[str, str, str, str]]:
+        """The name, type, default kind and default expression of each column of the table
+        *name*; none when there is no such table."""
+        assert self._client is not None
+        found = self._client.query(
+            "SELECT name, type, default_kind, default_expression FROM system.columns "
+            "WHERE database = currentDatabase() AND table = {name:String}",
+            parameters={"name": name},
+        )
+        return [(row[0], row[1], row[2], row[3]) for row in found.result_rows]
 
     def _without_stored_ids(
         self, table: TableSpec, rows: Sequence[Row], *, by_key: bool = False
@@ -494,11 +500,7 @@ class ClickHouseBackend:
         if not found:
             return None
         engine_full, sorting_key, partition_key = found[0]
-        columns = self._client.query(
-            "SELECT name, type, default_kind, default_expression FROM system.columns "
-            "WHERE database = currentDatabase() AND table = {name:String}",
-            parameters={"name": table.name},
-        ).result_rows
+        columns = self._table_columns(table.name)
         defaults = {name: (kind, expression) for name, _, kind, expression in columns}
         head = _ENGINE_HEAD.match(engine_full)
         engine = head.group(0) if head else engine_full
