@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 import scrapy
@@ -131,3 +132,84 @@ def wake_engine(crawler: Crawler) -> None:
 def _engine_slot(crawler: Crawler) -> Any:
     """The engine's private slot (``inprogress``, ``nextcall``), or None while it has none."""
     return getattr(getattr(crawler, "engine", None), "_slot", None)
+
+
+def scrapy_command() -> tuple[str, list[str]] | None:
+    """The ``scrapy`` command this process runs, and its arguments (``("shell", ["-c",
+    "..."])``); None when no ``scrapy`` command line runs it (a script with CrawlerProcess,
+    a test, ``scrapy.cmdline.execute(argv)`` given its own list).
+
+    ``scrapy.cmdline.execute()`` takes the command's name out of ``sys.argv`` (the first
+    argument that is not an option: ``_pop_command_name`` in Scrapy 2.13 to 2.19), while the
+    interpreter's own copy, ``sys.orig_argv``, keeps it: the name is the one argument that
+    ``sys.argv`` lost, where the program (``argv[0]``) stands just before the original
+    arguments, as itself or as ``-m module``.
+    """
+    argv, orig = sys.argv, getattr(sys, "orig_argv", None)
+    if not argv or not orig:
+        return None
+    rest = argv[1:]
+    start = len(orig) - len(rest) - 1  # where the original arguments began
+    if start < 1:
+        return None
+    program_shown = orig[start - 1] == argv[0] or (start >= 2 and orig[start - 2] == "-m")
+    if not program_shown:
+        return None
+    original = orig[start:]
+    at = next((i for i, arg in enumerate(original) if not arg.startswith("-")), None)
+    if at is None or original[:at] + original[at + 1 :] != rest:
+        return None
+    return original[at], rest
+
+
+def fail_crawl(crawler: Crawler) -> None:
+    """Make the process that runs *crawler* exit non-zero, once its spider has closed.
+
+    Scrapy has no public API for it: ``scrapy crawl`` exits with 1 when
+    ``CrawlerRunner.bootstrap_failed`` (or ``AsyncCrawlerRunner``'s) is true, which Scrapy sets
+    when a crawl ends with ``crawler.spider`` unset (2.13 to 2.19), or, from 2.14, when the
+    crawl raised. A component of a crawl that must not count as a success (its database
+    refused it) unsets the spider at the end of its ``spider_closed`` handler, after which
+    nothing of the crawl asks for it. tests/test_backend_refused.py breaks if that changes.
+    """
+    crawler.spider = None
+
+
+async def close_spider_before_start(crawler: Crawler, reason: str) -> None:
+    """Close the crawler's spider from an ``engine_started`` handler, before any request.
+
+    Scrapy 2.14 and later return from ``ExecutionEngine.start_async`` when the spider is gone
+    after ``engine_started``: the spider is closed at once. Closing it ends with
+    ``Crawler.stop()``, which fails (logged as an error) while the engine is not running yet:
+    the crawler is marked as no longer crawling first, as ``stop()`` itself would have.
+
+    Scrapy 2.13's ``start()`` goes on whatever happened: it sets ``running``, starts the
+    start-request processing (which needs the spider's slot) and waits for a stop. There the
+    engine is paused (no request is downloaded while paused), and the spider is closed once
+    the engine runs, which stops it the usual way.
+    """
+    if not ENGINE_RETURNS_WITHOUT_SPIDER:
+        engine = crawler.engine
+        assert engine is not None
+        engine.pause()
+        _close_once_running(crawler, reason, tries=1000)
+        return
+    crawler.crawling = False
+    await close_spider(crawler, reason)
+
+
+#: Scrapy 2.14 and later: ExecutionEngine.start_async() returns when the spider closed during
+#: engine_started; 2.13's start() runs (and waits) on
+ENGINE_RETURNS_WITHOUT_SPIDER = _scrapy_version() >= (2, 14)
+
+
+def _close_once_running(crawler: Crawler, reason: str, tries: int) -> None:
+    from twisted.internet import reactor
+
+    engine = crawler.engine
+    if engine is None or crawler.spider is None:
+        return
+    if engine.running:
+        deferred_from_coro(close_spider(crawler, reason))
+    elif tries:
+        reactor.callLater(0.001, _close_once_running, crawler, reason, tries - 1)  # type: ignore[arg-type]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -13,6 +13,62 @@ _SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|API_?KEY|AUTH|CREDENTIAL|COOKIE", 
 _SECRET_QUERY = re.compile(r"pass|secret|token|key|auth", re.IGNORECASE)
 # "scheme://user:password@host" anywhere inside a longer string
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+
+
+class Redactor:
+    """Hides the secrets of URLs in what a crawl stores: the password of every
+    ``scheme://user:password@``, and the value of every query parameter named in
+    *query_params* (``INGEST_REDACT_QUERY_PARAMS``, matched case-insensitively), also where
+    the URL stands inside a longer text (a log message) or is URL-encoded inside another
+    URL's query (``?next=https%3A%2F%2Fx%2F%3Ftoken%3D...``).
+
+    The rest of the text is kept as it was, byte for byte.
+    """
+
+    def __init__(self, query_params: Iterable[str]) -> None:
+        self._names = frozenset(n.lower() for n in query_params if n)
+
+    def __call__(self, text: str) -> str:
+        """*text* (a URL, or text with URLs in it) without their secrets."""
+        if "@" in text:
+            text = _USERINFO.sub(rf"\g<scheme>\g<user>:{REDACTED}@", text)
+            # without its scheme, as in "invalid hostname: user:password@host"
+            text = _BARE_USERINFO.sub(rf"\g<user>:{REDACTED}@", text)
+        if "%40" in text:  # a URL with a password, URL-encoded in another URL's query
+            text = _ENCODED_USERINFO.sub(rf"\g<scheme>\g<user>%3A{REDACTED}%40", text)
+        if not self._names or ("=" not in text and "%3" not in text):
+            return text
+        lowered = text.lower()  # most URLs name no secret: a few substring tests say so
+        if not any(name in lowered for name in self._names):
+            return text
+        return self._hide_values(text)
+
+    def _hide_values(self, text: str) -> str:
+        parts: list[str] = []
+        done = 0
+        for head in _QUERY_HEAD.finditer(text):
+            start = head.end()
+            if start < done or head["name"].lower() not in self._names:
+                continue
+            end = _VALUE_END.search(text, start)
+            parts += (text[done:start], REDACTED)
+            done = end.start() if end else len(text)
+        parts.append(text[done:])
+        return "".join(parts)
+
+
+# "user:password@host", in a message that shows a URL's authority alone
+_BARE_USERINFO = re.compile(r"(?P<user>[\w.~%!$'*+,;=-]+):[^\s@/:]+@(?=[\w\[])")
+# "scheme://user:password@" URL-encoded ("scheme%3A%2F%2Fuser%3Apassword%40")
+_ENCODED_USERINFO = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*%3[Aa]%2[Ff]%2[Ff])(?P<user>(?:(?!%3[Aa])[^%/@&\s])*)"
+    r"%3[Aa](?:(?!%40)[^/@&\s])*%40"
+)
+# a query parameter's name and "=", also URL-encoded inside another URL's query
+_QUERY_HEAD = re.compile(r"(?:[?&;]|%3[Ff]|%26)(?P<name>[A-Za-z0-9_.~-]+)(?:=|%3[Dd])")
+# where its value ends: the next parameter, the fragment, or where the URL ends inside a
+# longer text (white space, a quote or a bracket around it in a log message)
+_VALUE_END = re.compile(r"[&#\s'\"<>()\[\]]|%26")
 
 
 def url_password(url: str) -> str | None:

@@ -13,6 +13,11 @@ adds nothing; ``INGEST_REQUESTS_ENABLED``, ``INGEST_LOGS_ENABLED`` and
 ``INGEST_METRICS_ENABLED`` (off by default) decide whether their component is
 placed.
 
+Under a ``scrapy`` command that is not a crawl (``INGEST_SKIP_COMMANDS``: ``shell``,
+``fetch``, ``view``, ``check``, ``bench``, and ``parse`` without ``--pipelines``), it
+places none of the storing components: such a command opens no database and writes no
+row. The proxy and retry middlewares are still placed.
+
 With ``INGEST_RETRY_ENABLED = True`` (off by default) it places
 :class:`~scrapy_ingest.downloadermiddlewares.retry.BackoffRetryMiddleware` at
 550 and, where that placement stands, sets Scrapy's RetryMiddleware to
@@ -49,6 +54,7 @@ from scrapy.utils.python import global_object_name
 
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._redis import SCRAPY_REDIS_SCHEDULER
+from scrapy_ingest.config import skipped_command
 from scrapy_ingest.downloadermiddlewares.proxy import ProxyMiddleware
 from scrapy_ingest.downloadermiddlewares.requestlog import RequestLogMiddleware
 from scrapy_ingest.downloadermiddlewares.retry import BackoffRetryMiddleware
@@ -74,6 +80,20 @@ COMPONENTS: tuple[tuple[str, type, int, str | tuple[str, ...] | None], ...] = (
     ("SPIDER_MIDDLEWARES", SourceMiddleware, 10, None),
 )
 
+#: the components that store (or report on storing): left out where the running ``scrapy``
+#: command is not a crawl (INGEST_SKIP_COMMANDS); the proxy and retry middlewares stay, so
+#: that ``scrapy shell`` and ``scrapy fetch`` download the way a crawl does
+STORING: frozenset[type] = frozenset(
+    {
+        IngestPipeline,
+        IngestJobsExtension,
+        IngestLogsExtension,
+        PrometheusExtension,
+        RequestLogMiddleware,
+        SourceMiddleware,
+    }
+)
+
 #: our component -> the import path of the Scrapy component it takes the place of (set to
 #: None where ours is enabled, unless the project placed Scrapy's itself)
 REPLACES: dict[type, str] = {
@@ -96,7 +116,10 @@ class IngestAddon:
     def update_settings(self, settings: BaseSettings) -> None:
         if not settings.getbool("INGEST_ENABLED", defaults.INGEST_ENABLED):
             return
+        not_a_crawl = skipped_command(settings) is not None
         for setting, component, order, switch in COMPONENTS:
+            if not_a_crawl and component in STORING:
+                continue
             # a component switched off is not placed (placed, it would only say it is disabled)
             if _switched_on(settings, switch):
                 settings.setdefault_in_component_priority_dict(setting, component, order)

@@ -182,6 +182,14 @@ _RULES: dict[str, tuple[str, str]] = {
         "set {name} to e.g. ['scraped_at', 'crawled_at']",
     ),
     "keep_versions": ("it must be a boolean", "set {name} to True or False"),
+    "redact_query_params": (
+        "it must be a list of query parameter names",
+        "set {name} to e.g. [*scrapy_ingest.settings.INGEST_REDACT_QUERY_PARAMS, 'my_token']",
+    ),
+    "skip_commands": (
+        "it must be a list of Scrapy command names",
+        "set {name} to e.g. ['bench', 'check', 'fetch', 'shell', 'view']",
+    ),
     "proxy_all_dead_timeout": (
         "it must be a positive number of seconds",
         "set {name} to e.g. 300.0",
@@ -260,6 +268,8 @@ class IngestConfig(BaseModel):
     #: item type -> field names, or a function (import path or callable)
     item_keys: dict[str, Any]
     hash_exclude: frozenset[str]
+    skip_commands: frozenset[str]
+    redact_query_params: frozenset[str]
     keep_versions: bool
 
     @field_validator("database_url")
@@ -351,18 +361,13 @@ class IngestConfig(BaseModel):
             raise ValueError("not a dict of item types")
         return value
 
-    @field_validator("hash_exclude", mode="before")
+    @field_validator("hash_exclude", "skip_commands", "redact_query_params", mode="before")
     @classmethod
-    def _check_fields(cls, value: Any) -> frozenset[str]:
-        if value is None:
-            return frozenset()
-        if isinstance(value, str):  # from the command line: -s INGEST_HASH_EXCLUDE=a,b
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple, set, frozenset)) or not all(
-            isinstance(v, str) for v in value
-        ):
-            raise ValueError("not a list of field names")
-        return frozenset(value)
+    def _check_names(cls, value: Any) -> frozenset[str]:
+        names = names_setting(value)
+        if names is None:
+            raise ValueError("not a list of names")
+        return names
 
     @field_validator("proxy_list", mode="before")
     @classmethod
@@ -458,6 +463,37 @@ class IngestConfig(BaseModel):
     def rules(self) -> tuple[Rule, ...]:
         """``INGEST_ROUTES`` as routing rules (raise ConfigError when it is wrong)."""
         return parse_routes(self.routes, check_url)
+
+
+def names_setting(value: Any) -> frozenset[str] | None:
+    """A setting that lists names, as a set: from a list, or from the command line's
+    ``-s NAME=a,b``; None when it is neither."""
+    if value is None:
+        return frozenset()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(v, str) for v in value
+    ):
+        return None
+    return frozenset(value)
+
+
+def skipped_command(settings: BaseSettings) -> str | None:
+    """The ``scrapy`` command this process runs, when ``INGEST_SKIP_COMMANDS`` says that it
+    stores nothing (``parse`` only without ``--pipelines``); else None."""
+    from scrapy_ingest._compat import scrapy_command
+
+    command = scrapy_command()
+    if command is None:
+        return None
+    name, args = command
+    skip = names_setting(settings.get("INGEST_SKIP_COMMANDS", defaults.INGEST_SKIP_COMMANDS))
+    if not skip or name not in skip:  # an invalid value is reported by IngestConfig
+        return None
+    if name == "parse" and "--pipelines" in args:
+        return None
+    return name
 
 
 def setting_name(field: str) -> str:

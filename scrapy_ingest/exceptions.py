@@ -29,3 +29,13 @@ class SchemaError(IngestError):
 
 class JobIdConflict(IngestError):
     """A job row with this ``job_id`` exists already: two crawls would merge."""
+
+
+class BackendRefused(BackendUnavailable):
+    """The database answers, but refuses this crawl for a reason no retry can heal: a refused
+    password, a missing database, a missing privilege or table, a read-only server.
+
+    The message names the database (credentials hidden), the cause and the fix. A crawl
+    refused at start does not start; one refused mid-crawl spills what it holds and closes
+    with the reason ``ingest_backend_refused``.
+    """

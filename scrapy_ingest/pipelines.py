@@ -76,12 +76,8 @@ class IngestPipeline:
     @pipeline_hook
     async def open_spider(self, spider: Spider | None = None) -> None:
         runtime = self._runtime
-        try:
-            await runtime.open()
-        except IngestError as exc:
-            # said here too: some Scrapy versions stop the crawl without logging why
-            logger.error("Cannot store this crawl: %s", exc)
-            raise
+        if not await runtime.opened():
+            return  # the runtime has said why, and closes the spider before its first request
         assert runtime.router is not None and runtime.job is not None
         # with item_type rules or INGEST_ROUTER, each item is routed; else all go to one writer
         self._per_item = runtime.router.per_item

@@ -27,15 +27,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
 from scrapy_ingest import settings as defaults
-from scrapy_ingest._compat import close_spider
+from scrapy_ingest._compat import close_spider, close_spider_before_start, fail_crawl
 from scrapy_ingest._ids import IdFactory, format_uuid
-from scrapy_ingest._redact import redact_url, redact_value
+from scrapy_ingest._redact import Redactor, redact_url, redact_value
 from scrapy_ingest._redis import redis_crawl_id
 from scrapy_ingest._stats import ProcessStats, stat_key
 from scrapy_ingest.backends import check_driver, check_url, is_best_effort
+from scrapy_ingest.backends.base import safe_text
 from scrapy_ingest.batching import BatchWriter, BufferBudget, DurableLog
-from scrapy_ingest.config import IngestConfig
-from scrapy_ingest.exceptions import ConfigError, IngestError, JobIdConflict
+from scrapy_ingest.config import IngestConfig, skipped_command
+from scrapy_ingest.exceptions import BackendRefused, ConfigError, IngestError, JobIdConflict
 from scrapy_ingest.hosting import create_host
 from scrapy_ingest.quality import ItemChecks
 from scrapy_ingest.records import RecordEncoder
@@ -59,6 +60,11 @@ logger = logging.getLogger(__name__)
 STALE_HEARTBEATS = 3
 #: the close reason when the spill journal outgrows INGEST_SPILL_MAX_BYTES
 SPILL_FULL = "ingest_spill_full"
+#: the close reason when a database refuses the crawl mid-way (a Failure.PERMANENT error)
+BACKEND_REFUSED = "ingest_backend_refused"
+
+#: the longest spider name stored (an indexed column: VARCHAR(255) on MySQL)
+MAX_SPIDER_NAME = 255
 
 #: largest dead-letter payload kept, in characters
 DEAD_LETTER_PAYLOAD_MAX = 1_000_000
@@ -88,6 +94,26 @@ class JobInfo:
     started_at: float
 
 
+def _where(url: str, shown: str) -> str:
+    """*shown* (the redacted *url*), with the absolute path of an SQLite file given by a
+    relative one, which is resolved against the working directory (under scrapyd, scrapyd's)."""
+    if not url.startswith("sqlite"):
+        return shown
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return shown
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:":
+        return shown
+    if path.startswith("file:") or os.path.isabs(path):  # an SQLite URI (uri=true); absolute
+        return shown
+    return f"{shown} (file {os.path.abspath(path)})"
+
+
 class IngestRuntime:
     """Per-crawler state shared by scrapy_ingest's components."""
 
@@ -111,6 +137,8 @@ class IngestRuntime:
         self.config = config = IngestConfig.from_settings(crawler.settings)
         if not config.enabled:
             raise NotConfigured("INGEST_ENABLED is False")
+        if skipped_command(crawler.settings) is not None:
+            raise NotConfigured  # not a crawl (INGEST_SKIP_COMMANDS): off on purpose, silently
         assert crawler.stats is not None
         self.stats = crawler.stats
         #: what this process counted, for the job row and the metrics: with a stats collector
@@ -125,6 +153,8 @@ class IngestRuntime:
         #: databases that could not be opened during the crawl, with the error
         self._unusable: dict[str, IngestError] = {}
         self._spill_full = False
+        #: a database refused the crawl mid-way: the spider closes, the process exits non-zero
+        self._refused = False
         self._durable_executor: ThreadPoolExecutor | None = None
         #: fired once the spider has closed and the writers are drained (see wait_closed);
         #: None once that has happened
@@ -134,6 +164,8 @@ class IngestRuntime:
         self.router: Router | None = None
         self.budget = BufferBudget(config.max_buffer_bytes)
         self.new_id = IdFactory()
+        #: hides the secrets of every URL and log message stored (INGEST_REDACT_QUERY_PARAMS)
+        self.redact = Redactor(config.redact_query_params)
         self.encoder = RecordEncoder(on_value=self._count_value)
         # for our own job rows, whose conversions are not the spider's values to count
         self._job_encoder = RecordEncoder()
@@ -182,6 +214,8 @@ class IngestRuntime:
             await self._open()
         except BaseException as exc:
             self._state, self._open_error = "failed", exc
+            if isinstance(exc, IngestError):
+                self._refuse_to_start(exc)
             raise
         else:
             self._state = "open"
@@ -189,6 +223,30 @@ class IngestRuntime:
             waiters, self._open_waiters = self._open_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def _refuse_to_start(self, exc: IngestError) -> None:
+        """Say why this crawl cannot be stored, once, and close the spider before its first
+        request; the process then exits non-zero (see _spider_closed).
+
+        Closed when the engine starts, not from the component that opened the runtime: an
+        error raised from a pipeline's open_spider, or a spider closed from a spider_opened
+        handler, leaves tracebacks of Scrapy's own (2.13 to 2.19); once ``engine_started``
+        has been handled, the engine sends no request for a closed spider.
+        """
+        logger.error("Cannot store this crawl: %s", exc)
+        reason = BACKEND_REFUSED if isinstance(exc, BackendRefused) else "ingest_error"
+
+        async def close(*_: Any) -> None:
+            self.crawler.signals.disconnect(close, signal=signals.engine_started)
+            await close_spider_before_start(self.crawler, reason)
+
+        engine = self.crawler.engine
+        if engine is not None and engine.running:  # opened late, by a component that waited
+            deferred_from_coro(close_spider(self.crawler, reason)).addErrback(
+                lambda failure: logger.error("Could not close the spider: %s", failure.value)
+            )
+        else:
+            self.crawler.signals.connect(close, signal=signals.engine_started, weak=False)
 
     async def opened(self) -> bool:
         """Open (see :meth:`open`); return False, instead of raising, when opening failed.
@@ -213,8 +271,13 @@ class IngestRuntime:
         except BaseException:
             await self._close_backends()
             raise
-        urls = ", ".join(backend.host.url for backend in self._backends.values())
-        logger.info("Storing crawl data in %s (job_id %s)", urls, self.job.job_id)
+        urls = ", ".join(_where(url, backend.host.url) for url, backend in self._backends.items())
+        logger.info(
+            "Storing crawl data in %s (job_id %s); spill journal: %s",
+            urls,
+            self.job.job_id,
+            self.config.spill_root(),
+        )
         if self.item_checks is not None:
             self.on_tick(partial(self.item_checks.publish, self.stats))
         self._flush_loop = LoopingCall(self._flush_old)
@@ -311,8 +374,10 @@ class IngestRuntime:
             inserted = await maybe_deferred_to_future(
                 host.insert_job(self.tables["jobs"], self._job_row())
             )
-        except BaseException:
+        except BaseException as exc:
             await maybe_deferred_to_future(host.close())
+            if isinstance(exc, IngestError):  # a refused INSERT: which database it was
+                raise type(exc)(f"{exc} (the database of {source})") from None
             raise
         if not inserted:
             await maybe_deferred_to_future(host.close())
@@ -394,7 +459,7 @@ class IngestRuntime:
     def _make_job(self) -> JobInfo:
         spider = self.crawler.spider
         assert spider is not None
-        # scrapyd passes its job id as SCRAPY_JOB and as the _job spider argument
+        # scrapyd passes its job id as the _job spider argument (1.3 and older: SCRAPY_JOB too)
         job_id = (
             self.config.job_id
             or os.environ.get("SCRAPY_JOB")
@@ -406,7 +471,7 @@ class IngestRuntime:
         return JobInfo(
             job_id=str(job_id),
             crawl_id=crawl_id or str(job_id),
-            spider=spider.name,
+            spider=_spider_name(spider.name),
             hostname=socket.gethostname(),
             pid=os.getpid(),
             started_at=time.time(),
@@ -508,6 +573,8 @@ class IngestRuntime:
             self._count_replayed(outcome.replayed_batches, outcome.replayed_rows)
         if outcome.lost:
             stats.inc_value(stat_key(kind, "lost"), outcome.lost)
+        if outcome.refused:
+            self._backend_refused(url, outcome.refused)
         for row, reason in outcome.dead:
             if kind == "dead_letters":
                 stats.inc_value(stat_key(kind, "lost"))
@@ -537,6 +604,27 @@ class IngestRuntime:
             deferred_from_coro(close_spider(self.crawler, SPILL_FULL)).addErrback(
                 lambda failure: logger.error("Could not close the spider: %s", failure.value)
             )
+
+    def _backend_refused(self, url: str, refusal: str) -> None:
+        """A database refuses the crawl for good (its password changed, a grant was revoked):
+        say so once, and close the spider; its host spills what is left."""
+        if self._refused:
+            return
+        self._refused = True
+        assert self.router is not None
+        self.stats.set_value(stat_key("backend", "refused"), 1)
+        logger.error(
+            "The database of %s refuses this crawl: %s. Closing the spider (%s); what it "
+            "scraped for that database is in the spill journal under %s. Once that is fixed, "
+            "run `scrapy ingest replay` with the corrected settings to store it",
+            self.router.describe(url),
+            refusal,
+            BACKEND_REFUSED,
+            self.config.spill_root(),
+        )
+        deferred_from_coro(close_spider(self.crawler, BACKEND_REFUSED)).addErrback(
+            lambda failure: logger.error("Could not close the spider: %s", failure.value)
+        )
 
     def _count_replayed(self, batches: int, rows: int) -> None:
         if batches:
@@ -609,7 +697,8 @@ class IngestRuntime:
             "requests_count": requests,
             "errors_count": log_counts.get("ERROR", 0) + log_counts.get("CRITICAL", 0),
             "log_counts": self._job_encoder.encode(log_counts),
-            "stats": self._job_encoder.encode(stats),
+            # a stats value may hold a URL (a last error, a third-party extension's)
+            "stats": self.redact(self._job_encoder.encode(stats).decode()).encode(),
         }
         checks = self.item_checks
         if checks is not None:
@@ -642,6 +731,8 @@ class IngestRuntime:
         self.closing = True
         if self._state != "open":
             self._all_closed()
+            if self._state == "failed":  # the crawl did not start: not a success
+                fail_crawl(self.crawler)
             return
         self._state = "closed"
         if self._flush_loop is not None and self._flush_loop.running:
@@ -668,6 +759,8 @@ class IngestRuntime:
             if self._durable_executor is not None:
                 self._durable_executor.shutdown(wait=False)  # the last removals still run
             self._all_closed()
+            if self._refused:
+                fail_crawl(self.crawler)
 
     async def wait_closed(self) -> None:
         """Return once the spider has closed and every batch is written, spilled or given up
@@ -714,6 +807,19 @@ class _Backend:
     tables: dict[str, TableSpec]
     #: whether the job row has been inserted there
     has_job: bool = False
+
+
+def _spider_name(name: str) -> str:
+    """The spider's name as every row stores it: cleaned like any text (a NUL or a lone
+    surrogate becomes U+FFFD); refused when it is longer than its indexed column takes."""
+    if len(name) > MAX_SPIDER_NAME:
+        raise ConfigError(
+            f"the spider's name is {len(name):,} characters long ({name[:40]!r}...), and "
+            f"scrapy_ingest stores at most {MAX_SPIDER_NAME}: the spider column is indexed in "
+            "every table (VARCHAR(255) on MySQL and MariaDB). Fix: give the spider a shorter "
+            "name."
+        )
+    return safe_text(name)
 
 
 def _row_payload(kind: str, row: Row) -> str:

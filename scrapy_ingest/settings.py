@@ -53,6 +53,10 @@ Why these numbers (see ``docs/performance.md`` for the measurements):
   requests it had taken from Redis; ``INGEST_REDIS_LEASE_TIMEOUT`` 30 s: three missed
   refreshes (every 10 s) before another worker takes a silent worker's requests back, long
   enough for a GC pause or a slow Redis, short next to a crawl.
+* ``INGEST_SKIP_COMMANDS``: Scrapy's commands that run a spider without being a
+  crawl (a shell, one page fetched, contracts checked, a benchmark) store nothing,
+  so that the tables hold crawls only; ``parse`` is stored when given
+  ``--pipelines``, the one case where Scrapy hands it items.
 * ``INGEST_DURABLE``: off: waiting for a disk write per group of items costs an
   item-heavy crawl most of its speed (``docs/performance.md``).
 """
@@ -94,6 +98,26 @@ INGEST_PROXY_MAX_TRIES = 5
 INGEST_PROXY_POLICY = "round_robin"
 INGEST_PROXY_SESSION_IDLE = 300.0
 INGEST_PROXY_STICKY = "none"
+INGEST_REDACT_QUERY_PARAMS = [
+    "access_token",
+    "api_key",
+    "apikey",
+    "auth",
+    "client_secret",
+    "key",
+    "passwd",
+    "password",
+    "secret",
+    "session",
+    "sig",
+    "signature",
+    "token",
+    "X-Amz-Credential",
+    "X-Amz-Security-Token",
+    "X-Amz-Signature",
+    "X-Goog-Credential",
+    "X-Goog-Signature",
+]
 INGEST_REDIS_LEASE_TIMEOUT = 30.0
 INGEST_REDIS_LEASES = True
 INGEST_REQUIRE_BACKEND = False
@@ -106,6 +130,7 @@ INGEST_RETRY_BACKOFF_MAX = 60.0
 INGEST_RETRY_TIMEOUT = 60.0
 INGEST_ROUTER = None
 INGEST_ROUTES = None
+INGEST_SKIP_COMMANDS = ["bench", "check", "fetch", "parse", "shell", "view"]
 INGEST_SPILL_DIR = None
 INGEST_SPILL_MAX_BYTES = 5 * 1024 * 1024 * 1024
 INGEST_TABLE_PREFIX = "ingest_"

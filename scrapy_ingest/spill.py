@@ -3,8 +3,9 @@
 When a database stays unavailable past ``INGEST_RETRY_TIMEOUT``, the writer
 stops waiting for it: each batch it cannot write goes to the journal, and the
 crawl goes on at full speed. The journal is a directory per database under
-``INGEST_SPILL_DIR``, named by a hash of the database URL (so the next crawl
-with the same settings finds it, and no password is written anywhere): one
+``INGEST_SPILL_DIR``, named by a hash of what names the database (scheme, host,
+port, database or file path; never the credentials, so the next crawl with the same
+database finds it, a fixed password included, and no password is written anywhere): one
 file per batch, written to a temporary name, fsync'd, then renamed, so a file
 with a final name is always whole. A file holds its table (name, kind and
 columns) and its rows, each with the id it was given when it was captured:
@@ -17,9 +18,18 @@ renames it to ``<name>.replaying-<pid>``, so two processes never replay the
 same file; a file left so by a process that died is taken back.
 
 The latest state of each job row that could not be written is kept too
-(``job-<hash of the job id>``), and written before the batches. Rows the
-database refuses for their content when replayed (where a crawl would have
-dead-lettered them) are kept in ``refused-<batch>`` files, with the reasons.
+(``job-<hash of the job id>``), and written before the batches. Any number of
+processes may replay one journal at once: each file operation allows for another
+process having done it first.
+
+Rows the database refuses for their content when replayed never stop the replay:
+the batch is split until they are found (every other row is stored), and they go
+to the database's dead-letter table with the reason, as a crawl's would; those
+that the dead-letter table refuses too are kept in a ``refused-<batch>`` file
+beside the journal, with the reasons. A job row refused for its content is
+written again with its text cleaned, else dead-lettered the same way. Only a
+database that does not take a batch at all (unavailable, or refusing the replay:
+a missing privilege, say) stops the replay; the rest waits for the next one.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import os
 import pickle
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +63,32 @@ _JOB_PREFIX = "job-"
 _REFUSED = "refused-"
 
 
+def database_identity(url: str) -> str:
+    """What names the database of *url*, never its credentials: the scheme (without a driver,
+    aliases folded), host, port, and database or file path; ``postgresql://u:pw@Db:5432/x``
+    and ``postgres+psycopg://other@db:5432/x`` are one database. The query is left out."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    family = scheme.split("+", 1)[0].lower()
+    family = _SCHEME_ALIASES.get(family, family)
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    if family in ("sqlite", "chdb"):  # a file or directory path, which may hold "@" or ":"
+        return f"{family}://{rest}"
+    netloc, _, path = rest.partition("/")
+    host = netloc.rpartition("@")[2].lower()  # the last "@" ends the userinfo
+    return f"{family}://{host}/{path}"
+
+
+#: schemes that name the same kind of database
+_SCHEME_ALIASES = {"postgres": "postgresql", "mariadb": "mysql", "clickhouses": "clickhouse"}
+
+
 def journal_dir(root: str | os.PathLike[str], url: str) -> Path:
-    """The journal directory of the database at *url* (credentials and all) under *root*."""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    """The journal directory of the database at *url* under *root*: named by a hash of what
+    names the database (:func:`database_identity`), so that a crawl whose password was wrong
+    and the replay run after the fix share it."""
+    digest = hashlib.sha256(database_identity(url).encode()).hexdigest()[:16]
     return Path(root) / digest
 
 
@@ -73,19 +106,42 @@ class OpenOutcome:
 class ReplayOutcome:
     batches: int = 0
     rows: int = 0
-    dead: int = 0
-    #: batches left in the journal, because the database failed again
+    #: rows (and job rows) the database refused for their content, put in its dead-letter table
+    dead_lettered: int = 0
+    #: rows refused for their content that the dead-letter table refused too (or that have no
+    #: dead-letter table): kept in ``refused-*`` files beside the journal
+    kept: int = 0
+    #: why rows were set aside (dead-lettered or kept): reason -> rows
+    reasons: dict[str, int] = field(default_factory=dict)
+    #: batch and job files left in the journal, because the database failed again
     left: int = 0
     #: the replay stopped at a job row or batch the database did not take
     failed: bool = False
+    #: the database refuses the replay (a permanent failure, not the content of a row): the
+    #: cause and the fix; the batches wait until it is fixed
+    refused: str = ""
+
+    @property
+    def set_aside(self) -> int:
+        """Rows refused for their content: dead-lettered, or kept in ``refused-*`` files."""
+        return self.dead_lettered + self.kept
 
 
 class SpillJournal:
     """The journal of one database. Thread-safe; several processes may share it."""
 
-    def __init__(self, root: str | os.PathLike[str], url: str) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        url: str,
+        *,
+        on_replayed: Callable[[int], None] | None = None,
+    ) -> None:
         self.dir = journal_dir(root, url)
         self.url = redact_url(url)
+        self._identity = database_identity(url)
+        #: called with the rows of each batch replayed (the replay command's progress)
+        self._on_replayed = on_replayed
         self._sequence = itertools.count()
         self._lock = threading.Lock()
         self._replaying = threading.Lock()
@@ -162,48 +218,25 @@ class SpillJournal:
     def replay(
         self,
         store: Callable[[TableSpec, Sequence[Row]], WriteOutcome],
-        insert_job: Callable[[TableSpec, Mapping[str, Any]], Any],
-        update_job: Callable[[TableSpec, str, Mapping[str, Any]], Any],
+        replay_job: Callable[[TableSpec, Mapping[str, Any]], WriteOutcome],
     ) -> ReplayOutcome:
-        """Write every waiting job row and batch with the given functions, oldest first; stop
-        at the first one the database does not take (it stays for the next replay)."""
+        """Write every waiting job row and batch with the given functions, oldest first.
+
+        Each function returns what became of its rows (a job row is one): written; refused
+        for their content (``dead``: the function has put them in the dead-letter table,
+        except those in ``dead_refused``, which go to a ``refused-*`` file here); or not
+        written (``lost``), because the database is unavailable or refuses the replay
+        (``refused``). Rows refused for their content never stop the replay; a database that
+        does not take a batch does: it stays, with the rest, for the next replay.
+        """
         outcome = ReplayOutcome()
         if not self._replaying.acquire(blocking=False):
             return outcome  # another thread of this process is at it
         try:
+            self._adopt_other_journals()
             self._take_back_abandoned()
-            for path in self.jobs():
-                try:
-                    _, table, row = _load(path)
-                    insert_job(table, row)
-                    update_job(table, row["job_id"], row)
-                except FileNotFoundError:
-                    continue
-                except Exception as exc:
-                    return self._stopped(outcome, exc)
-                path.unlink()
-            for path in self.batches():
-                claimed = path.with_name(f"{path.name}.replaying-{os.getpid()}")
-                try:
-                    os.rename(path, claimed)
-                except FileNotFoundError:
-                    continue  # another process took it
-                _, table, rows = _load(claimed)
-                try:
-                    result = store(table, rows)
-                except Exception as exc:
-                    os.rename(claimed, path)  # the database failed again: keep it
-                    return self._stopped(outcome, exc)
-                if result.lost:
-                    os.rename(claimed, path)
-                    return self._stopped(outcome, result.failure)
-                if result.dead:
-                    self._keep_refused(claimed, table, result.dead)
-                claimed.unlink()
-                _fsync_dir(self.dir)
-                outcome.batches += 1
-                outcome.rows += result.written
-                outcome.dead += len(result.dead)
+            if self._replay_jobs(replay_job, outcome):
+                self._replay_batches(store, outcome)
         finally:
             with self._lock:
                 self._bytes = None  # counted again at the next spill
@@ -218,32 +251,118 @@ class SpillJournal:
             )
         return outcome
 
-    def _keep_refused(self, path: Path, table: TableSpec, dead: list[tuple[Row, str]]) -> None:
-        """Rows the database refused for their content when replayed: kept, with the reasons,
-        in a ``refused-*`` file beside the journal (a crawl would have dead-lettered them)."""
-        name = path.name.split(".replaying-")[0].removesuffix(_BATCH)
-        data = pickle.dumps((FORMAT, table, dead), protocol=pickle.HIGHEST_PROTOCOL)
-        self._write(f"{_REFUSED}{name}", data)
+    def _replay_jobs(
+        self,
+        replay_job: Callable[[TableSpec, Mapping[str, Any]], WriteOutcome],
+        outcome: ReplayOutcome,
+    ) -> bool:
+        """Write the waiting job rows; False when the database did not take one."""
+        for path in self.jobs():
+            try:
+                _, table, row = _load(path)
+            except FileNotFoundError:
+                continue  # another process replayed it
+            result = replay_job(table, row)
+            if result.lost:
+                self._stopped(outcome, result)
+                return False
+            self._set_aside(path, table, result, outcome)
+            with contextlib.suppress(FileNotFoundError):  # another process, in between
+                path.unlink()
+        return True
+
+    def _replay_batches(
+        self, store: Callable[[TableSpec, Sequence[Row]], WriteOutcome], outcome: ReplayOutcome
+    ) -> None:
+        for path in self.batches():
+            claimed = path.with_name(f"{path.name}.replaying-{os.getpid()}")
+            try:
+                os.rename(path, claimed)
+            except FileNotFoundError:
+                continue  # another process took it
+            _, table, rows = _load(claimed)
+            result = store(table, rows)
+            if result.lost:
+                os.rename(claimed, path)  # the database failed again: keep it
+                self._stopped(outcome, result)
+                return
+            self._set_aside(claimed, table, result, outcome)
+            claimed.unlink()
+            _fsync_dir(self.dir)
+            outcome.batches += 1
+            outcome.rows += result.written
+            if self._on_replayed is not None:
+                self._on_replayed(result.written)
+
+    def _set_aside(
+        self, path: Path, table: TableSpec, result: WriteOutcome, outcome: ReplayOutcome
+    ) -> None:
+        """Count the rows of *path* refused for their content (in *result*), and keep those
+        the dead-letter table refused too in a ``refused-*`` file, with the reasons."""
+        if not result.dead:
+            return
+        for _, reason in result.dead:
+            outcome.reasons[reason] = outcome.reasons.get(reason, 0) + 1
+        kept = result.dead_refused
+        outcome.kept += len(kept)
+        outcome.dead_lettered += len(result.dead) - len(kept)
+        where = "its dead-letter table"
+        if kept:
+            name = path.name.split(".replaying-")[0].removesuffix(_BATCH)
+            data = pickle.dumps((FORMAT, table, kept), protocol=pickle.HIGHEST_PROTOCOL)
+            self._write(f"{_REFUSED}{name}", data)
+            where = f"{self.dir / (_REFUSED + name)} ({len(kept)}: {kept[0][1]})"
         logger.error(
-            "The database at %s refused %d replayed rows of %s (%s); they are kept in %s",
+            "The database at %s refused %d replayed rows of %s for their content (%s); they "
+            "are set aside in %s",
             self.url,
-            len(dead),
+            len(result.dead),
             table.name,
-            dead[0][1],
-            self.dir / f"{_REFUSED}{name}",
+            result.dead[0][1],
+            where,
         )
 
-    def _stopped(self, outcome: ReplayOutcome, failure: BaseException | str) -> ReplayOutcome:
+    def _stopped(self, outcome: ReplayOutcome, result: WriteOutcome) -> None:
         outcome.failed = True
-        outcome.left = len(self.batches())
-        logger.warning(
-            "Replaying the spill journal into %s stopped (%s); %d batches wait in %s",
+        outcome.refused = result.refused
+        outcome.left = len(self.batches()) + len(self.jobs())
+        log = logger.error if result.refused else logger.warning
+        log(
+            "Replaying the spill journal into %s stopped (%s); %d batch and job files wait in %s",
             self.url,
-            failure,
+            result.refused or result.failure,
             outcome.left,
             self.dir,
         )
-        return outcome
+
+    def _adopt_other_journals(self) -> None:
+        """Move into this journal the files of other journals of the same database: those
+        named by the whole URL (before 0.1, so a wrong password made a journal of its own)."""
+        root = self.dir.parent
+        try:
+            others = [p for p in root.iterdir() if p != self.dir and (p / "DATABASE").is_file()]
+        except FileNotFoundError:
+            return
+        for other in others:
+            try:
+                shown = (other / "DATABASE").read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                continue  # adopted by another process in between
+            if database_identity(shown) != self._identity:
+                continue
+            self.dir.mkdir(parents=True, exist_ok=True)
+            marker = self.dir / "DATABASE"
+            if not marker.exists():
+                marker.write_text(self.url + "\n", encoding="utf-8")
+            for path in other.iterdir():
+                if path.name != "DATABASE" and not path.name.startswith("."):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(path, self.dir / path.name)
+            _fsync_dir(self.dir)
+            logger.info("Moved the spill journal %s of %s into %s", other, self.url, self.dir)
+            with contextlib.suppress(OSError):  # not empty: a process still writes there
+                (other / "DATABASE").unlink()
+                other.rmdir()
 
     def _take_back_abandoned(self) -> None:
         """Files a replaying process left when it died go back to the queue."""

@@ -366,6 +366,9 @@ class TreeSpider(scrapy.Spider):
 
     Yields one item per page. ``headers`` are sent with every request, through ``proxy`` when
     given (the redaction test plants an ``Authorization`` header and a proxy password there).
+    ``query`` is added to the first URL's query, and ``userinfo`` (``user:password``) to its
+    authority: the URL secrets test plants secrets there; the items then hold the page's path
+    alone (what a spider stores in its own fields is its own to clean).
     """
 
     name = "tree"
@@ -379,10 +382,13 @@ class TreeSpider(scrapy.Spider):
         tls_url: str | None = None,
         headers: dict[str, str] | None = None,
         proxy: str | None = None,
+        query: str | None = None,
+        userinfo: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.base_url = base_url
+        self.base_url = base_url.replace("://", f"://{userinfo}@") if userinfo else base_url
+        self.query = query
         self.refused_url = refused_url
         self.tls_url = tls_url
         self.headers = headers or {}
@@ -391,6 +397,7 @@ class TreeSpider(scrapy.Spider):
     async def start(self) -> Any:
         links = {"refused": self.refused_url, "tls": self.tls_url}
         query = urlencode({name: url for name, url in links.items() if url})
+        query = "&".join(filter(None, [query, self.query]))
         query = f"?{query}" if query else ""
         yield scrapy.Request(f"{self.base_url}/tree{query}", headers=self.headers, meta=self.meta)
 
@@ -398,7 +405,9 @@ class TreeSpider(scrapy.Spider):
         if "/page/3?" in response.url:
             raise ValueError(f"boom on {response.url}")
         self.logger.warning("tree page %s", response.url)
-        yield {"page": response.url}
+        if self.query and "/tree?" in response.url:  # a stat that holds a URL, as some keep
+            self.crawler.stats.set_value("tree/start_url", response.url)
+        yield {"page": response.url.split("?")[0] if self.query else response.url}
         for href in response.css("a::attr(href)").getall():
             yield response.follow(href, headers=self.headers, meta=self.meta)
 
@@ -513,7 +522,9 @@ def main(argv: list[str]) -> int:
         crawlers.append(crawler)
     elif args.get("spider") == "tree":
         spider_args = {
-            key: args[key] for key in ("refused_url", "tls_url", "headers", "proxy") if key in args
+            key: args[key]
+            for key in ("refused_url", "tls_url", "headers", "proxy", "query", "userinfo")
+            if key in args
         }
         twins = [("tree_a", 0), ("tree_b", 1)] if args.get("twins") else [("tree", None)]
         for name, index in twins:

@@ -24,6 +24,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from services import LocalSite
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
 CRAWL_SCRIPT = TESTS_DIR / "_crawl_script.py"
@@ -189,16 +191,23 @@ def wait_for_round(pause_file: Path, crawl: subprocess.Popen[str], number: int) 
 
 
 def ingest_replay(settings: dict[str, Any], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``scrapy ingest replay`` with *settings* (``-s NAME=VALUE``, dicts as JSON), outside
+    """Run ``scrapy ingest replay`` with *settings*, outside any project, in *cwd*."""
+    return ingest_command(["replay"], settings, cwd)
+
+
+def ingest_command(
+    args: list[str], settings: dict[str, Any], cwd: Path, *, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``scrapy ingest ARGS...`` with *settings* (``-s NAME=VALUE``, dicts as JSON), outside
     any project, in *cwd*."""
-    command = [sys.executable, "-m", "scrapy.cmdline", "ingest", "replay"]
+    command = [sys.executable, "-m", "scrapy.cmdline", "ingest", *args]
     for name, value in settings.items():
         text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         command += ["-s", f"{name}={text}"]
     env = {**os.environ, "PYTHONPATH": str(REPO_DIR)}
     env.pop("SCRAPY_SETTINGS_MODULE", None)
     return subprocess.run(
-        command, capture_output=True, text=True, cwd=cwd, env=env, timeout=120, check=False
+        command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout, check=False
     )
 
 
@@ -554,3 +563,58 @@ def password_role(pg_url: str) -> Iterator[PasswordRole]:
         with psycopg.connect(pg_url, autocommit=True, connect_timeout=10) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+# a database that refuses the crawl (tests/test_backend_refused.py, tests/test_mysql_refused.py)
+
+
+def spilled(tmp_path: Path) -> list[Path]:
+    """The files the crawl left in its spill journal (``tmp_path / "spill"``)."""
+    root = tmp_path / "spill"
+    files = root.rglob("*") if root.exists() else []
+    return [p for p in files if p.is_file() and p.name != "DATABASE"]
+
+
+def errors(result: CrawlResult) -> list[str]:
+    """The crawl's ERROR and CRITICAL log lines."""
+    return re.findall(r"^.* (?:ERROR|CRITICAL): .*$", result.output, re.MULTILINE)
+
+
+def assert_refused_at_start(
+    result: CrawlResult, site: LocalSite, tmp_path: Path, hidden: list[str], *expected: str
+) -> None:
+    """The crawl did not start: no request, a non-zero exit code, one ERROR naming the cause
+    and the fix, none of *hidden* (passwords) shown, nothing spilled."""
+    assert site.hits == [], result.describe()
+    assert result.returncode != 0, result.describe()
+    assert "item_scraped_count" not in result.stats, result.describe()
+    [error] = errors(result)
+    for text in (*expected, "Fix:", "(the database of INGEST_DATABASE_URL)"):
+        assert text in error, (text, result.describe())
+    assert "Traceback" not in result.output, result.describe()
+    for secret in hidden:
+        assert secret not in result.output, result.describe()
+    assert not spilled(tmp_path), spilled(tmp_path)
+
+
+def job_row(job_id: str, **values: Any) -> dict[str, Any]:
+    """A finished job row as a crawl writes it (and spills it), with *values* changed."""
+    return {
+        "job_id": job_id,
+        "crawl_id": job_id,
+        "spider": "spilled",
+        "status": "finished",
+        "hostname": "h",
+        "pid": 1,
+        "started_at": 1.7e9,
+        "updated_at": 1.7e9 + 5,
+        "finished_at": 1.7e9 + 5,
+        "close_reason": "finished",
+        "items_count": 0,
+        "requests_count": 0,
+        "errors_count": 0,
+        "log_counts": b"{}",
+        "stats": b"{}",
+        "settings": b"{}",
+        **values,
+    }

@@ -130,6 +130,27 @@ def mysql_url(_mariadb_server: str) -> Iterator[str]:
         drop_mysql_database(_mariadb_server, name)
 
 
+@pytest.fixture(scope="session")
+def maria_server() -> Iterator[str]:
+    """The root URL of a local MariaDB that checks passwords and privileges (unlike
+    ``mysql_url``'s, started with --skip-grant-tables), for the tests of refused users."""
+    try:
+        import pymysql  # noqa: F401
+    except ImportError:
+        service_missing("pymysql is not installed (pip install -e '.[test]')")
+    yield from _serve(lambda stack: start_mariadb(stack, grant_tables=True)[0], service_missing)
+
+
+@pytest.fixture
+def maria_db(maria_server: str) -> Iterator[str]:
+    """The root URL of a fresh database on ``maria_server``, dropped after the test."""
+    name = create_mysql_database(maria_server)
+    try:
+        yield f"{maria_server}/{name}"
+    finally:
+        drop_mysql_database(maria_server, name)
+
+
 @pytest.fixture
 def chdb_url(tmp_path: Path) -> str:
     """URL of a fresh chDB data directory: the ClickHouse engine, embedded in the writer

@@ -414,11 +414,16 @@ def start_postgres(stack: contextlib.ExitStack) -> tuple[str, str]:
 MYSQL_URL_ENV = "SCRAPY_INGEST_TEST_MYSQL_URL"
 
 
-def start_mariadb(stack: contextlib.ExitStack) -> tuple[str, str]:
+def start_mariadb(stack: contextlib.ExitStack, *, grant_tables: bool = False) -> tuple[str, str]:
     """Return ``(url, source)`` of a MariaDB or MySQL server (``mysql+pymysql://...``, no
-    database); cleanup is pushed onto ``stack``."""
+    database); cleanup is pushed onto ``stack``.
+
+    The local server trusts everyone (``--skip-grant-tables``, quicker); with *grant_tables*
+    it checks passwords and privileges as production does (``root@127.0.0.1`` has no
+    password), and is always a local one: a server from the environment may not check them.
+    """
     url = os.environ.get(MYSQL_URL_ENV)
-    if url:
+    if url and not grant_tables:
         return url, "env"
     server = shutil.which("mariadbd", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
     install = shutil.which("mariadb-install-db")
@@ -431,6 +436,7 @@ def start_mariadb(stack: contextlib.ExitStack) -> tuple[str, str]:
     stack.callback(shutil.rmtree, base, ignore_errors=True)
     data, socket_path, port = base / "data", base / "mysqld.sock", free_port()
     user = ["--user=root"] if os.geteuid() == 0 else []
+    trust = [] if grant_tables else ["--skip-grant-tables"]
     done = subprocess.run(
         [install, "--no-defaults", f"--datadir={data}", "--skip-test-db",
          "--auth-root-authentication-method=normal", *user],
@@ -442,8 +448,8 @@ def start_mariadb(stack: contextlib.ExitStack) -> tuple[str, str]:
     stack.callback(log.close)
     process = subprocess.Popen(
         [server, "--no-defaults", f"--datadir={data}", f"--socket={socket_path}",
-         f"--port={port}", "--bind-address=127.0.0.1", "--skip-grant-tables",
-         "--skip-name-resolve", "--innodb-buffer-pool-size=64M", *user],
+         f"--port={port}", "--bind-address=127.0.0.1", "--skip-name-resolve",
+         "--innodb-buffer-pool-size=64M", *trust, *user],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     stack.callback(stop_process, process)
@@ -681,7 +687,8 @@ class _SiteHandler(BaseHTTPRequestHandler):
       M milliseconds (at most 10 s); ``/node/0`` reaches every page once, by one link each (the
       distributed crawl tests and bench);
     - ``/status/<code>``: an empty page with that status;
-    - ``/delay?ms=M``: answers after M milliseconds (at most 10 s);
+    - ``/delay?ms=M&body_ms=B``: answers after M milliseconds (at most 10 s), the headers first
+      and the body B milliseconds (default 0, at most 10 s) after them;
     - ``/redirect?to=PATH``: a 302 to PATH;
     - ``/ratelimit?key=K&after=S``: the first hit per key K answers 429 with ``Retry-After: S``
       (seconds or an HTTP date, as given), later hits 200 (the retry tests);
@@ -761,7 +768,8 @@ class _SiteHandler(BaseHTTPRequestHandler):
                 self._send(200, "ok")
         elif path == "/delay":
             time.sleep(min(_non_negative(query.get("ms", "0"), "ms"), MAX_DELAY_MS) / 1000)
-            self._send(200, "ok")
+            body_delay = min(_non_negative(query.get("body_ms", "0"), "body_ms"), MAX_DELAY_MS)
+            self._send(200, "ok", body_delay=body_delay / 1000)
         elif path == "/catalog":
             n = _non_negative(query.get("n", "10"), "n")
             links = "".join(f'<a href="/product/{k}">product {k}</a>' for k in range(n))
@@ -784,6 +792,7 @@ class _SiteHandler(BaseHTTPRequestHandler):
         body: str,
         content_type: str = _TEXT,
         extra_headers: dict[str, str] | None = None,
+        body_delay: float = 0,
     ) -> None:
         data = body.encode()
         self.send_response(status)
@@ -791,7 +800,9 @@ class _SiteHandler(BaseHTTPRequestHandler):
         for name, value in (extra_headers or {}).items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
+        self.end_headers()  # sends the headers
+        if body_delay:
+            time.sleep(body_delay)
         self.wfile.write(data)
 
 

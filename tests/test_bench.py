@@ -28,6 +28,7 @@ RUNS = {
     "retry": (["retry.py", "--pages", "200", "--pairs", "1"], "backoff"),
     "write-path": (["write_path.py", "--rows", "4000", "--repeat", "1"], "plain COPY"),
     "clickhouse": (["clickhouse.py", "--rows", "4000", "--repeat", "1"], "of plain insert"),
+    "redact": (["redact.py", "--rounds", "1", "--number", "200"], "log line"),
     "chaos": (["chaos.py", "--items", "2000", "--scenario", "down-whole"], "down-whole"),
     "distributed": (
         ["distributed.py", "--pages", "60", "--latency-ms", "5", "--rounds", "1"],

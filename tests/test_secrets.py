@@ -4,6 +4,7 @@ every component on."""
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import time
 import urllib.request
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import pytest
 import services
@@ -74,12 +76,21 @@ def _all_text(url: str) -> str:
     )
 
 
+def _forms(secret: str) -> set[str]:
+    """Every form a secret can take in what is stored: as it is, URL-encoded (once, and twice
+    inside another URL), and in the base64 of ``user:secret`` of a Basic ``Authorization`` or
+    ``Proxy-Authorization`` header (the proxy's user is ``proxyuser``)."""
+    forms = {secret, quote(secret, safe=""), quote(quote(secret, safe=""), safe="")}
+    for user in ("proxyuser", ""):
+        forms.add(base64.b64encode(f"{user}:{secret}".encode()).decode())
+    return forms
+
+
 def _assert_no_secret(where: str, text: str | bytes) -> None:
-    for name, secret in SECRETS.items():
-        found = secret.encode() in text if isinstance(text, bytes) else secret in text
-        assert not found, f"the {name} secret is in {where}"
-    cookie = TREE_COOKIE.encode() if isinstance(text, bytes) else TREE_COOKIE
-    assert cookie not in text, f"the session cookie is in {where}"
+    data = text.encode() if isinstance(text, str) else text
+    for name, secret in [*SECRETS.items(), ("session cookie", TREE_COOKIE)]:
+        for form in _forms(secret):
+            assert form.encode() not in data, f"the {name} secret ({form!r}) is in {where}"
 
 
 def test_planted_secrets_are_nowhere(site: LocalSite, tmp_path: Path) -> None:

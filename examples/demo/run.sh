@@ -21,7 +21,16 @@ py="$venv/bin/python"
 
 port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
 base_url="http://127.0.0.1:$port/"
-"$py" -m http.server --bind 127.0.0.1 --directory "$demo_dir/site" "$port" >/dev/null 2>&1 &
+# `python -m http.server`, with room for Scrapy's 16 concurrent connections in its listen queue
+# (5 by default: the connections past it were dropped and retried a second later, which showed
+# as 1 s download latencies)
+"$py" -c '
+import functools, http.server, sys
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])
+Server(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+' "$port" "$demo_dir/site" >/dev/null 2>&1 &
 server_pid=$!
 trap 'kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true' EXIT
 

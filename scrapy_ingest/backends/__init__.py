@@ -33,6 +33,7 @@ __all__ = [
     "check_url",
     "is_best_effort",
     "local_host",
+    "make_backend",
     "url_scheme",
 ]
 
@@ -94,6 +95,25 @@ def check_driver(url: str, source: str = "INGEST_DATABASE_URL") -> None:
             _require("chdb", "clickhouse", url, source)
 
 
+def make_backend(url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> Backend:
+    """Return the backend of *url* for *tables*, not opened yet (raise ConfigError for a URL
+    no backend takes, or whose driver is not installed)."""
+    check_url(url)
+    check_driver(url)
+    scheme = url_scheme(url)
+    if scheme in POSTGRES_SCHEMES:
+        from scrapy_ingest.backends.postgres import PostgresBackend
+
+        return PostgresBackend(url, tables, create_tables=create_tables)
+    if scheme in CLICKHOUSE_SCHEMES:
+        from scrapy_ingest.backends.clickhouse import ClickHouseBackend
+
+        return ClickHouseBackend(url, tables, create_tables=create_tables)
+    from scrapy_ingest.backends.sqlalchemy import SqlAlchemyBackend
+
+    return SqlAlchemyBackend(url, tables, create_tables=create_tables)
+
+
 def local_host(
     url: str,
     tables: Sequence[TableSpec],
@@ -103,25 +123,13 @@ def local_host(
     abort: Callable[[], bool] | None = None,
     spill_dir: str | None = None,
     require_backend: bool = True,
+    on_replayed: Callable[[int], None] | None = None,
 ) -> LocalHost:
     """Return a host that runs the backend of *url* in the calling thread; with *spill_dir*,
-    one that spills to a journal there what the database does not take (see LocalHost)."""
-    check_url(url)
-    check_driver(url)
-    scheme = url_scheme(url)
-    if scheme in POSTGRES_SCHEMES:
-        from scrapy_ingest.backends.postgres import PostgresBackend
-
-        backend: Backend = PostgresBackend(url, tables, create_tables=create_tables)
-    elif scheme in CLICKHOUSE_SCHEMES:
-        from scrapy_ingest.backends.clickhouse import ClickHouseBackend
-
-        backend = ClickHouseBackend(url, tables, create_tables=create_tables)
-    else:
-        from scrapy_ingest.backends.sqlalchemy import SqlAlchemyBackend
-
-        backend = SqlAlchemyBackend(url, tables, create_tables=create_tables)
-    journal = SpillJournal(spill_dir, url) if spill_dir else None
+    one that spills to a journal there what the database does not take (see LocalHost), and
+    calls *on_replayed* with the rows of each batch it replays from there."""
+    backend = make_backend(url, tables, create_tables=create_tables)
+    journal = SpillJournal(spill_dir, url, on_replayed=on_replayed) if spill_dir else None
     return LocalHost(
         backend,
         retry_timeout,

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import orjson
 
 from scrapy_ingest._redact import redact_text
-from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
+from scrapy_ingest.exceptions import BackendRefused, BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from scrapy_ingest.schema import ColumnKind, TableSpec
     from scrapy_ingest.spill import OpenOutcome, ReplayOutcome, SpillJournal
@@ -47,6 +47,10 @@ class Failure(enum.Enum):
     DUPLICATE = "duplicate"
     #: the database is unreachable, busy or restarting: wait and try again
     TRANSIENT = "transient"
+    #: the database refuses this connection or statement for a reason no retry can heal
+    #: (authentication, unknown database, missing privilege, table or column, read-only):
+    #: stop trying it, spill what is left, say what to fix (docs/reliability.md lists the codes)
+    PERMANENT = "permanent"
 
 
 class Backend(Protocol):
@@ -77,7 +81,10 @@ class Backend(Protocol):
         """
 
     def classify(self, exc: BaseException) -> Failure:
-        """Say what *exc*, raised by :meth:`write`, means for the batch."""
+        """Say what *exc*, raised by any method, means: from the driver's own error codes,
+        never the message text. A backend may also offer ``explain_refusal(exc) -> str``,
+        the cause and the fix of a :attr:`Failure.PERMANENT` error in plain words (see
+        :func:`refusal`)."""
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
         """Insert a job row; return False when its ``job_id`` exists already."""
@@ -92,6 +99,39 @@ class Backend(Protocol):
         """Set status and close reason ``crashed`` (and ``finished_at`` to its last refresh) on
         each ``running`` job row last refreshed before *stale_before*, except *alive* (the job
         of the crawl asking); return their ids."""
+
+    # what the ``scrapy ingest`` commands ask of a database (scrapy_ingest.commands)
+
+    def schema_version(self) -> int | None:
+        """The schema version recorded in the database (None: no tables of ours yet).
+
+        Called on a backend opened with ``create_tables=False``: it changes nothing."""
+
+    def check_privileges(self, tables: Sequence[TableSpec]) -> list[str]:
+        """What a crawl needs of *tables* that this connection may not do: one message per
+        missing privilege or table, each naming the fix (the GRANT, or the DDL to run); []
+        when a crawl can store everything. Leaves no row behind."""
+
+    def recent_jobs(
+        self, table: TableSpec, *, running: bool, spider: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """At most *limit* job rows, the latest started first (only ``running`` ones with
+        *running*, only *spider*'s with *spider*), as dicts of the job table's columns,
+        with times as epoch seconds (float) and JSON columns decoded."""
+
+    def job_items(self, table: TableSpec, job_id: str) -> Iterator[str]:
+        """The JSON text of each stored item of job *job_id* (its ``data``), in the order
+        they were scraped, read in chunks (never the whole job in memory)."""
+
+    def prune(self, table: TableSpec, older_than: float, *, batch_rows: int) -> Iterator[int]:
+        """Delete the rows of *table* from before *older_than* (epoch seconds; for jobs,
+        only finished ones), in transactions of at most *batch_rows* rows, so that a crawl
+        writing at the same time is never blocked for long; yield each transaction's count."""
+
+    def create_statements(self, tables: Sequence[TableSpec]) -> list[str]:
+        """The statements that create *tables* (indexes and the schema version row
+        included) as :meth:`open` would, for a DBA to run where ``INGEST_CREATE_TABLES`` is
+        False; each a complete statement without a trailing semicolon."""
 
 
 @dataclass
@@ -142,6 +182,9 @@ class WriteOutcome:
     written: int = 0
     #: (row, reason) of each record the database refused
     dead: list[tuple[Row, str]] = field(default_factory=list)
+    #: on replay, the records of ``dead`` that the dead-letter table refused too (or that have
+    #: no dead-letter table), with the reasons: the journal keeps them in a ``refused-*`` file
+    dead_refused: list[tuple[Any, str]] = field(default_factory=list)
     #: rows given up on when retries ran out (and no spill journal took them)
     lost: int = 0
     retries: int = 0
@@ -149,6 +192,8 @@ class WriteOutcome:
     unwritten: list[Row] = field(default_factory=list)
     #: why the last attempt failed, when rows were not written
     failure: str = ""
+    #: the database refuses this crawl (a Failure.PERMANENT error): the cause and the fix
+    refused: str = ""
     #: rows put in the spill journal, and the bytes of the journal's batches after that
     spilled: int = 0
     journal_bytes: int = 0
@@ -215,7 +260,7 @@ def store_batch(
         try:
             changes = backend.write(table, chunk, idempotent=idempotent)
         except Exception as exc:
-            kind = backend.classify(exc)
+            kind = failure_of(backend, exc)
             if kind is Failure.DUPLICATE:
                 duplicates += 1
                 if duplicates > _MAX_DUPLICATE_RETRIES:  # not a race: a row that conflicts
@@ -227,8 +272,16 @@ def store_batch(
             if kind is Failure.DUPLICATE:
                 pending.append(chunk)
                 continue
-            outage.failed()
-            if time.monotonic() + delay > outage.deadline(retry_timeout) or (abort and abort()):
+            refused = kind is Failure.PERMANENT
+            if refused:  # no retry can heal it: give the rows back at once
+                outcome.refused = refusal(backend, exc)
+            else:
+                outage.failed()
+            if (
+                refused
+                or time.monotonic() + delay > outage.deadline(retry_timeout)
+                or (abort and abort())
+            ):
                 outcome.unwritten = [*chunk]
                 for later in reversed(pending):  # a stack: the last pushed comes first
                     outcome.unwritten.extend(later)
@@ -447,13 +500,21 @@ def retry_call(
     outage: Outage,
     abort: Callable[[], bool] | None = None,
 ) -> _T:
-    """Run *call*, retrying transient failures like :func:`store_batch`; re-raise the last."""
+    """Run *call*, retrying transient failures like :func:`store_batch`; re-raise the last.
+
+    A permanent failure is not retried: it is raised as :class:`BackendRefused`, with the
+    cause and the fix."""
     delay = _FIRST_RETRY_DELAY
     while True:
         try:
             result = call()
         except Exception as exc:
-            if backend.classify(exc) is not Failure.TRANSIENT:
+            kind = failure_of(backend, exc)
+            if kind is Failure.PERMANENT:
+                if isinstance(exc, BackendRefused):
+                    raise
+                raise BackendRefused(refusal(backend, exc)) from None
+            if kind is not Failure.TRANSIENT:
                 raise
             outage.failed()
             if time.monotonic() + delay > outage.deadline(retry_timeout) or (abort and abort()):
@@ -472,6 +533,27 @@ def retry_call(
             return result
 
 
+def failure_of(backend: Backend, exc: BaseException) -> Failure:
+    """What *exc* means (:meth:`Backend.classify`); a :class:`BackendRefused` the backend
+    raised itself (at open) is permanent."""
+    if isinstance(exc, BackendRefused):
+        return Failure.PERMANENT
+    return backend.classify(exc)
+
+
+def refusal(backend: Backend, exc: BaseException) -> str:
+    """The cause and the fix of a permanent failure, in plain words, naming the database."""
+    if isinstance(exc, BackendRefused):
+        return str(exc)
+    explain: Callable[[BaseException], str] | None = getattr(backend, "explain_refusal", None)
+    if explain is not None:
+        return explain(exc)
+    return (
+        f"{backend.url} refuses this crawl ({describe_error(exc)}): no retry can fix that. "
+        "Fix: see docs/reliability.md for what this error needs"
+    )
+
+
 def _split(
     chunk: Sequence[Row], exc: Exception, pending: list[Sequence[Row]], outcome: WriteOutcome
 ) -> None:
@@ -482,6 +564,56 @@ def _split(
     # pending is a stack: push the second half first so rows keep their order
     pending.append(chunk[middle:])
     pending.append(chunk[:middle])
+
+
+#: the longest payload a dead letter keeps (as the crawl's: runtime.DEAD_LETTER_PAYLOAD_MAX)
+_DEAD_LETTER_PAYLOAD_MAX = 1_000_000
+
+
+def dead_letter_row(table: TableSpec, record: Any, reason: str) -> Row:
+    """The dead-letter row of a replayed *record* of *table* (a row, or a job row's dict)
+    refused for its content, as a crawl writes one. Its id comes from the record's, so that
+    a batch replayed again stores it once."""
+    if isinstance(record, dict):  # a job row
+        key, job_id, payload = record.get("job_id"), record.get("job_id"), repr(dict(record))
+    else:
+        job_id = record[table.position("job_id")] if "job_id" in table.column_names else ""
+        key, last = record[0], record[-1]
+        if table.kind == "items" and isinstance(last, (bytes, bytearray)):
+            payload = bytes(last).decode("utf-8", "replace")
+        elif table.kind == "items" and isinstance(last, str):
+            payload = last
+        else:
+            payload = repr(record)
+    if len(payload) > _DEAD_LETTER_PAYLOAD_MAX:
+        payload = payload[:_DEAD_LETTER_PAYLOAD_MAX] + "...[truncated]"
+    digest = hashlib.blake2b(f"{table.name}\0{key!r}".encode(), digest_size=16).digest()
+    letter_id = int.from_bytes(digest, "big")
+    text = f"the database refused it: {reason} (replayed from the spill journal)"
+    return (letter_id, safe_text(str(job_id or "")), table.kind, text, payload, time.time())
+
+
+def clean_job_row(table: TableSpec, row: Mapping[str, Any]) -> dict[str, Any]:
+    """*row* (a job row) with each text made storable (:func:`safe_text`) and each JSON value
+    that is not valid JSON, or holds an escaped NUL (which PostgreSQL's jsonb refuses), left
+    out (NULL): what a job row written by an older version, or another tool, may need."""
+    cleaned = dict(row)
+    for name, value in row.items():
+        if name not in table.column_names or value is None:
+            continue
+        kind = table.column_kind(name)
+        if kind == "text" and isinstance(value, str):
+            cleaned[name] = safe_text(value)
+        elif kind == "json" and isinstance(value, (bytes, bytearray, str)):
+            try:
+                orjson.loads(value)
+            except orjson.JSONDecodeError:
+                cleaned[name] = None
+            else:
+                text = value if isinstance(value, str) else bytes(value).decode()
+                if "\\u0000" in text:
+                    cleaned[name] = None
+    return cleaned
 
 
 def is_same_job(row: Mapping[str, Any], hostname: Any, pid: Any, started_at: float) -> bool:
@@ -550,6 +682,23 @@ def log_migration(url: str, old: int) -> None:
     logger.info("Migrated the tables in %s from schema version %s to %s", url, old, SCHEMA_VERSION)
 
 
+#: the statuses of the job rows that ``prune`` deletes (never a running job's)
+PRUNED_JOB_STATUSES = ("finished", "crashed")
+
+
+def retention_columns(table: TableSpec) -> tuple[str, ...]:
+    """The timestamp columns whose first non-null value dates a row of *table* for ``prune``:
+    when an item was last seen (else scraped), when a job finished (else was last refreshed),
+    else the record's own time (``started_at``, ``logged_at``, ``created_at``)."""
+    if table.kind in ("items", "item_versions"):
+        return ("last_seen_at", "scraped_at")
+    if table.kind == "jobs":
+        return ("finished_at", "updated_at")
+    if table.kind == "schema_version":
+        raise ValueError("the schema version table is never pruned")
+    return (next(c.name for c in table.columns if c.kind == "timestamp" and not c.nullable),)
+
+
 def describe_error(exc: BaseException) -> str:
     """``ClassName: first line of the message``, credentials redacted."""
     text = str(exc).strip()
@@ -567,6 +716,12 @@ class LocalHost:
     connection attempt). The first write that goes through brings it back up,
     and the journal is replayed. A database that cannot be opened at start
     sends the host down at once, unless *require_backend*.
+
+    A database that *refuses* the crawl (:attr:`Failure.PERMANENT`: a refused password, a
+    missing database or privilege) is never retried: at start, :meth:`open` and
+    :meth:`insert_job` raise :class:`BackendRefused` whatever *require_backend* says; during
+    the crawl the host is *refused* from then on: every batch and job row state goes to the
+    journal at once (or is given up, without one), with ``refused`` set in the outcome.
     """
 
     def __init__(
@@ -582,6 +737,8 @@ class LocalHost:
         self.backend = backend
         #: names of the tables prepared by open(); others are created at their first write
         self._ready = {table.name for table in tables}
+        #: where replayed records refused for their content go
+        self._dead_letters = next((t for t in tables if t.kind == "dead_letters"), None)
         self.url = backend.url
         self.threads = backend.threads
         self._retry_timeout = retry_timeout
@@ -593,6 +750,8 @@ class LocalHost:
         #: the latest state of each job row written through this host, to spill it whole
         self._jobs: dict[str, tuple[TableSpec, dict[str, Any]]] = {}
         self._down = False
+        #: why the database refuses this crawl (the cause and the fix), once it has
+        self._refused: str | None = None
         self._next_probe = 0.0
         self._probe_delay = _FIRST_RETRY_DELAY
         #: (batches, rows) replayed and not reported yet in a store() outcome or by recover()
@@ -610,6 +769,8 @@ class LocalHost:
 
         try:
             self.backend.open()
+        except BackendRefused:
+            raise  # no journal can help: nothing it holds would ever be written
         except BackendUnavailable as exc:
             if self._require:
                 raise
@@ -630,7 +791,7 @@ class LocalHost:
         batches, rows = self._unreported
         self._unreported = (0, 0)
         unreported = ReplayOutcome(batches, rows)
-        if self._journal is None:
+        if self._journal is None or self._refused is not None:
             return unreported
         if not self._down:
             if self._replay_pending:  # up again, but a replay stopped part way: once more
@@ -715,30 +876,103 @@ class LocalHost:
         journal = self._journal
         if journal is None:
             return None
-        return journal.replay(
-            self._store_replayed,
-            self.backend.insert_job,
-            lambda table, job_id, row: self.backend.update_job(
-                table, job_id, row, unless_finished=False
-            ),
-        )
+        return journal.replay(self._store_replayed, self._replay_job)
 
     def _store_replayed(self, table: TableSpec, rows: Sequence[Row]) -> WriteOutcome:
-        self._prepare(table)
-        return store_batch(
-            self.backend,
-            table,
-            rows,
-            0,  # no waiting: a batch the database refuses again stays in the journal
-            outage=Outage(),
-            abort=self._abort,
-            idempotent=True,
+        """Write a spilled batch: split until the rows refused for their content are found,
+        which go to the dead-letter table (as a crawl's would); the rest is stored. A batch
+        the database does not take at all comes back ``lost``, to stay in the journal."""
+        try:
+            self._prepare(table)
+            outcome = store_batch(
+                self.backend,
+                table,
+                rows,
+                0,  # no waiting: a batch the database does not take stays in the journal
+                outage=Outage(),
+                abort=self._abort,
+                idempotent=True,
+            )
+            if outcome.dead and not outcome.lost:
+                outcome.dead_refused = self._dead_letter(table, outcome.dead)
+        except Exception as exc:
+            return self._not_replayed(len(rows), exc)
+        return outcome
+
+    def _replay_job(self, table: TableSpec, row: Mapping[str, Any]) -> WriteOutcome:
+        """Write a spilled job row; one refused for its content is written again with its
+        values cleaned (:func:`clean_job_row`), else dead-lettered: it never blocks."""
+        try:
+            try:
+                self._write_job(table, row)
+            except Exception as exc:
+                if failure_of(self.backend, exc) is not Failure.DATA:
+                    raise
+                cleaned = clean_job_row(table, row)
+                if cleaned == row:
+                    raise
+                self._write_job(table, cleaned)
+                logger.warning(
+                    "The database at %s refused the spilled job row of %s (%s); it was "
+                    "written with its text and JSON cleaned",
+                    self.url,
+                    row.get("job_id"),
+                    describe_error(exc),
+                )
+        except Exception as exc:
+            if failure_of(self.backend, exc) is not Failure.DATA:
+                return self._not_replayed(1, exc)
+            dead: list[tuple[Any, str]] = [(dict(row), describe_error(exc))]
+            try:
+                kept = self._dead_letter(table, dead)
+            except Exception as later:
+                return self._not_replayed(1, later)
+            return WriteOutcome(dead=dead, dead_refused=kept)
+        return WriteOutcome(written=1)
+
+    def _write_job(self, table: TableSpec, row: Mapping[str, Any]) -> None:
+        self.backend.insert_job(table, row)
+        self.backend.update_job(table, row["job_id"], row, unless_finished=False)
+
+    def _not_replayed(self, rows: int, exc: BaseException) -> WriteOutcome:
+        """*rows* a replay could not write, because of *exc* (the database is unavailable,
+        or refuses the replay)."""
+        outcome = WriteOutcome(lost=rows, failure=describe_error(exc))
+        if failure_of(self.backend, exc) is Failure.PERMANENT:
+            outcome.refused = refusal(self.backend, exc)
+        return outcome
+
+    def _dead_letter(
+        self, table: TableSpec, dead: Sequence[tuple[Any, str]]
+    ) -> list[tuple[Any, str]]:
+        """Put the replayed records in *dead*, refused for their content, in the dead-letter
+        table; return those it refuses too (or all, without one), with both reasons. Raise
+        when the database is unavailable (the batch stays in the journal: written again,
+        nothing is stored twice, the dead letters' ids being those of their records)."""
+        letters_table = self._dead_letters
+        if letters_table is None or table.kind == "dead_letters":
+            return list(dead)
+        letters = [dead_letter_row(table, record, reason) for record, reason in dead]
+        self._prepare(letters_table)
+        result = store_batch(
+            self.backend, letters_table, letters, 0, outage=Outage(), idempotent=True
         )
+        if result.lost and not result.refused:
+            raise BackendUnavailable(result.failure)
+        refused = {letter[0]: why for letter, why in result.dead}
+        refused.update((letter[0], result.refused) for letter in result.unwritten)
+        return [
+            (record, f"{reason}; the dead-letter table refused it too: {refused[letter[0]]}")
+            for (record, reason), letter in zip(dead, letters, strict=True)
+            if letter[0] in refused
+        ]
 
     # writing
 
     def store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
         rows = batch.rows(text=self.backend.json_as_text)
+        if self._refused is not None:
+            return self._set_aside(table, rows, WriteOutcome(refused=self._refused))
         was_down = self._down
         if was_down and not self._probe_due():
             return self._spill(table, rows, WriteOutcome(), "the database is still unavailable")
@@ -746,10 +980,7 @@ class LocalHost:
             self._ensure_open()
             self._prepare(table)
         except Exception as exc:
-            if self._journal is None or not self._transient(exc):
-                return self._give_up(table, rows, describe_error(exc))
-            self._go_down()
-            return self._spill(table, rows, WriteOutcome(), describe_error(exc))
+            return self._not_ready(table, rows, exc)
         outcome = store_batch(
             self.backend,
             table,
@@ -759,11 +990,8 @@ class LocalHost:
             abort=self._abort,
             idempotent=was_down,
         )
-        if outcome.unwritten:
-            if self._journal is None:
-                return self._give_up(table, outcome.unwritten, outcome.failure, outcome)
-            self._go_down()
-            return self._spill(table, outcome.unwritten, outcome, outcome.failure)
+        if outcome.unwritten or outcome.refused:
+            return self._not_written(table, outcome)
         if was_down:
             self._came_back()
         elif self._replay_pending and self._probe_due():
@@ -773,10 +1001,39 @@ class LocalHost:
         self._unreported = (0, 0)
         return outcome
 
+    def _not_ready(self, table: TableSpec, rows: list[Row], exc: Exception) -> WriteOutcome:
+        """*rows* when the database could not be opened, or the table prepared, for them."""
+        if failure_of(self.backend, exc) is Failure.PERMANENT:
+            self._refused = refusal(self.backend, exc)
+            return self._set_aside(table, rows, WriteOutcome(refused=self._refused))
+        if self._journal is None or not self._transient(exc):
+            return self._give_up(table, rows, describe_error(exc))
+        self._go_down()
+        return self._spill(table, rows, WriteOutcome(), describe_error(exc))
+
+    def _not_written(self, table: TableSpec, outcome: WriteOutcome) -> WriteOutcome:
+        """The rows a write gave back: refused, or not written within the retry timeout."""
+        if outcome.refused:
+            self._refused = outcome.refused
+            return self._set_aside(table, outcome.unwritten, outcome)
+        if self._journal is None:
+            return self._give_up(table, outcome.unwritten, outcome.failure, outcome)
+        self._go_down()
+        return self._spill(table, outcome.unwritten, outcome, outcome.failure)
+
     def _transient(self, exc: Exception) -> bool:
+        if isinstance(exc, BackendRefused):
+            return False
         return isinstance(exc, BackendUnavailable) or self.backend.classify(exc) is (
             Failure.TRANSIENT
         )
+
+    def _set_aside(self, table: TableSpec, rows: list[Row], outcome: WriteOutcome) -> WriteOutcome:
+        """The rows of a refused database: to the journal, where `scrapy ingest replay` finds
+        them once the cause is fixed (or given up, without a journal)."""
+        if self._journal is None:
+            return self._give_up(table, rows, outcome.refused, outcome)
+        return self._spill(table, rows, outcome, "the database refuses this crawl")
 
     def _prepare(self, table: TableSpec) -> None:
         if table.history is not None:
@@ -817,9 +1074,14 @@ class LocalHost:
 
     def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
         self._jobs[row["job_id"]] = (table, dict(row))
+        # at start: a refusal is raised (the crawl does not start), never spilled
         return bool(
             self._job_call(
-                row["job_id"], lambda: self.backend.insert_job(table, row), "Inserting", True
+                row["job_id"],
+                lambda: self.backend.insert_job(table, row),
+                "Inserting",
+                True,
+                refusable=False,
             )
         )
 
@@ -836,11 +1098,23 @@ class LocalHost:
             None,
         )
 
-    def _job_call(self, job_id: str, call: Callable[[], _T], verb: str, spilled: _T) -> _T:
-        """Write the job row, or, while the database is down, keep its latest state in the
-        journal (written back before the batches) and return *spilled*."""
+    def _job_call(
+        self,
+        job_id: str,
+        call: Callable[[], _T],
+        verb: str,
+        spilled: _T,
+        *,
+        refusable: bool = True,
+    ) -> _T:
+        """Write the job row, or, while the database is down (or, if *refusable*, refuses
+        this crawl), keep its latest state in the journal (written back before the batches)
+        and return *spilled*."""
         known = self._jobs.get(job_id)
         spillable = self._journal is not None and known is not None
+        if self._refused is not None and spillable and refusable:
+            self._save_job(job_id)
+            return spilled
         if self._down and spillable and not self._probe_due():
             self._save_job(job_id)
             return spilled
@@ -851,7 +1125,13 @@ class LocalHost:
             else:
                 result = self._retry(call, f"{verb} the job row")
         except Exception as exc:
+            if spillable and refusable and failure_of(self.backend, exc) is Failure.PERMANENT:
+                self._refused = refusal(self.backend, exc)
+                self._save_job(job_id)
+                return spilled
             if not spillable or not self._transient(exc):
+                if self._down and failure_of(self.backend, exc) is Failure.PERMANENT:
+                    raise BackendRefused(refusal(self.backend, exc)) from None
                 raise
             self._go_down()
             self._save_job(job_id)
@@ -861,7 +1141,7 @@ class LocalHost:
         return result
 
     def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
-        if self._down:
+        if self._down or self._refused is not None:
             return []  # the next crawl will see them
         return self._retry(
             lambda: self.backend.mark_crashed(table, stale_before, alive), "Marking crashed jobs"

@@ -66,12 +66,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
 import orjson
@@ -81,6 +83,7 @@ from clickhouse_connect.driver import exceptions as ch_errors
 from scrapy_ingest._ids import format_uuid
 from scrapy_ingest._redact import redact_secrets_of, redact_url
 from scrapy_ingest.backends.base import (
+    PRUNED_JOB_STATUSES,
     Failure,
     Row,
     StoredItem,
@@ -89,14 +92,15 @@ from scrapy_ingest.backends.base import (
     log_migration,
     needs_migration,
     plan_upsert,
+    retention_columns,
     safe_text,
     split_keyed,
 )
-from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
+from scrapy_ingest.exceptions import BackendRefused, BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from clickhouse_connect.datatypes.base import ClickHouseType
     from clickhouse_connect.driver.client import Client
@@ -121,8 +125,24 @@ _TYPES: dict[ColumnKind, str] = {
 _LOW_CARDINALITY = frozenset(
     {"spider", "item_type", "method", "level_name", "logger", "kind", "status", "hostname"}
 )
-#: server errors about a value, not about the server (CANNOT_PARSE_*, TOO_LARGE_*, ...)
-_DATA_ERROR = re.compile(r"Code: (6|26|27|38|41|53|69|70|72|117|131|190|241|321|395)\b")
+#: server error codes about a value, not about the server (docs/reliability.md): 6
+#: CANNOT_PARSE_TEXT, 26 CANNOT_PARSE_QUOTED_STRING, 27 CANNOT_PARSE_INPUT_ASSERTION_FAILED,
+#: 38 CANNOT_PARSE_DATE, 41 CANNOT_PARSE_DATETIME, 53 TYPE_MISMATCH, 69 ARGUMENT_OUT_OF_BOUND,
+#: 70 CANNOT_CONVERT_TYPE, 72 CANNOT_PARSE_NUMBER, 117 INCORRECT_DATA, 131
+#: TOO_LARGE_STRING_SIZE, 190 SIZES_OF_ARRAYS_DONT_MATCH, 321
+#: VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, 395 FUNCTION_THROW_IF_VALUE_IS_NON_ZERO, 469
+#: VIOLATED_CONSTRAINT
+_DATA_CODES = frozenset({6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 190, 321, 395, 469})
+#: server error codes no retry can heal: 16 NO_SUCH_COLUMN_IN_TABLE, 47 UNKNOWN_IDENTIFIER (a
+#: column missing), 60 UNKNOWN_TABLE, 81 UNKNOWN_DATABASE, 164 READONLY, 192 UNKNOWN_USER, 193
+#: WRONG_PASSWORD, 194 REQUIRED_PASSWORD, 497 ACCESS_DENIED, 516 AUTHENTICATION_FAILED; every
+#: other code (159 TIMEOUT_EXCEEDED, 202 TOO_MANY_SIMULTANEOUS_QUERIES, 241
+#: MEMORY_LIMIT_EXCEEDED, 242 TABLE_IS_READ_ONLY, 252 TOO_MANY_PARTS, ...) and a network error
+#: are transient
+_PERMANENT_CODES = frozenset({16, 47, 60, 81, 164, 192, 193, 194, 497, 516})
+_LOGIN_CODES = frozenset({192, 193, 194, 516})
+#: the code a server (or chDB) reports in its message, where the exception has none
+_CODE = re.compile(r"\bCode:\s*(\d+)")
 #: JSON columns that hold a list, which the JSON type cannot (it holds objects): String
 _JSON_LISTS = frozenset({"errors"})
 #: the tables of items and of their previous versions
@@ -189,6 +209,10 @@ class ClickHouseBackend:
             self._prepare_schema()
         except ch_errors.ClickHouseError as exc:
             self.close()
+            if self.classify(exc) is Failure.PERMANENT:
+                raise BackendRefused(
+                    self.explain_refusal(exc, creating=self._create_tables)
+                ) from None
             reason = redact_secrets_of(self._url, str(exc)).strip().splitlines()[0]
             raise BackendUnavailable(f"cannot use ClickHouse at {self.url}: {reason}") from None
 
@@ -222,11 +246,7 @@ class ClickHouseBackend:
                         f"ALTER TABLE {_quote(table.name)} ADD COLUMN IF NOT EXISTS "
                         f"{_quote(column.name)} {self._column_type(column)}"
                     )
-        client.insert(
-            self._versions.name,
-            [(SCHEMA_VERSION, _ticks(time.time()))],
-            column_names=["version", "applied_at"],
-        )
+        client.command(self._version_row_sql())
         if current is not None:
             log_migration(self.url, current)
 
@@ -237,6 +257,66 @@ class ClickHouseBackend:
         self._tables[table.name] = table
         self._layouts.pop(table.name, None)
         self._types.pop(table.name, None)
+
+    # retention and DDL (scrapy ingest prune, migrate)
+
+    def prune(self, table: TableSpec, older_than: float, *, batch_rows: int) -> Iterator[int]:
+        """ClickHouse's own means: one lightweight ``DELETE FROM ... WHERE`` per table (rows
+        are masked at once and dropped by later merges; inserts are never blocked), after
+        counting what it removes (every stored version of a row counts). Job rows go by
+        ``job_id``, every version of each, for the jobs whose latest version (``FINAL``)
+        finished before the cutoff, *batch_rows* jobs a statement."""
+        assert self._client is not None, "prune() before open()"
+        client = self._client
+        name = _quote(table.name)
+        if str(client.command(f"EXISTS TABLE {name}")).strip() != "1":
+            return
+        times = ", ".join(_quote(c) for c in retention_columns(table))
+        condition = f"coalesce({times}) < toDateTime64({{cutoff:Float64}}, 6, 'UTC')"
+        params: dict[str, Any] = {"cutoff": older_than}
+        if table.kind != "jobs":
+            found = client.query(f"SELECT count() FROM {name} WHERE {condition}", parameters=params)
+            count = int(found.result_rows[0][0])
+            if count:
+                client.command(f"DELETE FROM {name} WHERE {condition}", parameters=params)
+                yield count
+            return
+        statuses = ", ".join(f"'{status}'" for status in PRUNED_JOB_STATUSES)
+        found = client.query(
+            f"SELECT job_id FROM {name} FINAL WHERE status IN ({statuses}) AND {condition}",
+            parameters=params,
+        )
+        ids = [row[0] for row in found.result_rows]
+        for start in range(0, len(ids), batch_rows):
+            chunk = {"ids": ids[start : start + batch_rows]}
+            in_chunk = "job_id IN {ids:Array(String)}"
+            found = client.query(f"SELECT count() FROM {name} WHERE {in_chunk}", parameters=chunk)
+            client.command(f"DELETE FROM {name} WHERE {in_chunk}", parameters=chunk)
+            yield int(found.result_rows[0][0])
+
+    def create_statements(self, tables: Sequence[TableSpec]) -> list[str]:
+        """What :meth:`open` runs on an empty database. The type of the JSON columns depends
+        on the server (``JSON`` from ClickHouse 25.3, else ``String``): unless the backend is
+        open, this connects to ask (``SELECT CAST('{}', 'JSON')``, nothing else)."""
+        if self._client is None:
+            try:
+                client = _client(self._url)
+                try:
+                    self._json_type = _has_json_type(client)
+                finally:
+                    client.close()
+            except ch_errors.ClickHouseError as exc:
+                reason = redact_secrets_of(self._url, str(exc)).strip().splitlines()[0]
+                raise BackendUnavailable(f"cannot use ClickHouse at {self.url}: {reason}") from None
+        statements = [self._create_table_sql(t) for t in tables]
+        versions = next(t for t in tables if t.kind == "schema_version")
+        statements.append(self._version_row_sql(versions))
+        return statements
+
+    def _version_row_sql(self, versions: TableSpec | None = None) -> str:
+        """The statement that records the current schema version."""
+        name = _quote((versions or self._versions).name)
+        return f"INSERT INTO {name} (version, applied_at) VALUES ({SCHEMA_VERSION}, now64(6))"
 
     def _create_table_sql(self, table: TableSpec) -> str:
         columns = ", ".join(self._column_definition(table, c) for c in _column_specs(table))
@@ -357,7 +437,8 @@ class ClickHouseBackend:
             column_types = None if types is None else [types[name] for name in names]
         except KeyError as exc:
             del self._types[table.name]  # read again: the table may be mended by then
-            raise SchemaError(
+            # permanent, like the server's NO_SUCH_COLUMN_IN_TABLE: no row of it can be stored
+            raise BackendRefused(
                 f"the table {table.name} in {self.url} has no column {exc.args[0]}, which "
                 "scrapy-ingestion writes. Fix: let the crawl create its tables "
                 "(INGEST_CREATE_TABLES = True) in a new database, or add the column "
@@ -537,16 +618,170 @@ class ClickHouseBackend:
             f"{name}_old) so that the next crawl creates {name} anew"
         )
 
+    # what `scrapy ingest check` asks: it works before open() (and after open() failed on
+    # missing tables), with a client that close() releases
+
+    def _inspection_client(self) -> Client:
+        if self._client is None:
+            try:
+                self._client = _client(self._url)
+            except ch_errors.ClickHouseError as exc:
+                raise self._unavailable(exc) from None
+        return self._client
+
+    def _unavailable(self, exc: ch_errors.ClickHouseError) -> BackendUnavailable:
+        reason = redact_secrets_of(self._url, str(exc)).strip().splitlines()[0]
+        return BackendUnavailable(f"cannot use ClickHouse at {self.url}: {reason}")
+
+    def _no_chdb_data(self) -> bool:
+        """Whether this is chDB with no data directory yet (connecting would create it)."""
+        if not self._url.startswith("chdb:"):
+            return False
+        path = self._url.split("://", 1)[-1].split("?", 1)[0]
+        return bool(path) and not os.path.exists(path)
+
+    def schema_version(self) -> int | None:
+        if self._no_chdb_data():
+            return None
+        client = self._inspection_client()
+        name = _quote(self._versions.name)
+        try:
+            if str(client.command(f"EXISTS TABLE {name}")).strip() != "1":
+                return None
+            found = client.query(f"SELECT max(version) FROM {name}")
+        except ch_errors.ClickHouseError as exc:
+            raise self._unavailable(exc) from None
+        current = found.result_rows[0][0] if found.result_rows else None
+        return int(current) if current else None  # max() of no rows is 0 in ClickHouse
+
+    def check_privileges(self, tables: Sequence[TableSpec]) -> list[str]:
+        """The user's ``readonly`` setting, then ``CHECK GRANT`` (ClickHouse 23.9 and later;
+        older servers are not asked) of SELECT and INSERT on each table and, with
+        ``create_tables``, of CREATE TABLE on the database. chDB has every privilege."""
+        if self._no_chdb_data():
+            names = list(dict.fromkeys(t.name for t in tables))
+            return [] if self._create_tables else [self._missing_message(names)]
+        client = self._inspection_client()
+        try:
+            return self._privilege_problems(client, list(dict.fromkeys(t.name for t in tables)))
+        except ch_errors.ClickHouseError as exc:
+            raise self._unavailable(exc) from None
+
+    def _privilege_problems(self, client: Client, names: list[str]) -> list[str]:
+        database = str(client.command("SELECT currentDatabase()")).strip()
+        user = str(client.command("SELECT currentUser()")).strip()
+        problems = []
+        readonly = str(client.command("SELECT getSetting('readonly')")).strip()
+        if readonly not in ("0", ""):
+            problems.append(
+                f"user {user} may not write in {self.url} (readonly = {readonly} in its "
+                "settings profile). Fix: give it a settings profile with readonly = 0"
+            )
+        missing = [
+            n for n in names if str(client.command(f"EXISTS TABLE {_quote(n)}")).strip() != "1"
+        ]
+        lacking = [
+            n
+            for n in names
+            if n not in missing
+            and not _granted(client, f"SELECT, INSERT ON {_quote(database)}.{_quote(n)}")
+        ]
+        if lacking:
+            problems.append(
+                f"user {user} may not SELECT or INSERT into the table(s) {', '.join(lacking)}. "
+                f"Fix: GRANT SELECT, INSERT ON {_quote(database)}.* TO {_quote(user)}"
+            )
+        if not self._create_tables:
+            if missing:
+                problems.append(self._missing_message(missing))
+        elif not _granted(client, f"CREATE TABLE ON {_quote(database)}.*"):
+            problems.append(
+                f"with INGEST_CREATE_TABLES = True a crawl runs CREATE TABLE IF NOT EXISTS, and "
+                f"user {user} may not create tables in {database}. Fix: GRANT CREATE TABLE ON "
+                f"{_quote(database)}.* TO {_quote(user)}, or "
+                + (
+                    "run `scrapy ingest migrate` as a user that may, then set "
+                    "INGEST_CREATE_TABLES = False"
+                    if missing
+                    else "set INGEST_CREATE_TABLES = False (the tables are there)"
+                )
+            )
+        return problems
+
+    def _missing_message(self, missing: list[str]) -> str:
+        return (
+            f"the table(s) {', '.join(missing)} do not exist in {self.url}, and "
+            "INGEST_CREATE_TABLES is False. Fix: run `scrapy ingest migrate`, or have a DBA run "
+            "what `scrapy ingest migrate --sql` prints"
+        )
+
     def classify(self, exc: BaseException) -> Failure:
+        """By the server's error code (docs/reliability.md has the table): clickhouse-connect's
+        ``code``, else the ``Code: NNN`` the server (or chDB) reports; a code not listed, and
+        a network error, are transient."""
         if isinstance(exc, SchemaError):
             return Failure.DATA  # keyed items in an old items table: no retry can help
-        if isinstance(exc, (ch_errors.DataError, ch_errors.ProgrammingError)):
-            return Failure.DATA
         if isinstance(exc, (ValueError, TypeError, OverflowError, UnicodeError)):
             return Failure.DATA  # a value the client cannot serialize
-        if isinstance(exc, ch_errors.DatabaseError) and _DATA_ERROR.search(str(exc)):
+        code = _error_code(exc)
+        if code is None:
+            # the client's own DataError: a value it cannot serialize; anything else without
+            # a code (a dropped connection, a chDB directory another process holds) may heal
+            return Failure.DATA if isinstance(exc, ch_errors.DataError) else Failure.TRANSIENT
+        if code in _DATA_CODES:
             return Failure.DATA
+        if code in _PERMANENT_CODES:
+            return Failure.PERMANENT
         return Failure.TRANSIENT
+
+    def explain_refusal(  # noqa: PLR0911 - one return per kind of refusal
+        self, exc: BaseException, *, creating: bool = False
+    ) -> str:
+        """The cause of a permanent failure and its fix, in plain words (no password)."""
+        code = _error_code(exc)
+        parts = urlsplit(self._url)
+        user = unquote(parts.username or "default")
+        database = unquote(parts.path.strip("/")) or "default"
+        where = f"ClickHouse at {self.url}"
+        detail = redact_secrets_of(self._url, str(exc)).strip().splitlines()[0][:300]
+        if code in _LOGIN_CODES:
+            return (
+                f"{where} refused the user {user!r} or its password ({detail}). Fix: correct "
+                "the user and password in the database URL"
+            )
+        if code == 81:
+            return (
+                f"database {database!r} does not exist on {where}. Fix: create it (CREATE "
+                f"DATABASE {_quote(database)}), or fix the database name in the URL"
+            )
+        if code == 164:
+            return (
+                f"user {user!r} may not write in {where}: its settings profile has readonly "
+                "set. Fix: give it a settings profile with readonly = 0"
+            )
+        if code == 497 and creating:
+            return (
+                f"user {user!r} may not create tables in database {database!r} of {where} "
+                f"({detail}). Fix: GRANT CREATE TABLE ON {_quote(database)}.* TO "
+                f"{_quote(user)}; or set INGEST_CREATE_TABLES = False and have a user that "
+                "may run the DDL that `scrapy ingest migrate --sql` prints"
+            )
+        if code == 497:
+            return (
+                f"user {user!r} may not write the tables of this crawl in {where} ({detail}). "
+                f"Fix: GRANT SELECT, INSERT ON {_quote(database)}.* TO {_quote(user)}"
+            )
+        if code in (16, 47, 60):
+            return (
+                f"a table or column of this crawl is missing in {where} ({detail}). Fix: run "
+                "`scrapy ingest migrate` (or one crawl with INGEST_CREATE_TABLES = True); "
+                "where that is not allowed, have a user that may run the DDL that `scrapy "
+                "ingest migrate --sql` prints"
+            )
+        return (
+            f"{where} refuses this crawl ({detail}): no retry can fix that. Fix: see "
+            "docs/reliability.md for what this error needs"
+        )
 
     # jobs: a job row is refreshed by inserting a newer version of it
 
@@ -605,6 +840,56 @@ class ClickHouseBackend:
             )
         return ids
 
+    def recent_jobs(
+        self, table: TableSpec, *, running: bool, spider: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        assert self._client is not None, "recent_jobs() before open()"
+        json_typed = self._json_typed(table.name)
+        names = table.column_names
+        select = ", ".join(_read_expression(table, name, json_typed) for name in names)
+        conditions = ["1"]
+        params: dict[str, Any] = {"limit": limit}
+        if running:
+            conditions.append("status = 'running'")
+        if spider is not None:
+            conditions.append("spider = {spider:String}")
+            params["spider"] = spider
+        # FINAL: the latest version of each job row, before the conditions are applied
+        found = self._client.query(
+            f"SELECT {select} FROM {_quote(table.name)} FINAL WHERE {' AND '.join(conditions)} "
+            "ORDER BY started_at DESC, job_id LIMIT {limit:UInt64}",
+            parameters=params,
+        )
+        jobs = []
+        for values in found.result_rows:
+            job = dict(zip(names, values, strict=True))
+            for name in names:
+                if table.column_kind(name) == "json" and job[name] is not None:
+                    job[name] = orjson.loads(job[name])
+            jobs.append(job)
+        return jobs
+
+    def job_items(self, table: TableSpec, job_id: str) -> Iterator[str]:
+        assert self._client is not None, "job_items() before open()"
+        data = _read_expression(table, "data", self._json_typed(table.name))
+        # FINAL: the current version of keyed items; streamed block by block
+        with self._client.query_row_block_stream(
+            f"SELECT {data} FROM {_quote(table.name)} FINAL WHERE job_id = {{job_id:String}} "
+            f"ORDER BY scraped_at, {_quote(table.primary_key)}",
+            parameters={"job_id": job_id},
+        ) as blocks:
+            for block in blocks:
+                for (value,) in block:
+                    yield value.decode() if isinstance(value, bytes) else value
+
+    def _json_typed(self, name: str) -> frozenset[str]:
+        """The columns of the table *name* that are of the JSON type (read as toJSONString)."""
+        return frozenset(
+            column
+            for column, type_, _, _ in self._table_columns(name)
+            if type_.startswith(("JSON", "Object("))
+        )
+
     def _insert_job_version(self, table: TableSpec, job: dict[str, Any]) -> None:
         assert self._client is not None
         names = [n for n in table.column_names if n in job]
@@ -622,6 +907,18 @@ def _client(url: str) -> Client:
     secure = url.startswith("clickhouses:")
     dsn = re.sub(r"^clickhouses?://", "clickhouse://", url)
     return clickhouse_connect.get_client(dsn=dsn, secure=secure, connect_timeout=10)
+
+
+def _error_code(exc: BaseException) -> int | None:
+    """The ClickHouse error code of *exc*: the driver's, else the one its message reports."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(exc, ch_errors.ClickHouseError):
+        found = _CODE.search(str(exc))
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def _has_json_type(client: Client) -> bool:
@@ -747,6 +1044,17 @@ def _uuids_as_ints(table: TableSpec, rows: list[Row]) -> list[Row]:
 
 def _time_column(table: TableSpec) -> str:
     return next(c.name for c in table.columns if c.kind == "timestamp" and not c.nullable)
+
+
+def _granted(client: Client, what: str) -> bool:
+    """``CHECK GRANT what``; True where the server has no CHECK GRANT (before 23.9)."""
+    try:
+        return str(client.command(f"CHECK GRANT {what}")).strip() == "1"
+    except ch_errors.DatabaseError as exc:
+        if "SYNTAX_ERROR" not in str(exc) and "Code: 62." not in str(exc):
+            raise
+        logger.debug("%s", exc)
+        return True
 
 
 def _quote(name: str) -> str:

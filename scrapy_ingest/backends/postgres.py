@@ -23,27 +23,30 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from scrapy_ingest._redact import redact_secrets_of, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.backends.base import (
+    PRUNED_JOB_STATUSES,
     Failure,
     Row,
     StoredItem,
     conversions_by_kind,
+    describe_error,
     is_same_job,
     log_migration,
     needs_migration,
     plan_upsert,
+    retention_columns,
     safe_text,
     split_keyed,
 )
-from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
+from scrapy_ingest.exceptions import BackendRefused, BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from scrapy_ingest.schema import ColumnKind, TableSpec
 
@@ -62,6 +65,10 @@ _TYPES: dict[ColumnKind, str] = {
 _CONNECT_TIMEOUT = 10
 #: seconds a write waits for a pooled connection (a healthy pool has one ready)
 _POOL_WAIT = 2.0
+#: seconds the connection attempt that finds out why the pool has none may take
+_DIAGNOSE_TIMEOUT = 3
+#: rows a server-side cursor fetches at a time for the ``scrapy ingest`` commands (job_items)
+_READ_ROWS = 1000
 
 
 class PostgresBackend:
@@ -76,6 +83,9 @@ class PostgresBackend:
         self._versions = next(t for t in tables if t.kind == "schema_version")
         self._create_tables = create_tables
         self._pool: ConnectionPool | None = None
+        #: the role and schema the connections use (read at open, for messages)
+        self._role: str | None = None
+        self._schema: str | None = None
         self._format_ts = TimestampFormatter()
         self._conversions = conversions_by_kind(self._conversion)
 
@@ -84,8 +94,15 @@ class PostgresBackend:
     def open(self) -> None:
         try:
             with psycopg.connect(self._conninfo, connect_timeout=_CONNECT_TIMEOUT) as conn:
+                found = conn.execute("SELECT current_user, current_schema()").fetchone()
+                if found is not None:
+                    self._role, self._schema = found
                 self._prepare_schema(conn)
         except psycopg.Error as exc:
+            if self.classify(exc) is Failure.PERMANENT:
+                raise BackendRefused(
+                    self.explain_refusal(exc, creating=self._create_tables)
+                ) from None
             # libpq quotes bits of a malformed DSN, the password included: never show it
             reason = redact_secrets_of(self._conninfo, str(exc)).strip()
             raise BackendUnavailable(
@@ -136,12 +153,7 @@ class PostgresBackend:
                     _create_indexes(conn, table)
             if not migrate:
                 return
-            conn.execute(
-                sql.SQL("INSERT INTO {} (version, applied_at) VALUES (%s, now())").format(
-                    sql.Identifier(versions.name)
-                ),
-                [SCHEMA_VERSION],
-            )
+            conn.execute(_version_row(versions))
             if current is not None:
                 log_migration(self.url, current)
 
@@ -337,15 +349,258 @@ class PostgresBackend:
             return safe_text
         return None
 
+    # what `scrapy ingest check` asks: on a connection of its own, so that it works before
+    # open() and after open() failed on missing tables
+
+    def _inspection(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(
+                self._conninfo, connect_timeout=_CONNECT_TIMEOUT, autocommit=True
+            )
+        except psycopg.Error as exc:
+            reason = redact_secrets_of(self._conninfo, str(exc)).strip()
+            raise BackendUnavailable(
+                f"cannot connect to PostgreSQL at {self.url}: {reason}"
+            ) from None
+
+    def schema_version(self) -> int | None:
+        name = self._versions.name
+        with self._inspection() as conn:
+            quoted = sql.Identifier(name).as_string(conn)
+            found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [quoted]).fetchone()
+            if not found or not found[0]:
+                return None
+            try:
+                row = conn.execute(
+                    sql.SQL("SELECT max(version) FROM {}").format(sql.Identifier(name))
+                ).fetchone()
+            except psycopg.errors.InsufficientPrivilege:
+                raise SchemaError(
+                    f"cannot read the table {name} in {self.url}: permission denied. Fix: "
+                    f"GRANT SELECT ON {quoted} TO the role of the URL"
+                ) from None
+        return row[0] if row else None
+
+    def check_privileges(self, tables: Sequence[TableSpec]) -> list[str]:
+        """PostgreSQL's own answers (``has_table_privilege``, ``has_schema_privilege``,
+        ``has_database_privilege``): SELECT, INSERT and UPDATE on each table, TEMPORARY on
+        the database (batches written again go through temporary tables), a read-write
+        connection; with ``create_tables``, CREATE on the schema (a crawl runs ``CREATE
+        TABLE IF NOT EXISTS`` at start) and ownership of the tables (``CREATE INDEX IF NOT
+        EXISTS``). Reads only."""
+        with self._inspection() as conn:
+            row = conn.execute(
+                "SELECT current_user, current_schema(), current_database(), "
+                "current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery(), "
+                "has_database_privilege(current_database(), 'TEMPORARY')"
+            ).fetchone()
+            assert row is not None
+            user, schema, dbname, read_only, temporary = row
+            role = sql.Identifier(user).as_string(conn)
+            problems: list[str] = []
+            if read_only:
+                problems.append(
+                    f"the connection to {self.url} is read-only (a standby server, or "
+                    "default_transaction_read_only). Fix: connect to the primary server, or "
+                    f"ALTER ROLE {role} SET default_transaction_read_only = off"
+                )
+            if schema is None:
+                problems.append(
+                    f"no schema of the search_path of role {user} exists in {self.url}. Fix: "
+                    f"CREATE SCHEMA, or ALTER ROLE {role} SET search_path to one that exists"
+                )
+                return problems
+            missing: list[str] = []
+            not_owned: list[str] = []
+            grants: dict[str, list[str]] = {}
+            for table in dict.fromkeys(t.name for t in tables):
+                quoted = sql.Identifier(table).as_string(conn)
+                found = conn.execute(
+                    "SELECT has_table_privilege(c.oid, 'SELECT'), "
+                    "has_table_privilege(c.oid, 'INSERT'), has_table_privilege(c.oid, 'UPDATE'), "
+                    "pg_has_role(c.relowner, 'USAGE') "
+                    "FROM pg_class c WHERE c.oid = to_regclass(%s)",
+                    [quoted],
+                ).fetchone()
+                if found is None:
+                    missing.append(quoted)
+                    continue
+                privileges = ("SELECT", "INSERT", "UPDATE")
+                denied = [p for p, ok in zip(privileges, found[:3], strict=True) if not ok]
+                if denied:
+                    grants.setdefault(" or ".join(denied), []).append(quoted)
+                if not found[3]:
+                    not_owned.append(quoted)
+            for denied_text, names in grants.items():
+                problems.append(
+                    f"role {user} may not {denied_text} the table(s) "
+                    f"{', '.join(names)}. Fix: GRANT SELECT, INSERT, UPDATE ON "
+                    f"{', '.join(names)} TO {role}"
+                )
+            if not temporary:
+                problems.append(
+                    f"role {user} may not create temporary tables (a batch written again after "
+                    f"a failure goes through one). Fix: GRANT TEMPORARY ON DATABASE "
+                    f"{sql.Identifier(dbname).as_string(conn)} TO {role}"
+                )
+            problems += self._creation_problems(conn, user, schema, missing, not_owned)
+        return problems
+
+    def _creation_problems(
+        self,
+        conn: psycopg.Connection[Any],
+        user: str,
+        schema: str,
+        missing: list[str],
+        not_owned: list[str],
+    ) -> list[str]:
+        role = sql.Identifier(user).as_string(conn)
+        if not self._create_tables:
+            if not missing:
+                return []
+            return [
+                f"the table(s) {', '.join(missing)} do not exist in {self.url}, and "
+                "INGEST_CREATE_TABLES is False. Fix: run `scrapy ingest migrate`, or have a "
+                "DBA run what `scrapy ingest migrate --sql` prints"
+            ]
+        problems = []
+        row = conn.execute("SELECT has_schema_privilege(current_schema(), 'CREATE')").fetchone()
+        if not (row and row[0]):
+            what = f"creates {', '.join(missing)}" if missing else "runs CREATE TABLE IF NOT EXISTS"
+            problems.append(
+                f"with INGEST_CREATE_TABLES = True a crawl {what}, but role {user} may not "
+                f"create tables in schema {schema}. Fix: GRANT CREATE ON SCHEMA "
+                f"{sql.Identifier(schema).as_string(conn)} TO {role}, or "
+                + (
+                    "set INGEST_CREATE_TABLES = False (the tables are there)"
+                    if not missing
+                    else "run `scrapy ingest migrate` as a role that may, then set "
+                    "INGEST_CREATE_TABLES = False"
+                )
+            )
+        if not_owned:
+            problems.append(
+                f"with INGEST_CREATE_TABLES = True a crawl runs CREATE INDEX IF NOT EXISTS, "
+                f"which only the owner of a table may, and role {user} does not own "
+                f"{', '.join(not_owned)}. Fix: set INGEST_CREATE_TABLES = False (the tables "
+                f"are there), or ALTER TABLE ... OWNER TO {role}"
+            )
+        return problems
+
     def classify(self, exc: BaseException) -> Failure:
-        if isinstance(exc, psycopg.Error):
-            state = exc.sqlstate or ""
-            if state == "23505":  # unique_violation
-                return Failure.DUPLICATE
-            # data exceptions, integrity violations, program limits (value too large)
-            if state[:2] in ("22", "23", "54"):
-                return Failure.DATA
+        """By SQLSTATE (docs/reliability.md has the table); what is not known is transient."""
+        state = self._sqlstate(exc)
+        if state is None:
+            return Failure.TRANSIENT
+        if state == "23505":  # unique_violation
+            return Failure.DUPLICATE
+        # data exceptions, integrity violations, program limits (value too large)
+        if state[:2] in ("22", "23", "54"):
+            return Failure.DATA
+        if state[:2] == "28" or state in _PERMANENT_STATES:
+            return Failure.PERMANENT
         return Failure.TRANSIENT
+
+    def _sqlstate(self, exc: BaseException) -> str | None:
+        """The SQLSTATE of *exc*, or of the connection failure behind it.
+
+        libpq keeps no SQLSTATE for an error the server sends while a connection starts
+        (psycopg's OperationalError then has ``sqlstate`` None, and no ``diag``): only the
+        server's message, which is matched against the few messages of a refusal there
+        (in English, the server's default ``lc_messages``; any other stays transient). A
+        PoolTimeout says only that no connection came: one connection attempt of our own
+        finds out why (kept as the timeout's ``__cause__``, for :meth:`explain_refusal`).
+        """
+        if isinstance(exc, PoolTimeout):
+            cause = exc.__cause__
+            if cause is None:
+                cause = exc.__cause__ = self._try_connect()
+            return None if cause is None else self._sqlstate(cause)
+        if not isinstance(exc, psycopg.Error):
+            return None
+        if exc.sqlstate:
+            return exc.sqlstate
+        if isinstance(exc, psycopg.OperationalError):
+            message = str(exc)
+            for pattern, state in _CONNECT_REFUSALS:
+                if pattern.search(message):
+                    return state
+        return None
+
+    def _try_connect(self) -> BaseException | None:
+        # short: a server that does not answer at all is an outage, whatever the reason
+        try:
+            psycopg.connect(self._conninfo, connect_timeout=_DIAGNOSE_TIMEOUT).close()
+        except psycopg.Error as exc:
+            return exc
+        return None
+
+    def explain_refusal(  # noqa: PLR0911 - one return per kind of refusal
+        self, exc: BaseException, *, creating: bool = False
+    ) -> str:
+        """The cause of a permanent failure and its fix, in plain words (no password)."""
+        if isinstance(exc, PoolTimeout) and exc.__cause__ is not None:
+            exc = exc.__cause__
+        state = self._sqlstate(exc) or ""
+        at_connect = isinstance(exc, psycopg.Error) and not exc.sqlstate
+        params = psycopg.conninfo.conninfo_to_dict(self._conninfo)
+        user = self._role or str(params.get("user") or _pgconn_text(exc, "user") or "?")
+        database = str(params.get("dbname") or _pgconn_text(exc, "db") or user)
+        schema = self._schema or "public"
+        where = f"PostgreSQL at {self.url}"
+        if state == "28P01":
+            return (
+                f"{where} refused the password of user {user!r}. Fix: correct the password "
+                "in the database URL"
+            )
+        if state[:2] == "28":
+            return (
+                f"{where} does not let user {user!r} log in to database {database!r} (no "
+                "such role, a role without LOGIN, or no pg_hba.conf entry for it). Fix: use a "
+                "role that may log in, in the database URL"
+            )
+        if state in ("3D000", "57P04"):
+            return (
+                f"database {database!r} does not exist on {where}. Fix: create it "
+                f"(CREATE DATABASE {_ident(database)}), or fix the database name in the URL"
+            )
+        if state == "3F000":
+            return (
+                f"a schema of the search path of user {user!r} does not exist in {where} "
+                f"({describe_error(exc)}). Fix: create the schema, or fix the search path"
+            )
+        if state == "42501" and at_connect:
+            return (
+                f"role {user!r} may not connect to database {database!r} on {where}. Fix: "
+                f"GRANT CONNECT ON DATABASE {_ident(database)} TO {_ident(user)}"
+            )
+        if state == "42501" and creating:
+            return (
+                f"role {user!r} may not create tables in schema {schema!r} of {where}. Fix: "
+                f"GRANT CREATE ON SCHEMA {_ident(schema)} TO {_ident(user)}; or set "
+                "INGEST_CREATE_TABLES = False and have a role that may run the DDL that "
+                "`scrapy ingest migrate --sql` prints"
+            )
+        if state == "42501":
+            tables = ", ".join(_ident(name) for name in self._tables)
+            return (
+                f"role {user!r} may not write the tables of this crawl in {where} "
+                f"({describe_error(exc)}). Fix: GRANT SELECT, INSERT, UPDATE ON {tables} "
+                f"TO {_ident(user)}"
+            )
+        if state in ("42P01", "42703"):
+            return (
+                f"a table or column of this crawl is missing in {where} "
+                f"({describe_error(exc)}). Fix: run `scrapy ingest migrate` (or one crawl "
+                "with INGEST_CREATE_TABLES = True); where that is not allowed, have a role "
+                "that may run the DDL that `scrapy ingest migrate --sql` prints"
+            )
+        if state == "25006":
+            return (
+                f"{where} is read-only (a standby, or default_transaction_read_only is on). "
+                "Fix: point the database URL at the primary server"
+            )
+        return f"{where} refuses this crawl ({describe_error(exc)}). Fix: see docs/reliability.md"
 
     # jobs
 
@@ -397,6 +652,101 @@ class PostgresBackend:
         with self._pool.connection() as conn:
             return [row[0] for row in conn.execute(query, [utc_from_epoch(stale_before), alive])]
 
+    def recent_jobs(
+        self, table: TableSpec, *, running: bool, spider: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        assert self._pool is not None, "recent_jobs() before open()"
+        columns = [
+            sql.SQL("extract(epoch FROM {})::float8").format(sql.Identifier(c.name))
+            if c.kind == "timestamp"
+            else sql.Identifier(c.name)  # jsonb: psycopg decodes it
+            for c in table.columns
+        ]
+        conditions: list[sql.Composable] = [sql.SQL("TRUE")]
+        params: list[Any] = []
+        if running:
+            conditions.append(sql.SQL("status = 'running'"))
+        if spider is not None:
+            conditions.append(sql.SQL("spider = %s"))
+            params.append(spider)
+        query = sql.SQL(
+            "SELECT {} FROM {} WHERE {} ORDER BY started_at DESC, job_id LIMIT %s"
+        ).format(
+            sql.SQL(", ").join(columns),
+            sql.Identifier(table.name),
+            sql.SQL(" AND ").join(conditions),
+        )
+        with self._pool.connection() as conn:
+            rows = conn.execute(query, [*params, limit]).fetchall()
+        return [dict(zip(table.column_names, row, strict=True)) for row in rows]
+
+    def job_items(self, table: TableSpec, job_id: str) -> Iterator[str]:
+        assert self._pool is not None, "job_items() before open()"
+        query = sql.SQL(
+            "SELECT data::text FROM {} WHERE job_id = %s ORDER BY scraped_at, {}"
+        ).format(sql.Identifier(table.name), sql.Identifier(table.primary_key))
+        # a server-side cursor: the job's items come _READ_ROWS at a time, never all at once
+        with (
+            self._pool.connection() as conn,
+            conn.cursor(name="scrapy_ingest_job_items") as cursor,
+        ):
+            cursor.itersize = _READ_ROWS
+            cursor.execute(query, [job_id])
+            for (data,) in cursor:
+                yield data
+
+    # retention and DDL (scrapy ingest prune, migrate)
+
+    def prune(self, table: TableSpec, older_than: float, *, batch_rows: int) -> Iterator[int]:
+        """Each transaction picks the next *batch_rows* rows to go by primary key (after the
+        last id of the one before, so each batch walks on through the index), locked ``FOR
+        UPDATE SKIP LOCKED``: a row a crawl is writing (a keyed item seen again) is left for
+        the next prune rather than waited for, and the crawl never waits long for the prune."""
+        assert self._pool is not None, "prune() before open()"
+        target, pk = sql.Identifier(table.name), sql.Identifier(table.primary_key)
+        dated = sql.SQL(", ").join(map(sql.Identifier, retention_columns(table)))
+        condition = sql.SQL("coalesce({}) < %(cutoff)s").format(dated)
+        if table.kind == "jobs":
+            condition += sql.SQL(" AND status = ANY(%(statuses)s)")
+        params: dict[str, Any] = {
+            "cutoff": utc_from_epoch(older_than),
+            "statuses": list(PRUNED_JOB_STATUSES),
+            "limit": batch_rows,
+        }
+        pick = sql.SQL(
+            "SELECT {pk} FROM {t} WHERE {after}{cond} ORDER BY {pk} LIMIT %(limit)s "
+            "FOR UPDATE SKIP LOCKED"
+        )
+        delete = sql.SQL("DELETE FROM {} WHERE {} = ANY(%(ids)s) AND {}").format(
+            target, pk, condition
+        )
+        with self._pool.connection() as conn:
+            with conn.transaction():
+                found = conn.execute("SELECT to_regclass(%s)", [table.name]).fetchone()
+            if not found or found[0] is None:
+                return
+            after: sql.Composable = sql.SQL("")
+            while True:
+                with conn.transaction():
+                    query = pick.format(pk=pk, t=target, after=after, cond=condition)
+                    ids = [row[0] for row in conn.execute(query, params)]
+                    if not ids:
+                        return
+                    deleted = conn.execute(delete, {**params, "ids": ids}).rowcount
+                yield deleted
+                if len(ids) < batch_rows:
+                    return
+                after = sql.SQL("{} > %(last)s AND ").format(pk)
+                params["last"] = ids[-1]
+
+    def create_statements(self, tables: Sequence[TableSpec]) -> list[str]:
+        """What :meth:`open` runs on an empty database; needs no connection."""
+        versions = next(t for t in tables if t.kind == "schema_version")
+        statements = [_create_table(t) for t in tables]
+        statements += [s for t in tables for s in _index_statements(t)]
+        statements.append(_version_row(versions))
+        return [s.as_string(None) for s in statements]
+
     def _placeholder(self, table: TableSpec, name: str) -> sql.Composable:
         return sql.SQL("%s::jsonb" if table.column_kind(name) == "json" else "%s")
 
@@ -409,6 +759,47 @@ class PostgresBackend:
         if kind == "json":
             return value.decode()
         return value
+
+
+#: SQLSTATEs no retry can heal (besides class 28, invalid authorization): docs/reliability.md
+_PERMANENT_STATES = frozenset(
+    {
+        "3D000",  # invalid_catalog_name: the database does not exist
+        "3F000",  # invalid_schema_name
+        "42501",  # insufficient_privilege
+        "42P01",  # undefined_table
+        "42703",  # undefined_column
+        "25006",  # read_only_sql_transaction (a standby)
+        "57P04",  # database_dropped
+    }
+)
+
+#: libpq's text for the refusals a server sends while a connection starts, where libpq keeps
+#: no SQLSTATE (see PostgresBackend._sqlstate), and the SQLSTATE the server sent with it
+_CONNECT_REFUSALS = tuple(
+    (re.compile(pattern), state)
+    for pattern, state in (
+        (r"FATAL: +password authentication failed for user ", "28P01"),
+        (r"FATAL: +no pg_hba\.conf entry for ", "28000"),
+        (r"FATAL: +role \".*\" is not permitted to log in", "28000"),
+        (r"FATAL: +role \".*\" does not exist", "28000"),
+        (r"FATAL: +database \".*\" does not exist", "3D000"),
+        (r"FATAL: +permission denied for database ", "42501"),
+    )
+)
+
+
+def _pgconn_text(exc: BaseException, name: str) -> str | None:
+    # a failed connection's FinishedPGconn keeps the user and database it asked for
+    value = getattr(getattr(exc, "pgconn", None), name, None)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) and value else None
+
+
+def _ident(name: str) -> str:
+    """*name* as an SQL identifier, quoted if it has to be (for the statements a fix names)."""
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _copy_rows(cur: psycopg.Cursor[Any], table: sql.Identifier, rows: Sequence[Row]) -> None:
@@ -438,16 +829,21 @@ def _create_table(table: TableSpec) -> sql.Composed:
 
 
 def _create_indexes(conn: psycopg.Connection[Any], table: TableSpec) -> None:
-    for columns in table.indexes:
-        conn.execute(
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-                sql.Identifier(table.index_name(columns)),
-                sql.Identifier(table.name),
-                sql.SQL(", ").join(map(sql.Identifier, columns)),
-            )
+    for statement in _index_statements(table):
+        conn.execute(statement)
+
+
+def _index_statements(table: TableSpec) -> list[sql.Composed]:
+    statements = [
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+            sql.Identifier(table.index_name(columns)),
+            sql.Identifier(table.name),
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
         )
+        for columns in table.indexes
+    ]
     if table.unique:  # one row per key, among the rows that have one
-        conn.execute(
+        statements.append(
             sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({}) WHERE {} IS NOT NULL").format(
                 sql.Identifier(table.index_name(table.unique)),
                 sql.Identifier(table.name),
@@ -455,6 +851,14 @@ def _create_indexes(conn: psycopg.Connection[Any], table: TableSpec) -> None:
                 sql.Identifier(table.unique[-1]),
             )
         )
+    return statements
+
+
+def _version_row(versions: TableSpec) -> sql.Composed:
+    """The statement that records the current schema version."""
+    return sql.SQL(
+        "INSERT INTO {} (version, applied_at) VALUES ({}, now()) ON CONFLICT (version) DO NOTHING"
+    ).format(sql.Identifier(versions.name), sql.Literal(SCHEMA_VERSION))
 
 
 def _lock_key(name: str) -> int:

@@ -40,7 +40,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import importlib
+import json
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -55,17 +58,21 @@ from scrapy_ingest._ids import format_uuid
 from scrapy_ingest._redact import redact_text, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.backends.base import (
+    PRUNED_JOB_STATUSES,
     Failure,
     Row,
     StoredItem,
+    add_changes,
+    describe_error,
     is_same_job,
     log_migration,
     needs_migration,
     plan_upsert,
+    retention_columns,
     safe_text,
     split_keyed,
 )
-from scrapy_ingest.exceptions import BackendUnavailable, SchemaError
+from scrapy_ingest.exceptions import BackendRefused, BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
 
 if TYPE_CHECKING:
@@ -82,6 +89,8 @@ _BUSY_TIMEOUT_MS = 30_000
 #: parameters of old SQLite versions
 _KEYS_PER_QUERY = 500
 _TOUCHES_PER_QUERY = 300
+#: rows fetched at a time by the reads of the ``scrapy ingest`` commands (job_items)
+_READ_ROWS = 1000
 #: the column of an item's key
 _KEY_COLUMN = "item_key"
 #: the longest item key MySQL and MariaDB store as it is (the length of its VARCHAR)
@@ -94,6 +103,15 @@ class ItemKeyConflict(ValueError):
 
     A ValueError, so that the writer takes it for a refused value: the batch is split
     until the item is alone, and that item goes to the dead-letter table.
+    """
+
+
+class PacketTooLarge(ValueError):
+    """A row larger than MySQL's or MariaDB's ``max_allowed_packet`` takes in one statement.
+
+    Raised before the row is sent (the server would drop the connection); a ValueError, so
+    that the row goes to the dead-letter table with the reason and the rest of its batch is
+    stored.
     """
 
 
@@ -149,6 +167,15 @@ class SqlAlchemyBackend:
         self._engine: sa.Engine | None = None
         self._format_ts = TimestampFormatter()
         self._converters: dict[str, list[Callable[[Any], Any]]] = {}
+        self._is_mysql = self._url.startswith(("mysql", "mariadb"))
+        #: MySQL and MariaDB: the server's max_allowed_packet, read by each new connection
+        self._max_packet: int | None = None
+        #: MySQL and MariaDB: the account of the connections (``'user'@'host'``), for messages
+        self._account: str | None = None
+        #: by record kind: the positions of the text and JSON columns (what makes a row large)
+        self._sized: dict[str, list[int]] = {}
+        #: MySQL and MariaDB: the bytes the payload column of each dead-letter table holds
+        self._payload_bytes: dict[str, int] = {}
 
     def _sa_table(self, spec: TableSpec) -> sa.Table:
         table = sa.Table(
@@ -193,13 +220,22 @@ class SqlAlchemyBackend:
         connect_args: dict[str, Any] = {}
         if is_sqlite:
             connect_args["check_same_thread"] = False
-        elif self._url.startswith(("mysql", "mariadb")):
+            self._make_sqlite_directory()
+        elif self._is_mysql:
             connect_args["charset"] = "utf8mb4"  # all of Unicode, not MySQL's 3-byte utf8
         engine = sa.create_engine(self._url, connect_args=connect_args, pool_pre_ping=not is_sqlite)
         if is_sqlite:
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _begin_immediate)
+        elif self._is_mysql:
+            event.listen(engine, "connect", self._read_packet_limit)
         self._engine = engine
+        self._sized = {
+            kind: [
+                i for i, c in enumerate(table_spec(kind, "").columns) if c.kind in ("text", "json")
+            ]
+            for kind in TABLE_KINDS
+        }
         # by kind: tables of one kind have the same columns, whatever their name
         self._converters = {
             kind: [
@@ -209,11 +245,47 @@ class SqlAlchemyBackend:
         }
         try:
             with engine.begin() as conn:
+                if self._is_mysql:
+                    self._account = _mysql_user(conn)[1]
                 self._prepare_schema(conn)
-        except sa.exc.OperationalError as exc:
+                if self._is_mysql:
+                    self._payload_bytes = _mysql_payload_bytes(conn)
+        except sa.exc.DBAPIError as exc:
+            if self.classify(exc) is Failure.PERMANENT:
+                raise BackendRefused(self.explain_refusal(exc)) from None
+            if not isinstance(exc, sa.exc.OperationalError):
+                raise
             raise BackendUnavailable(
                 f"cannot open the database at {self.url}: {redact_text(str(exc.orig))}"
             ) from None
+
+    def _make_sqlite_directory(self) -> None:
+        """Create the directory of the SQLite file if it is missing, as SQLite creates the
+        file (not when tables may not be created: the file must be there then)."""
+        path = self._sqlite_path()
+        if path is None or not self._create_tables:
+            return
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise BackendRefused(
+                f"cannot create the directory {directory} of the SQLite file of {self.url} "
+                f"({exc.strerror}). Fix: create it, or name a file in a directory that exists "
+                "and is writable by the user running the crawl"
+            ) from None
+
+    def _read_packet_limit(self, dbapi_connection: Any, connection_record: Any) -> None:
+        """Read ``max_allowed_packet`` on each new connection (a server restarted with another
+        value, or ``SET GLOBAL``, gives new connections the new one)."""
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT @@max_allowed_packet")
+            found = cursor.fetchone()
+        finally:
+            cursor.close()
+        if found and found[0]:
+            self._max_packet = int(found[0])
 
     def close(self) -> None:
         if self._engine is not None:
@@ -239,11 +311,7 @@ class SqlAlchemyBackend:
                 _create_indexes(conn, table)
         if not migrate:
             return
-        row = self._convert_values(
-            self._versions,
-            {"version": SCHEMA_VERSION, "applied_at": time.time()},
-        )
-        conn.execute(self._insert_ignoring_duplicates(versions, conn.dialect.name), [row])
+        conn.execute(self._version_row(conn.dialect.name))
         if current is not None:
             log_migration(self.url, current)
 
@@ -280,14 +348,139 @@ class SqlAlchemyBackend:
         self, table: TableSpec, rows: Sequence[Row], *, idempotent: bool
     ) -> dict[str, list[int]] | None:
         assert self._engine is not None, "write() before open()"
-        rows, keyed = split_keyed(table, rows)
         sa_table = self._tables[table.name]
-        with self._engine.begin() as conn:
-            if rows:
-                self._insert(conn, table, sa_table, rows, idempotent=idempotent)
-            if keyed:
-                return self._upsert(conn, table, sa_table, keyed)
-        return None
+        packets = [rows] if self._max_packet is None else self._packets(table, rows)
+        changes: dict[str, list[int]] = {}
+        try:
+            with self._engine.begin() as conn:
+                for packet in packets:
+                    plain, keyed = split_keyed(table, packet)
+                    if plain:
+                        self._insert(conn, table, sa_table, plain, idempotent=idempotent)
+                    if keyed:
+                        add_changes(changes, self._upsert(conn, table, sa_table, keyed))
+        except sa.exc.OperationalError as exc:
+            too_large = self._packet_refused(exc, table, packets)
+            if too_large is None:
+                raise
+            raise too_large from exc
+        return changes or None
+
+    def _packets(self, table: TableSpec, rows: Sequence[Row]) -> list[Sequence[Row]]:
+        """*rows* cut so that no INSERT of them is larger than ``max_allowed_packet`` (PyMySQL
+        cuts a batch into statements of about 1 MB itself: this matters for rows larger than
+        that, or a server whose limit is smaller). A row that is too large on its own raises
+        :class:`PacketTooLarge` before anything is sent; a dead letter that is has its payload
+        cut to fit."""
+        assert self._max_packet is not None
+        budget = self._max_packet - _MYSQL_STATEMENT_MARGIN
+        if table.kind == "dead_letters":
+            rows = [self._fit_payload(table, row) for row in rows]
+        sizes = [self._size_bound(table, row) for row in rows]
+        if sum(sizes) <= budget:
+            return [rows]
+        packets: list[Sequence[Row]] = []
+        packet: list[Row] = []
+        total = 0
+        for original, bound in zip(rows, sizes, strict=True):
+            row = original
+            size = bound if bound <= budget else self._statement_size(table, row)
+            if size > budget and table.kind == "dead_letters":
+                row, size = self._cut_dead_letter(table, row, size - budget)
+            if size > budget:
+                raise PacketTooLarge(self._too_large(size))
+            if packet and total + size > budget:
+                packets.append(packet)
+                packet, total = [], 0
+            packet.append(row)
+            total += size
+        packets.append(packet)
+        return packets
+
+    def _size_bound(self, table: TableSpec, row: Row) -> int:
+        """At least the bytes *row* takes in an INSERT: escaping at most doubles an ASCII
+        character, and a character takes at most 4 bytes in UTF-8."""
+        size = _MYSQL_VALUE_MARGIN * len(row)
+        for at in self._sized[table.kind]:
+            value = row[at]
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                size += 2 * len(value)
+            elif isinstance(value, str):
+                size += (2 if value.isascii() else 4) * len(value)
+        return size
+
+    def _statement_size(self, table: TableSpec, row: Row) -> int:
+        """The bytes *row* takes in an INSERT, as PyMySQL escapes its values (the bound of
+        :meth:`_size_bound` without PyMySQL)."""
+        try:  # the [mysql] extra
+            escape_item = importlib.import_module("pymysql.converters").escape_item
+        except ImportError:
+            return self._size_bound(table, row)
+        [params] = self._params(table, [row])
+        return sum(len(escape_item(value, "utf8mb4").encode()) + 2 for value in params.values())
+
+    def _fit_payload(self, table: TableSpec, row: Row) -> Row:
+        """*row*, a dead letter, with its payload cut to what its column holds (``TEXT``:
+        65,535 bytes), rather than the dead letter refused too."""
+        at = table.position("payload")
+        payload = row[at]
+        room = self._payload_bytes.get(table.name, _MYSQL_TEXT_BYTES)
+        if not isinstance(payload, str) or len(payload) * 4 <= room:
+            return row
+        encoded = payload.encode()
+        if len(encoded) <= room:
+            return row
+        keep = encoded[: room - len(_CUT_MARK)].decode("utf-8", "ignore")
+        return (*row[:at], keep + _CUT_MARK, *row[at + 1 :])
+
+    def _cut_dead_letter(self, table: TableSpec, row: Row, excess: int) -> tuple[Row, int]:
+        """*row*, a dead letter *excess* bytes over the limit, with its payload cut to fit
+        (each character cut takes at least one byte off)."""
+        at = table.position("payload")
+        payload = row[at]
+        if not isinstance(payload, str):
+            return row, self._statement_size(table, row)
+        keep = max(0, len(payload) - excess - 2 * len(_CUT_MARK))
+        cut = (*row[:at], payload[:keep] + _CUT_MARK, *row[at + 1 :])
+        return cut, self._statement_size(table, cut)
+
+    def _too_large(self, size: int) -> str:
+        limit = self._max_packet or 0
+        wanted = 1 << (size + _MYSQL_STATEMENT_MARGIN).bit_length()
+        return (
+            f"the row takes {size:,} bytes in an INSERT, more than the server at {self.url} "
+            f"accepts in one statement (max_allowed_packet = {limit:,} bytes). Fix: SET "
+            f"GLOBAL max_allowed_packet = {wanted} (and max_allowed_packet = {wanted} in the "
+            "[mysqld] section of the server's configuration, so that it stays), or store a "
+            "smaller item (leave large fields out, or store a reference to them)"
+        )
+
+    def _packet_refused(
+        self, exc: sa.exc.OperationalError, table: TableSpec, packets: list[Sequence[Row]]
+    ) -> PacketTooLarge | None:
+        """Whether *exc* (the server dropped the connection, or refused a packet) came from a
+        statement larger than the server takes: then a refusal of the rows, not an outage.
+
+        The packets were cut to the limit read when the connection was made; a server whose
+        limit has been lowered since drops the connection (2006, 2013) on a larger one: the
+        limit is read again on a new connection (if none can be made, it is an outage)."""
+        code = _mysql_code(exc)
+        largest = max(sum(self._size_bound(table, row) for row in p) for p in packets)
+        if code == _ER_NET_PACKET_TOO_LARGE:
+            return PacketTooLarge(self._too_large(largest))
+        if code not in _MYSQL_CONNECTION_LOST or self._max_packet is None:
+            return None
+        assert self._engine is not None
+        before = self._max_packet
+        try:
+            with self._engine.connect() as conn:  # what new connections get
+                found = conn.exec_driver_sql("SELECT @@GLOBAL.max_allowed_packet").scalar()
+        except sa.exc.DBAPIError:
+            return None  # the server does not answer: an outage
+        self._max_packet = int(found or before)
+        if self._max_packet >= before or largest <= self._max_packet - _MYSQL_STATEMENT_MARGIN:
+            return None
+        return PacketTooLarge(self._too_large(largest))
 
     def _insert(
         self,
@@ -425,6 +618,68 @@ class SqlAlchemyBackend:
             return statement.on_duplicate_key_update({key.name: key})
         return table.insert()
 
+    # retention and DDL (scrapy ingest prune, migrate)
+
+    def prune(self, table: TableSpec, older_than: float, *, batch_rows: int) -> Iterator[int]:
+        """Each transaction picks the next *batch_rows* rows to go by primary key (after the
+        last id of the one before, so each batch walks on through the index) and deletes
+        them by id, the condition checked again (a row seen again meanwhile stays)."""
+        assert self._engine is not None, "prune() before open()"
+        sa_table = self._tables.get(table.name)
+        if sa_table is None:
+            sa_table = self._tables[table.name] = self._sa_table(table)
+        with self._engine.connect() as conn:
+            if not sa.inspect(conn).has_table(table.name):
+                return
+        times = retention_columns(table)
+        cutoff = self._converter("timestamp", self._engine.dialect.name)(older_than)
+        dated = [sa_table.c[name] for name in times]
+        condition = (dated[0] if len(dated) == 1 else sa.func.coalesce(*dated)) < cutoff
+        if table.kind == "jobs":
+            condition &= sa_table.c.status.in_(PRUNED_JOB_STATUSES)
+        pk = sa_table.c[table.primary_key]
+        first = pick = sa.select(pk).where(condition).order_by(pk).limit(batch_rows)
+        while True:
+            with self._engine.begin() as conn:
+                ids = list(conn.scalars(pick))
+                if not ids:
+                    return
+                deleted = 0
+                for chunk in _chunks(ids, _KEYS_PER_QUERY):
+                    result = conn.execute(sa_table.delete().where(pk.in_(chunk), condition))
+                    deleted += result.rowcount
+            yield deleted
+            if len(ids) < batch_rows:
+                return
+            pick = first.where(pk > ids[-1])
+
+    def create_statements(self, tables: Sequence[TableSpec]) -> list[str]:
+        """What :meth:`open` runs on an empty database, compiled for the URL's dialect
+        without a connection (a ``mysql://`` URL gets MySQL's ``CREATE INDEX`` without
+        ``IF NOT EXISTS``; a MariaDB server, known as such once connected, gets it)."""
+        dialect = sa.engine.make_url(self._url).get_dialect()()
+        sa_tables = []
+        for spec in tables:
+            sa_table = self._tables.get(spec.name)
+            if sa_table is None:
+                sa_table = self._tables[spec.name] = self._sa_table(spec)
+            sa_tables.append(sa_table)
+        statements: list[Any] = [CreateTable(t, if_not_exists=True) for t in sa_tables]
+        statements += [s for t in sa_tables for s in _index_statements(t, dialect)]
+        statements.append(self._version_row(dialect.name))
+        return [
+            str(s.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).strip()
+            for s in statements
+        ]
+
+    def _version_row(self, dialect: str) -> sa.Insert:
+        """The statement that records the current schema version."""
+        applied_at = self._converter("timestamp", dialect)(time.time())
+        versions = self._tables[self._versions.name]
+        return self._insert_ignoring_duplicates(versions, dialect).values(
+            version=SCHEMA_VERSION, applied_at=applied_at
+        )
+
     def _converter(self, kind: ColumnKind, dialect: str) -> Callable[[Any], Any]:
         if kind == "json":
             return lambda v: None if v is None else v.decode()
@@ -446,15 +701,227 @@ class SqlAlchemyBackend:
         converters = dict(zip(table.column_names, self._converters[table.kind], strict=True))
         return {name: converters[name](value) for name, value in values.items()}
 
-    def classify(self, exc: BaseException) -> Failure:
-        if isinstance(exc, sa.exc.IntegrityError):
-            duplicate = "UNIQUE" in str(exc.orig) or "Duplicate entry" in str(exc.orig)
-            return Failure.DUPLICATE if duplicate else Failure.DATA
-        if isinstance(exc, sa.exc.OperationalError):
+    # what `scrapy ingest check` asks: on an engine of its own, without the SQLite pragmas
+    # (which switch a file to WAL), so that it works before open() and changes nothing
+
+    def _inspection_engine(self) -> sa.Engine:
+        connect_args = {"charset": "utf8mb4"} if self._url.startswith(("mysql", "mariadb")) else {}
+        return sa.create_engine(self._url, connect_args=connect_args, poolclass=sa.pool.NullPool)
+
+    def _sqlite_path(self) -> str | None:
+        """The SQLite file of the URL (None: not SQLite, or in memory)."""
+        if not self._url.startswith("sqlite"):
+            return None
+        path = sa.engine.make_url(self._url).database
+        return None if not path or path == ":memory:" else path
+
+    def _unavailable(self, exc: sa.exc.DBAPIError) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"cannot open the database at {self.url}: {redact_text(str(exc.orig))}"
+        )
+
+    def schema_version(self) -> int | None:
+        path = self._sqlite_path()
+        if path is not None and not os.path.exists(path):
+            return None  # and connecting would create the file
+        versions = self._tables[self._versions.name]
+        engine = self._inspection_engine()
+        try:
+            with engine.connect() as conn:
+                if not sa.inspect(conn).has_table(versions.name):
+                    return None
+                try:
+                    found = conn.execute(sa.select(sa.func.max(versions.c.version))).scalar()
+                except sa.exc.ProgrammingError as exc:  # MySQL: SELECT command denied
+                    raise SchemaError(
+                        f"cannot read the table {versions.name} in {self.url}: "
+                        f"{redact_text(str(exc.orig))}. Fix: GRANT SELECT on it to the user "
+                        "of the URL"
+                    ) from None
+        except sa.exc.DBAPIError as exc:
+            raise self._unavailable(exc) from None
+        finally:
+            engine.dispose()
+        return None if found is None else int(found)
+
+    def check_privileges(self, tables: Sequence[TableSpec]) -> list[str]:
+        """SQLite: the file (or, while there is none, its directory) is writable. MySQL and
+        MariaDB: SELECT, INSERT and UPDATE on each table, tried with statements that match
+        no row, in a transaction rolled back; with ``create_tables``, the CREATE and INDEX
+        privileges (a crawl runs ``CREATE TABLE/INDEX IF NOT EXISTS`` at start), as
+        ``information_schema`` lists them. Other databases: the tables only."""
+        specs = list({t.name: t for t in tables}.values())
+        path = self._sqlite_path()
+        problems = [] if path is None else _sqlite_file_problems(path)
+        if path is not None and not os.path.exists(path):
+            return problems + self._missing_tables([t.name for t in specs])
+        engine = self._inspection_engine()
+        try:
+            with engine.connect() as conn:
+                found = set(sa.inspect(conn).get_table_names())
+                missing = [t.name for t in specs if t.name not in found]
+                if conn.dialect.name not in ("mysql", "mariadb"):
+                    return problems + self._missing_tables(missing)
+                existing = [t for t in specs if t.name in found]
+                problems += _mysql_write_problems(conn, [self._sa_check_table(t) for t in existing])
+                if not self._create_tables:
+                    return problems + self._missing_tables(missing)
+                return problems + _mysql_create_problems(conn, [t.name for t in existing], missing)
+        except sa.exc.DBAPIError as exc:
+            raise self._unavailable(exc) from None
+        finally:
+            engine.dispose()
+
+    def _sa_check_table(self, spec: TableSpec) -> sa.Table:
+        found = self._tables.get(spec.name)
+        return found if found is not None else self._sa_table(spec)
+
+    def _missing_tables(self, missing: list[str]) -> list[str]:
+        if self._create_tables or not missing:
+            return []
+        return [
+            f"the table(s) {', '.join(missing)} do not exist in {self.url}, and "
+            "INGEST_CREATE_TABLES is False. Fix: run `scrapy ingest migrate`, or have a DBA "
+            "run what `scrapy ingest migrate --sql` prints"
+        ]
+
+    def classify(self, exc: BaseException) -> Failure:  # noqa: PLR0911 - one per kind
+        """By MySQL's error number or SQLite's result code (docs/reliability.md has the
+        tables); what is not known is transient."""
+        if isinstance(exc, (ValueError, OverflowError)):  # refused before it was sent
+            return Failure.DATA
+        if not isinstance(exc, sa.exc.StatementError):
             return Failure.TRANSIENT
-        if isinstance(exc, (sa.exc.DataError, sa.exc.StatementError, ValueError, OverflowError)):
+        if not isinstance(exc, sa.exc.DBAPIError):  # a value SQLAlchemy could not convert
+            return Failure.DATA
+        code = _mysql_code(exc) if self._is_mysql else None
+        if code is not None:
+            return _mysql_failure(code, exc)
+        sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
+        if isinstance(sqlite_code, int):
+            return _sqlite_failure(sqlite_code)
+        # no code: a value the driver could not bind (sqlite3's own errors), or another
+        # database (a unique key is written again, skipping stored ids, then split)
+        if isinstance(exc, sa.exc.IntegrityError):
+            return Failure.DUPLICATE
+        if isinstance(exc, sa.exc.DataError) or (
+            isinstance(exc.orig, (sqlite3.ProgrammingError, sqlite3.InterfaceError))
+        ):
             return Failure.DATA
         return Failure.TRANSIENT
+
+    def explain_refusal(self, exc: BaseException) -> str:
+        """The cause of a permanent failure and its fix, in plain words (no password)."""
+        if isinstance(exc, sa.exc.DBAPIError) and self._is_mysql:
+            return self._explain_mysql(exc)
+        if isinstance(exc, sa.exc.DBAPIError):
+            code = getattr(exc.orig, "sqlite_errorcode", None)
+            if isinstance(code, int):
+                return self._explain_sqlite(code & 0xFF, exc)
+        return (
+            f"{self.url} refuses this crawl ({describe_error(exc)}). Fix: see docs/reliability.md"
+        )
+
+    def _explain_mysql(self, exc: sa.exc.DBAPIError) -> str:  # noqa: PLR0911 - one per cause
+        code = _mysql_code(exc)
+        url = sa.engine.make_url(self._url)
+        user = url.username or "?"
+        account = self._account or f"'{user}'@'%'"
+        database = url.database or "?"
+        quoted = f"`{database.replace('`', '``')}`"
+        where = f"the MySQL/MariaDB server at {self.url}"
+        error = describe_error(exc.orig or exc)
+        if code in _MYSQL_LOGIN_REFUSED:
+            return (
+                f"{where} refused the login of user {user!r} ({error}): a wrong password, or "
+                "no such user for this host. Fix: correct the user or password in the "
+                "database URL"
+            )
+        if code == _ER_BAD_DB:
+            return (
+                f"database {database!r} does not exist on {where}. Fix: create it (CREATE "
+                f"DATABASE {quoted}), or fix the database name in the URL"
+            )
+        if code == _ER_DBACCESS_DENIED:
+            return (
+                f"user {user!r} may not use database {database!r} on {where}, or it does not "
+                f"exist. Fix: fix the database name in the URL; or create it (CREATE DATABASE "
+                f"{quoted}) and GRANT {', '.join(_WRITE_PRIVILEGES)}, "
+                f"{', '.join(_CREATE_PRIVILEGES)}, ALTER ON {quoted}.* TO {account}"
+            )
+        if code in _MYSQL_DENIED and _is_ddl(exc):
+            return (
+                f"user {user!r} may not create the tables of this crawl in database "
+                f"{database!r} on {where} ({error}). Fix: GRANT "
+                f"{', '.join(_CREATE_PRIVILEGES)}, ALTER ON {quoted}.* TO {account}; or set "
+                "INGEST_CREATE_TABLES = False and have a user that may run the DDL that "
+                "`scrapy ingest migrate --sql` prints"
+            )
+        if code in _MYSQL_DENIED:
+            return (
+                f"user {user!r} may not write the tables of this crawl in database "
+                f"{database!r} on {where} ({error}). Fix: GRANT "
+                f"{', '.join(_WRITE_PRIVILEGES)} ON {quoted}.* TO {account}"
+            )
+        if code in _MYSQL_MISSING:
+            return (
+                f"a table or column of this crawl is missing in database {database!r} on "
+                f"{where} ({error}). Fix: run `scrapy ingest migrate` (or one crawl with "
+                "INGEST_CREATE_TABLES = True); where that is not allowed, have a user that "
+                "may run the DDL that `scrapy ingest migrate --sql` prints"
+            )
+        if code in _MYSQL_READ_ONLY_CODES:
+            return (
+                f"{where} is read-only ({error}). Fix: point the database URL at the primary "
+                "server, or SET GLOBAL read_only = OFF"
+            )
+        if code in _MYSQL_ACCOUNT_EXPIRED:
+            return (
+                f"the account of user {user!r} on {where} is locked or its password expired "
+                f"({error}). Fix: ALTER USER {account} ACCOUNT UNLOCK, or set a new password "
+                "(ALTER USER ... IDENTIFIED BY ...) and put it in the database URL"
+            )
+        return f"{where} refuses this crawl ({error}). Fix: see docs/reliability.md"
+
+    def _explain_sqlite(self, code: int, exc: sa.exc.DBAPIError) -> str:
+        path = self._sqlite_path()
+        where = os.path.abspath(path) if path else self.url
+        error = describe_error(exc.orig or exc)
+        directory = os.path.dirname(where)
+        fixes = {
+            _SQLITE_READONLY: (
+                f"the SQLite file {where} is read-only for this process ({error}): its "
+                "permissions or owner, a read-only mount, or an immutable file. Fix: make the "
+                f"file and its directory {directory} writable by the user running the crawl, "
+                "or name another file in INGEST_DATABASE_URL"
+            ),
+            _SQLITE_CANTOPEN: (
+                f"SQLite cannot open the file {where} ({error}): its directory is missing or "
+                "not writable by this user, or it is a directory. Fix: create the directory "
+                "(with INGEST_CREATE_TABLES = True the crawl creates it), make it writable, "
+                "or fix the path in INGEST_DATABASE_URL"
+            ),
+            _SQLITE_NOTADB: (
+                f"{where} is not an SQLite database ({error}). Fix: name an SQLite file, or "
+                "a file that does not exist yet, in INGEST_DATABASE_URL"
+            ),
+            _SQLITE_CORRUPT: (
+                f"the SQLite file {where} is damaged ({error}). Fix: restore it from a "
+                f"backup, or recover it (sqlite3 {where} .recover), or name another file"
+            ),
+            _SQLITE_ERROR: (
+                f"a table or column of this crawl is missing in the SQLite file {where} "
+                f"({error}). Fix: run `scrapy ingest migrate` (or one crawl with "
+                "INGEST_CREATE_TABLES = True)"
+            ),
+        }
+        found = fixes.get(code)
+        if found is not None:
+            return found
+        return (
+            f"the operating system denies access to the SQLite file {where} ({error}). Fix: "
+            "let the user running the crawl read and write it, or name another file"
+        )
 
     # jobs
 
@@ -501,6 +968,62 @@ class SqlAlchemyBackend:
                     .values(status="crashed", close_reason="crashed", finished_at=jobs.c.updated_at)
                 )
         return ids
+
+    def recent_jobs(
+        self, table: TableSpec, *, running: bool, spider: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        jobs = self._tables[table.name]
+        query = (
+            sa.select(*(jobs.c[name] for name in table.column_names))
+            .order_by(jobs.c.started_at.desc(), jobs.c.job_id)
+            .limit(limit)
+        )
+        if running:
+            query = query.where(jobs.c.status == "running")
+        if spider is not None:
+            query = query.where(jobs.c.spider == spider)
+        kinds = [c.kind for c in table.columns]
+        return [
+            {
+                name: _read_value(kind, value)
+                for name, kind, value in zip(table.column_names, kinds, row, strict=True)
+            }
+            for row in self._read(query, limit)
+        ]
+
+    def job_items(self, table: TableSpec, job_id: str) -> Iterator[str]:
+        items = self._tables[table.name]
+        query = (
+            sa.select(items.c.data)
+            .where(items.c.job_id == job_id)
+            .order_by(items.c.scraped_at, items.c[table.primary_key])
+        )
+        for (data,) in self._read(query, _READ_ROWS):
+            yield data.decode() if isinstance(data, bytes) else data
+
+    def _read(self, query: sa.Select[Any], chunk: int) -> Iterator[Sequence[Any]]:
+        """The rows of *query*, fetched *chunk* at a time, by a read that holds no lock a
+        crawl's writes wait for: streamed (unbuffered) on MySQL and MariaDB; on SQLite outside
+        the ``BEGIN IMMEDIATE`` that every transaction of ours begins with (a WAL reader)."""
+        assert self._engine is not None, "reading before open()"
+        if self._engine.dialect.name != "sqlite":
+            with self._engine.connect() as conn:
+                streamed = conn.execution_options(stream_results=True, yield_per=chunk)
+                for rows in streamed.execute(query).partitions():
+                    yield from rows
+            return
+        compiled = query.compile(dialect=self._engine.dialect)
+        names = getattr(compiled, "positiontup", None) or ()
+        params = [compiled.params[name] for name in names]
+        connection = self._engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(str(compiled), params)
+            while rows := cursor.fetchmany(chunk):
+                yield from rows
+            cursor.close()
+        finally:
+            connection.close()
 
 
 #: why two keys are one, for MySQL and MariaDB (and any database whose collations are as lax)
@@ -555,6 +1078,260 @@ def _bounded_key(key: str) -> str:
     return f"{key[: _MYSQL_KEY_LENGTH - _KEY_HASH_DIGITS - 1]}~{digest}"
 
 
+#: MySQL's errors for a command denied on a table or a column, and for a read-only server
+_MYSQL_DENIED = (1142, 1143)
+_MYSQL_READ_ONLY = 1290
+#: what a crawl does to each table: read stored rows, insert, update (jobs, keyed items,
+#: and ``ON DUPLICATE KEY UPDATE`` when a batch is written again)
+_WRITE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
+#: what ``CREATE TABLE IF NOT EXISTS`` and ``CREATE INDEX IF NOT EXISTS`` need, tables or not
+_CREATE_PRIVILEGES = ("CREATE", "INDEX")
+
+# MySQL and MariaDB error numbers (docs/reliability.md has the table)
+_ER_DBACCESS_DENIED = 1044
+_ER_BAD_DB = 1049
+_ER_DUP_ENTRY = 1062
+_ER_NET_PACKET_TOO_LARGE = 1153
+#: access denied (a wrong password, or no such user for the host); 1698: without a password
+_MYSQL_LOGIN_REFUSED = frozenset({1045, 1698})
+#: unknown table, unknown column
+_MYSQL_MISSING = frozenset({1146, 1054})
+#: --read-only (1290), super_read_only or a read-only transaction (1836, 1792)
+_MYSQL_READ_ONLY_CODES = frozenset({_MYSQL_READ_ONLY, 1836, 1792})
+#: password expired (1820, 1862), account locked (MySQL 3118, MariaDB 4151)
+_MYSQL_ACCOUNT_EXPIRED = frozenset({1820, 1862, 3118, 4151})
+_MYSQL_PERMANENT = (
+    _MYSQL_LOGIN_REFUSED
+    | _MYSQL_MISSING
+    | _MYSQL_READ_ONLY_CODES
+    | _MYSQL_ACCOUNT_EXPIRED
+    | {_ER_DBACCESS_DENIED, _ER_BAD_DB, *_MYSQL_DENIED}
+)
+#: a value refused: too long (1406), incorrect (1366, 1292, 1265, 1367), out of range (1264,
+#: 1690), invalid JSON (MySQL 3140; MariaDB's JSON_VALID check: 4025, MySQL's 3819), invalid
+#: UTF-8 (1300), NULL (1048), a row over the row size (1118), a packet over the limit (1153)
+_MYSQL_DATA = frozenset(
+    {1406, 1366, 1292, 1265, 1367, 1264, 1690, 3140, 4025, 3819, 1300, 1048, 1118, 1153}
+)
+#: the server closed or lost the connection: server gone (2006), lost during a query (2013)
+_MYSQL_CONNECTION_LOST = frozenset({2006, 2013})
+#: what a statement adds to the values of its rows (its text, the column list, the packet's
+#: header), and what each value adds (quotes, comma; numbers, times and ids, not measured)
+_MYSQL_STATEMENT_MARGIN = 8192
+_MYSQL_VALUE_MARGIN = 48
+#: the end of a dead letter's payload cut to fit its column or max_allowed_packet
+_CUT_MARK = "...[truncated to fit the database]"
+#: what a ``TEXT`` column holds in MySQL and MariaDB
+_MYSQL_TEXT_BYTES = 65_535
+
+
+def _mysql_payload_bytes(conn: sa.Connection) -> dict[str, int]:
+    """The bytes the ``payload`` column of each table of the database holds (by table)."""
+    found = conn.execute(
+        sa.text(
+            "SELECT TABLE_NAME, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND COLUMN_NAME = 'payload'"
+        )
+    )
+    return {str(name): int(size) for name, size in found if size}
+
+
+# SQLite's primary result codes (an extended code's low byte)
+_SQLITE_ERROR = 1
+_SQLITE_PERM = 3
+_SQLITE_READONLY = 8
+_SQLITE_CORRUPT = 11
+_SQLITE_CANTOPEN = 14
+_SQLITE_CONSTRAINT = 19
+_SQLITE_AUTH = 23
+_SQLITE_NOTADB = 26
+#: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE
+_SQLITE_DUPLICATE = frozenset({1555, 2067})
+#: no retry heals: SQLITE_ERROR (a missing table or column), a read-only, missing,
+#: forbidden or damaged file
+_SQLITE_PERMANENT = frozenset(
+    {
+        _SQLITE_ERROR,
+        _SQLITE_PERM,
+        _SQLITE_READONLY,
+        _SQLITE_CORRUPT,
+        _SQLITE_CANTOPEN,
+        _SQLITE_AUTH,
+        _SQLITE_NOTADB,
+    }
+)
+#: SQLITE_TOOBIG, SQLITE_CONSTRAINT (other than a duplicate id), SQLITE_MISMATCH, SQLITE_RANGE
+_SQLITE_DATA = frozenset({18, _SQLITE_CONSTRAINT, 20, 25})
+
+
+def _mysql_code(exc: sa.exc.DBAPIError) -> int | None:
+    """MySQL's error number of *exc* (the first argument of the driver's exception)."""
+    args = getattr(exc.orig, "args", None)
+    return args[0] if args and isinstance(args[0], int) and args[0] > 0 else None
+
+
+def _mysql_failure(code: int, exc: sa.exc.DBAPIError) -> Failure:
+    if code == _ER_DUP_ENTRY:
+        return Failure.DUPLICATE
+    if code in _MYSQL_PERMANENT:
+        return Failure.PERMANENT
+    if code in _MYSQL_DATA or isinstance(exc, (sa.exc.DataError, sa.exc.IntegrityError)):
+        return Failure.DATA  # a number of ours or, by the driver's class, a refused value
+    return Failure.TRANSIENT  # lost connections (2003, 2006, 2013), 1040, 1205, 1213, 1927...
+
+
+def _sqlite_failure(code: int) -> Failure:
+    if code in _SQLITE_DUPLICATE:
+        return Failure.DUPLICATE
+    primary = code & 0xFF
+    if primary in _SQLITE_PERMANENT:
+        return Failure.PERMANENT
+    if primary in _SQLITE_DATA:
+        return Failure.DATA
+    return Failure.TRANSIENT  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL...
+
+
+def _is_ddl(exc: sa.exc.DBAPIError) -> bool:
+    """Whether *exc* came from one of our CREATE or ALTER statements (the statement we sent,
+    not the error's text)."""
+    return (exc.statement or "").lstrip()[:6].upper() in ("CREATE", "ALTER ")
+
+
+def _sqlite_file_problems(path: str) -> list[str]:
+    """What keeps a crawl from writing the SQLite file *path* (or from creating it)."""
+    where = os.path.abspath(path)
+    directory = os.path.dirname(where)
+    if not os.path.isdir(directory):
+        return [
+            f"the directory {directory} of the SQLite file does not exist. Fix: create it, or "
+            "name a file in a directory that exists"
+        ]
+    problems = []
+    if os.path.exists(where) and not os.access(where, os.R_OK | os.W_OK):
+        problems.append(
+            f"the SQLite file {where} is not writable by this user. Fix: make it writable "
+            "(chmod, chown), or name another file"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        problems.append(
+            f"the directory {directory} is not writable by this user, and SQLite creates the "
+            "file and its journal (-wal, -shm) there. Fix: make it writable, or name a file "
+            "in a writable directory"
+        )
+    return problems
+
+
+def _mysql_user(conn: sa.Connection) -> tuple[str, str]:
+    """The account of the connection, as (``user@host``, ``'user'@'host'``)."""
+    user = str(conn.execute(sa.text("SELECT CURRENT_USER()")).scalar())
+    name, _, host = user.rpartition("@")
+    return user, f"'{name}'@'{host}'"
+
+
+def _mysql_write_problems(conn: sa.Connection, tables: list[sa.Table]) -> list[str]:
+    """Try SELECT, INSERT and UPDATE on each table with statements that match no row, in a
+    transaction rolled back: MySQL checks the privileges (and ``read_only``) all the same."""
+    if not tables:
+        return []
+    user, grantee = _mysql_user(conn)
+    database = str(conn.execute(sa.text("SELECT DATABASE()")).scalar())
+    database = conn.dialect.identifier_preparer.quote(database)
+    lacking: dict[str, list[str]] = {}
+    problems: list[str] = []
+    conn.rollback()  # what the inspector began: the statements below get a transaction of their own
+    try:
+        for table in tables:
+            key = next(iter(table.primary_key.columns))
+            nothing: list[sa.Label[Any]] = [
+                sa.literal_column("NULL").label(c.name) for c in table.columns
+            ]
+            statements: dict[str, sa.Executable] = {
+                "SELECT": sa.select(sa.literal_column("1")).select_from(table).where(sa.false()),
+                "INSERT": table.insert().from_select(
+                    [c.name for c in table.columns], sa.select(*nothing).where(sa.false())
+                ),
+                "UPDATE": table.update().where(sa.false()).values({key.name: key}),
+            }
+            for privilege, statement in statements.items():
+                try:
+                    conn.execute(statement)
+                except sa.exc.DBAPIError as exc:
+                    code = exc.orig.args[0] if exc.orig and exc.orig.args else None
+                    if code in _MYSQL_DENIED:
+                        lacking.setdefault(table.name, []).append(privilege)
+                    elif code == _MYSQL_READ_ONLY and not problems:
+                        problems.append(
+                            f"the server refuses writes ({redact_text(str(exc.orig))}). Fix: "
+                            "connect to the primary server, or SET GLOBAL read_only = OFF"
+                        )
+                    elif code != _MYSQL_READ_ONLY:
+                        raise
+    finally:
+        conn.rollback()
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, denied in lacking.items():
+        groups.setdefault(tuple(denied), []).append(name)
+    for group, names in groups.items():
+        problems.append(
+            f"user {user} may not {' or '.join(group)} the table(s) {', '.join(names)}. "
+            f"Fix: GRANT {', '.join(_WRITE_PRIVILEGES)} ON {database}.* TO {grantee}"
+        )
+    return problems
+
+
+def _mysql_create_problems(
+    conn: sa.Connection, existing: list[str], missing: list[str]
+) -> list[str]:
+    """With INGEST_CREATE_TABLES, a crawl runs ``CREATE TABLE/INDEX IF NOT EXISTS`` on every
+    table, which MySQL checks the CREATE and INDEX privileges of before it looks whether the
+    table exists: are they granted (``information_schema``; no grants to ask a server
+    started with ``--skip-grant-tables``, which allows everything)?"""
+    skip = conn.execute(sa.text("SHOW VARIABLES LIKE 'skip_grant_tables'")).first()
+    if skip is not None and str(skip[1]).upper() == "ON":
+        return []
+    user, grantee = _mysql_user(conn)
+    database = str(conn.execute(sa.text("SELECT DATABASE()")).scalar())
+    granted = {
+        str(row[0])
+        for row in conn.execute(
+            sa.text(
+                "SELECT PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES "
+                "WHERE GRANTEE = :grantee UNION SELECT PRIVILEGE_TYPE FROM "
+                "information_schema.SCHEMA_PRIVILEGES WHERE GRANTEE = :grantee "
+                "AND DATABASE() LIKE TABLE_SCHEMA"
+            ),
+            {"grantee": grantee},
+        )
+    }
+    per_table: dict[str, set[str]] = {}
+    for name, privilege in conn.execute(
+        sa.text(
+            "SELECT TABLE_NAME, PRIVILEGE_TYPE FROM information_schema.TABLE_PRIVILEGES "
+            "WHERE GRANTEE = :grantee AND TABLE_SCHEMA = DATABASE()"
+        ),
+        {"grantee": grantee},
+    ):
+        per_table.setdefault(str(name), set()).add(str(privilege))
+    lacking = set(_CREATE_PRIVILEGES) - granted
+    if not missing:
+        lacking = {p for name in existing for p in lacking - per_table.get(name, set())}
+    if not lacking:
+        return []
+    what = f"creates {', '.join(missing)} and runs" if missing else "runs"
+    other_fix = (
+        "run `scrapy ingest migrate` as a user that may, then set INGEST_CREATE_TABLES = False"
+        if missing
+        else "set INGEST_CREATE_TABLES = False (the tables are there)"
+    )
+    quoted = conn.dialect.identifier_preparer.quote(database)
+    return [
+        f"with INGEST_CREATE_TABLES = True a crawl {what} CREATE TABLE and CREATE INDEX IF NOT "
+        f"EXISTS, which need the {' and '.join(sorted(lacking))} privilege(s) that user "
+        f"{user} lacks in {database}. Fix: GRANT CREATE, INDEX, ALTER ON {quoted}.* TO "
+        f"{grantee}, or {other_fix}"
+    ]
+
+
 def _chunks(values: Sequence[_V], size: int) -> Iterator[Sequence[_V]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
@@ -566,16 +1343,26 @@ def _create_indexes(conn: sa.Connection, table: sa.Table) -> None:
     MySQL, unlike MariaDB and SQLite, has no ``CREATE INDEX IF NOT EXISTS``: it is asked
     which indexes exist instead.
     """
-    indexes = sorted(table.indexes, key=lambda i: str(i.name))
-    dialect = conn.dialect
-    if dialect.name in ("mysql", "mariadb") and not getattr(dialect, "is_mariadb", False):
+    statements = _index_statements(table, conn.dialect)
+    if _lacks_index_if_not_exists(conn.dialect):
         found = {index["name"] for index in sa.inspect(conn).get_indexes(table.name)}
-        for index in indexes:
-            if index.name not in found:
-                conn.execute(CreateIndex(index))
-        return
-    for index in indexes:
-        conn.execute(CreateIndex(index, if_not_exists=True))
+        statements = [s for s in statements if s.element.name not in found]
+    for statement in statements:
+        conn.execute(statement)
+
+
+def _index_statements(table: sa.Table, dialect: sa.Dialect) -> list[CreateIndex]:
+    """The statements that create *table*'s indexes (``IF NOT EXISTS`` where there is one)."""
+    if_not_exists = not _lacks_index_if_not_exists(dialect)
+    return [
+        CreateIndex(index, if_not_exists=if_not_exists)
+        for index in sorted(table.indexes, key=lambda i: str(i.name))
+    ]
+
+
+def _lacks_index_if_not_exists(dialect: sa.Dialect) -> bool:
+    """MySQL proper (known as MariaDB once connected, or from a ``mariadb://`` URL)."""
+    return dialect.name in ("mysql", "mariadb") and not getattr(dialect, "is_mariadb", False)
 
 
 def _epoch(value: Any) -> float:
@@ -623,6 +1410,18 @@ def _naive_utc(epoch: float) -> dt.datetime:
 
 
 def _identity(value: Any) -> Any:
+    return value
+
+
+def _read_value(kind: ColumnKind, value: Any) -> Any:
+    """A stored value as :meth:`SqlAlchemyBackend.recent_jobs` gives it: timestamps as epoch
+    seconds, JSON decoded."""
+    if value is None:
+        return None
+    if kind == "timestamp":
+        return _epoch(value)
+    if kind == "json" and isinstance(value, (str, bytes)):
+        return json.loads(value)
     return value
 
 

@@ -1,36 +1,69 @@
-"""``scrapy ingest replay``: write the spill journal into its databases.
+"""``scrapy ingest ACTION``: look after the databases a crawl stores into.
 
-Batches that a database could not take during a crawl wait in the spill
-journal (see :mod:`scrapy_ingest.spill`); a crawl with the same database
-replays them when it starts, and this command does so without a crawl::
+::
 
-    scrapy ingest replay                        # the databases of the project's settings
-    scrapy ingest replay --url postgresql://... # one an INGEST_ROUTER class chose
+    scrapy ingest check                         # would a crawl store everything?
+    scrapy ingest jobs [--running] [--spider NAME] [--limit N] [--json]
+    scrapy ingest export JOB_ID -O items.jsonl  # a job's items, through Scrapy's feed exporters
+    scrapy ingest prune --older-than 30d [--kinds requests,logs]
+    scrapy ingest migrate [--sql]               # create/upgrade the tables, or print the DDL
+    scrapy ingest replay [--spill-dir DIR] [--url URL ...]
 
-The journal does not keep database passwords, so the databases come from the
-settings (``INGEST_DATABASE_URL``, ``INGEST_ROUTES``) and ``--url``. Each is
-written with the same idempotent writes a crawl uses: replaying twice stores
-nothing twice. The exit code is 1 when batches are left (a database still
-unavailable, or not named by the settings), else 0.
+Each action reads the project's settings (``INGEST_DATABASE_URL``,
+``INGEST_ROUTES``, ``INGEST_SPILL_DIR``...) like a crawl would, and works on
+every database they name. ``scrapy ingest ACTION --help`` tells more. Exit
+codes: 0 done (for ``check``: a crawl would store everything), 1 the action
+could not do all it was asked (a database unavailable, batches left, a
+problem found), 2 wrong usage or invalid settings.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+import argparse
+import importlib
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
-from scrapy_ingest.backends import local_host
+from scrapy_ingest.commands._common import Context
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import IngestError
-from scrapy_ingest.schema import all_tables
-from scrapy_ingest.spill import journal_dir, spilled_databases
 
 if TYPE_CHECKING:
-    import argparse
+    from types import ModuleType
 
-ACTIONS = ("replay",)
+#: action -> the module that implements it: ``HELP`` (one line), ``DESCRIPTION``,
+#: ``add_arguments(parser)`` and ``run(context) -> exit code``
+ACTIONS: dict[str, str] = {
+    "check": "scrapy_ingest.commands._check",
+    "jobs": "scrapy_ingest.commands._jobs",
+    "export": "scrapy_ingest.commands._export",
+    "prune": "scrapy_ingest.commands._prune",
+    "migrate": "scrapy_ingest.commands._migrate",
+    "replay": "scrapy_ingest.commands._replay",
+}
+
+
+class _WithoutDefaults:
+    """Adds options to *parser* (and its groups) without their defaults: an option given to the
+    main parser only keeps its value when the action's parser does not know it."""
+
+    def __init__(self, parser: Any) -> None:  # a parser, or one of its argument groups
+        self._parser = parser
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> _WithoutDefaults:
+        return _WithoutDefaults(self._parser.add_argument_group(*args, **kwargs))
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action: argparse.Action = self._parser.add_argument(
+            *args, **{**kwargs, "default": argparse.SUPPRESS}
+        )
+        return action
+
+
+def _action(name: str) -> ModuleType:
+    return importlib.import_module(ACTIONS[name])
 
 
 class Command(ScrapyCommand):
@@ -39,82 +72,49 @@ class Command(ScrapyCommand):
     default_settings: ClassVar[dict[str, Any]] = {"LOG_LEVEL": "INFO"}
 
     def syntax(self) -> str:
-        return "replay [--url URL ...]"
+        return "ACTION [options]"
 
     def short_desc(self) -> str:
-        return "Replay scrapy_ingest's spill journal into its databases"
+        return "Check, query, export, prune and migrate scrapy_ingest's databases"
 
     def long_desc(self) -> str:
         return (
-            "Write the batches that databases could not take during crawls, kept in the spill "
-            "journal (INGEST_SPILL_DIR), into those databases, oldest first, exactly once."
+            "Look after the databases scrapy_ingest stores crawls in, as the project's "
+            "settings name them (INGEST_DATABASE_URL, INGEST_ROUTES); `scrapy ingest ACTION "
+            "--help` tells more of each action. The spill journal is INGEST_SPILL_DIR, by "
+            "default .scrapy/ingest-spill beside scrapy.cfg (in the working directory outside "
+            "a project).\n\nExit codes: 0 done; 1 not all done (a database unavailable, "
+            "batches left in the spill journal, a problem found: the output says which and "
+            "the fix); 2 wrong usage or an invalid setting."
         )
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         super().add_options(parser)
-        parser.add_argument(
-            "--url",
-            action="append",
-            default=[],
-            metavar="URL",
-            help="a database URL the settings do not name (one an INGEST_ROUTER chose)",
-        )
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        actions = parser.add_subparsers(dest="action", metavar="ACTION")
+        for name in ACTIONS:
+            module = _action(name)
+            sub = actions.add_parser(
+                name,
+                help=module.HELP,
+                description=module.DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                prog=f"scrapy ingest {name}",
+            )
+            module.add_arguments(sub)
+            # Scrapy's global options are taken after the action too; given before it only,
+            # they must keep their value (an action's parser would reset them to its defaults)
+            super().add_options(cast("argparse.ArgumentParser", _WithoutDefaults(sub)))
 
     def run(self, args: list[str], opts: argparse.Namespace) -> None:
-        if args[:1] != ["replay"] or len(args) > 1:
-            raise UsageError(f"say what to do: scrapy ingest {' | '.join(ACTIONS)}")
+        if opts.action is None:
+            raise UsageError(f"say what to do: scrapy ingest {{{','.join(ACTIONS)}}}")
+        if args:
+            raise UsageError(f"unexpected arguments: {' '.join(args)}")
         assert self.settings is not None
         try:
             config = IngestConfig.from_settings(self.settings)
         except IngestError as exc:
-            raise UsageError(str(exc)) from None
-        self.exitcode = 1 if replay(config, opts.url) else 0
-
-
-def replay(config: IngestConfig, extra_urls: list[str]) -> int:
-    """Replay every journal under the spill directory; print what became of each; return the
-    number of batches left."""
-    root = config.spill_root()
-    urls = [config.database_url, *(rule.url for rule in config.rules()), *extra_urls]
-    known = {journal_dir(root, url): url for url in urls}
-    left = found = 0
-    for directory, shown, waiting in spilled_databases(root):
-        if not waiting:
-            continue
-        found += 1
-        url = known.get(directory)
-        if url is None:
-            print(
-                f"{shown}: {waiting} batches wait in {directory}, but the settings do not name "
-                "this database. Fix: run the command with the settings of the crawl that "
-                "spilled them, or name the database with --url."
-            )
-            left += waiting
-            continue
-        host = local_host(
-            url,
-            all_tables(config.table_prefix),
-            create_tables=config.create_tables,
-            retry_timeout=config.retry_timeout,
-            spill_dir=root,
-            require_backend=True,
-        )
-        try:
-            outcome = host.open().replayed
-        except IngestError as exc:
-            print(f"{shown}: {waiting} batches wait; the database is unavailable: {exc}")
-            left += waiting
-            continue
-        try:
-            host.close()
-        except Exception as exc:  # the batches are written; a failed close changes nothing
-            print(f"{shown}: closing the connection failed: {exc}")
-        assert outcome is not None
-        print(f"{shown}: replayed {outcome.batches} batches ({outcome.rows} rows)", end="")
-        if outcome.dead:
-            print(f"; {outcome.dead} rows refused, kept in refused-* files in {directory}", end="")
-        print(f"; {outcome.left} batches left" if outcome.left else "")
-        left += outcome.left
-    if not found:
-        print(f"Nothing to replay in {root}")
-    return left
+            raise UsageError(str(exc), print_help=False) from None
+        context = Context(self.settings, config, opts)
+        self.exitcode = _action(opts.action).run(context)

@@ -16,7 +16,14 @@ What a row holds and where it comes from:
 
 * ``started_at``: when the download handler started the download, after any
   wait in the downloader's per-domain queue (see :meth:`_time_downloads`);
-  ``latency_ms``: from then until the response (or the error) came back;
+* ``latency_ms``: the download time. For a response, Scrapy's own
+  ``download_latency`` (set by the download handler: from sending the request
+  to receiving the response headers; the body's transfer is not in it); for a
+  download error (a timeout, a refused connection, a TLS failure) and for a
+  handler that sets no ``download_latency``, from ``started_at`` until the
+  handler raised the error or returned the response. Neither the wait in
+  Scrapy's queues nor the time the response takes to reach this middleware is
+  in it;
 * ``parent_id``: the row id of the attempt whose response produced this
   request, set in ``request.meta["ingest_parent_id"]`` by
   :class:`~scrapy_ingest.spidermiddlewares.source.SourceMiddleware`; the next
@@ -27,9 +34,11 @@ What a row holds and where it comes from:
 * ``playwright``: the request asked for scrapy-playwright (``meta["playwright"]``)
   and scrapy-playwright's handler is the one for its URL scheme
   (``DOWNLOAD_HANDLERS``), which is when scrapy-playwright downloads it;
-* ``url`` and ``proxy`` without credentials; with
+* ``url``, ``proxy`` and ``error`` without the secrets of their URLs
+  (``user:password@``, the query parameters of ``INGEST_REDACT_QUERY_PARAMS``); with
   ``INGEST_REQUESTS_STORE_HEADERS``, the headers with ``Authorization``,
-  ``Cookie``, ``Set-Cookie`` and ``Proxy-Authorization`` values redacted.
+  ``Cookie``, ``Set-Cookie`` and ``Proxy-Authorization`` values redacted, and the
+  URLs of the others (``Referer``, ``Location``) redacted as any URL.
 
 Requests that never reach the downloader are not rows: those that the
 scheduler's dupefilter or the offsite middleware drop are in Scrapy's
@@ -52,12 +61,15 @@ import orjson
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.httpobj import urlparse_cached
+from twisted.python.failure import Failure
 
-from scrapy_ingest._redact import REDACTED, redact_text, redact_url
+from scrapy_ingest._redact import REDACTED, redact_text
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from scrapy import Request, Spider
     from scrapy.crawler import Crawler
     from scrapy.http import Headers, Response
@@ -84,8 +96,11 @@ class RequestLogMiddleware:
         self._runtime = runtime
         runtime.requests_count = 0
         self._store_headers = runtime.config.requests_store_headers
+        self._redact = runtime.redact
         #: request -> when its download started (epoch seconds)
         self._starts: dict[Request, float] = {}
+        #: request -> its download time (seconds), once the download handler is done with it
+        self._latencies: dict[Request, float] = {}
         self._captured = 0
         self._published = 0
         self._not_downloaded = 0
@@ -112,25 +127,35 @@ class RequestLogMiddleware:
         self._open = True
 
     def _time_downloads(self) -> None:
-        """Note when each download starts, not when it enters the downloader.
+        """Time each download itself, not its stay in the downloader.
 
         Downloader middlewares run before the downloader's per-domain queue,
         where a request can wait for a free slot or a download delay; Scrapy
-        sends no signal when a download leaves that queue. So we wrap this
-        crawler's download handlers (``engine.downloader.handlers``, one object
-        per crawler, nothing global): the wrapper notes the time and calls the
-        original. If a Scrapy version has neither method we know, the time at
-        which the request reached this middleware is used, queue wait included.
+        sends no signal when a download leaves that queue, and a response
+        reaches this middleware only after the downloader has started the next
+        download and the event loop has run whatever else was ready. So we wrap
+        this crawler's download handlers (``engine.downloader.handlers``, one
+        object per crawler, nothing global): the wrapper notes when the download
+        starts and how long it took (:meth:`_download_ended`). If a Scrapy
+        version has neither method we know, the time at which the request
+        reached this middleware is used, queue wait included, until the
+        response or error reached it.
         """
         engine = self.crawler.engine
         handlers = getattr(getattr(engine, "downloader", None), "handlers", None)
-        starts = self._starts
+        started, ended = self._download_started, self._download_ended
         original_async = getattr(handlers, "download_request_async", None)  # Scrapy 2.14+
         if original_async is not None and inspect.iscoroutinefunction(original_async):
 
             async def download_request_async(request: Request, *args: Any, **kwargs: Any) -> Any:
-                starts[request] = time.time()
-                return await original_async(request, *args, **kwargs)
+                clock, earlier = started(request)
+                try:
+                    response = await original_async(request, *args, **kwargs)
+                except BaseException:
+                    ended(request, clock, earlier, failed=True)
+                    raise
+                ended(request, clock, earlier, failed=False)
+                return response
 
             handlers.download_request_async = download_request_async  # type: ignore[union-attr]
             return
@@ -138,8 +163,13 @@ class RequestLogMiddleware:
         if original is not None:
 
             def download_request(request: Request, *args: Any, **kwargs: Any) -> Any:
-                starts[request] = time.time()
-                return original(request, *args, **kwargs)
+                clock, earlier = started(request)
+
+                def done(result: Any) -> Any:
+                    ended(request, clock, earlier, failed=isinstance(result, Failure))
+                    return result
+
+                return original(request, *args, **kwargs).addBoth(done)
 
             handlers.download_request = download_request  # type: ignore[union-attr]
             return
@@ -147,6 +177,22 @@ class RequestLogMiddleware:
             "This Scrapy version's downloader is unknown to scrapy_ingest: started_at and "
             "latency_ms of requests include the time spent in the download queue"
         )
+
+    def _download_started(self, request: Request) -> tuple[float, object]:
+        """Note the start; the monotonic clock and the ``download_latency`` already in meta."""
+        self._starts[request] = time.time()
+        # a retry or a redirect copies the meta, download_latency of the earlier attempt included
+        return time.monotonic(), request.meta.get("download_latency")
+
+    def _download_ended(
+        self, request: Request, clock: float, earlier: object, *, failed: bool
+    ) -> None:
+        latency = request.meta.get("download_latency")
+        if failed or latency is None or latency is earlier or not isinstance(latency, float):
+            # an error (which may come after the headers, e.g. a timeout reading the body),
+            # a handler that sets no download_latency, or only the earlier attempt's one
+            latency = time.monotonic() - clock
+        self._latencies[request] = latency
 
     def _publish_stats(self) -> None:
         runtime = self._runtime
@@ -163,6 +209,7 @@ class RequestLogMiddleware:
             self._publish_stats()
         self._open = False
         self._starts.clear()
+        self._latencies.clear()
 
     # downloader middleware methods (reactor thread, once per request: kept cheap)
 
@@ -174,6 +221,7 @@ class RequestLogMiddleware:
         self, request: Request, response: Response, spider: Spider | None = None
     ) -> Response:
         started = self._starts.pop(request, None)
+        latency = self._latencies.pop(request, None)
         meta = request.meta
         if started is None or not self._open:
             # answered without a download (an HTTP cache hit): no row, and no parent to give
@@ -187,11 +235,16 @@ class RequestLogMiddleware:
         if status in _REDIRECTS and b"Location" in response.headers:
             # RedirectMiddleware copies this meta into the next hop: its parent is this attempt
             meta["ingest_parent_id"] = row_id
-        headers = _headers_json(request.headers, response.headers) if self._store_headers else None
+        headers = (
+            _headers_json(request.headers, response.headers, self._redact)
+            if self._store_headers
+            else None
+        )
         self._store(
             request,
             row_id,
             started,
+            latency,
             status=status,
             response_bytes=len(response.body),
             parent_id=parent_id,
@@ -204,19 +257,23 @@ class RequestLogMiddleware:
         self, request: Request, exception: Exception, spider: Spider | None = None
     ) -> None:
         started = self._starts.pop(request, None)
+        latency = self._latencies.pop(request, None)
         if started is None or not self._open:
             # refused before the download, by another middleware (robots.txt, offsite...)
             self._not_downloaded += started is None
             return
         row_id = self._new_id(started)
         request.meta["ingest_request_id"] = row_id
-        headers = _headers_json(request.headers, None) if self._store_headers else None
+        headers = (
+            _headers_json(request.headers, None, self._redact) if self._store_headers else None
+        )
         parent_id = request.meta.get("ingest_parent_id")
-        error = describe_exception(exception)
+        error = self._redact(describe_exception(exception))
         self._store(
             request,
             row_id,
             started,
+            latency,
             status=None,
             response_bytes=None,
             parent_id=parent_id,
@@ -229,6 +286,7 @@ class RequestLogMiddleware:
         request: Request,
         row_id: int,
         started: float,
+        latency: float | None,
         *,
         status: int | None,
         response_bytes: int | None,
@@ -237,7 +295,7 @@ class RequestLogMiddleware:
         headers: bytes | None,
     ) -> None:
         meta = request.meta
-        url = redact_url(request.url)
+        url = self._redact(request.url)
         # ProxyMiddleware's name of the proxy (a Playwright request's is in its browser context,
         # not in meta["proxy"]), else the proxy the project set
         proxy = meta.get("_ingest_proxy") or meta.get("proxy")
@@ -249,12 +307,13 @@ class RequestLogMiddleware:
             request.method,
             status,
             started,
-            (time.time() - started) * 1000,
+            # None: a Scrapy whose download handlers are not wrapped (see _time_downloads)
+            (time.time() - started if latency is None else latency) * 1000,
             response_bytes,
             parent_id,
             meta.get("depth", 0),
             meta.get("retry_times", 0),
-            redact_url(proxy) if proxy else None,
+            self._redact(proxy) if proxy else None,
             error,
             self._fingerprint(request).hex(),
             bool(meta.get("playwright")) and self._by_playwright(request),
@@ -327,19 +386,22 @@ def _class_name(exc: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _headers_json(request_headers: Headers, response_headers: Headers | None) -> bytes:
-    record: dict[str, Any] = {"request": _header_values(request_headers)}
+def _headers_json(
+    request_headers: Headers, response_headers: Headers | None, redact: Callable[[str], str]
+) -> bytes:
+    record: dict[str, Any] = {"request": _header_values(request_headers, redact)}
     if response_headers is not None:
-        record["response"] = _header_values(response_headers)
+        record["response"] = _header_values(response_headers, redact)
     return orjson.dumps(record)
 
 
-def _header_values(headers: Headers) -> dict[str, list[str]]:
+def _header_values(headers: Headers, redact: Callable[[str], str]) -> dict[str, list[str]]:
+    # secret headers are hidden whole; the URLs of the others (Referer, Location) as any URL
     return {
         name.decode("latin-1"): (
             [REDACTED]
             if name.lower() in SECRET_HEADERS
-            else [value.decode("latin-1") for value in values]
+            else [redact(value.decode("latin-1")) for value in values]
         )
         for name, values in headers.items()
     }

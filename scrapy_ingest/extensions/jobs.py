@@ -20,9 +20,7 @@ from scrapy import signals
 from scrapy.utils.defer import deferred_from_coro
 from twisted.internet.task import LoopingCall
 
-from scrapy_ingest._compat import close_spider
 from scrapy_ingest._stats import stat_key
-from scrapy_ingest.exceptions import IngestError
 from scrapy_ingest.runtime import IngestRuntime
 
 if TYPE_CHECKING:
@@ -46,12 +44,8 @@ class IngestJobsExtension:
         return cls(crawler)
 
     async def _spider_opened(self) -> None:
-        try:
-            await self._runtime.open()
-        except IngestError as exc:
-            logger.error("Closing the spider: %s", exc)
-            await close_spider(self.crawler, "ingest_error")
-            return
+        if not await self._runtime.opened():
+            return  # the runtime has said why, and closes the spider before its first request
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.start(self._runtime.config.job_heartbeat, now=False)
 

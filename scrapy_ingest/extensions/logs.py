@@ -32,8 +32,10 @@ appends a tuple to a deque; the reactor thread turns them into rows, with
 the traceback text, a few times per ``INGEST_FLUSH_INTERVAL``. Records from
 any thread are accepted.
 
-Messages and tracebacks are stored with credentials in URLs
-(``scheme://user:password@``) redacted.
+Messages and tracebacks are stored with the secrets of the URLs in them hidden
+(``scheme://user:password@``, and the query parameters of
+``INGEST_REDACT_QUERY_PARAMS``), Scrapy's own lines included, and with the values
+of secret-looking settings in a printed dict (``'API_KEY': '...'``) hidden.
 """
 
 from __future__ import annotations
@@ -147,12 +149,14 @@ class IngestLogsExtension:
             return
         sink = self._sink
         add, new_id, job_id, spider = sink.add, sink.new_id, sink.job_id, sink.spider
+        redact = self._runtime.redact
         taken = 0
         while entries:
             logged_at, level, level_name, logger_name, message, exception = entries.popleft()
-            message = _clean(message)
-            text = None if exception is None else _clean(_format(exception))
-            size = ROW_OVERHEAD + len(message) + (len(text) if text else 0)
+            message = redact(redact_text(_truncate(message)))
+            if exception is not None:
+                exception = redact(redact_text(_truncate(_format(exception))))
+            size = ROW_OVERHEAD + len(message) + (len(exception) if exception else 0)
             add(
                 (
                     new_id(logged_at),
@@ -163,7 +167,7 @@ class IngestLogsExtension:
                     level_name,
                     logger_name,
                     message,
-                    text,
+                    exception,
                 ),
                 size,
             )
@@ -193,7 +197,7 @@ def _format(exception: traceback.TracebackException | str) -> str:
     return "".join(exception.format())
 
 
-def _clean(text: str) -> str:
+def _truncate(text: str) -> str:
     if len(text) > MAX_TEXT:
         text = text[:MAX_TEXT] + "...[truncated]"
-    return redact_text(text)
+    return text

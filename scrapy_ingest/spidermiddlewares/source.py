@@ -51,6 +51,7 @@ class SourceMiddleware:
         self.crawler = crawler
         runtime = IngestRuntime.of(crawler)
         self._sources = runtime.item_sources
+        self._redact = runtime.redact
         # without the request log there are no attempt ids to link
         self._link_requests = runtime.config.requests_enabled
 
@@ -62,7 +63,7 @@ class SourceMiddleware:
     def process_spider_output(
         self, response: Response, result: Iterator[Any], spider: Spider | None = None
     ) -> Iterator[Any]:
-        url, sources = response.url, self._sources
+        url, sources = self._redact(response.url), self._sources
         parent = response.meta.get("ingest_request_id") if self._link_requests else _NO_LINK
         for output in result:
             if isinstance(output, Request):
@@ -77,7 +78,7 @@ class SourceMiddleware:
     async def process_spider_output_async(
         self, response: Response, result: AsyncIterator[Any], spider: Spider | None = None
     ) -> AsyncIterator[Any]:
-        url, sources = response.url, self._sources
+        url, sources = self._redact(response.url), self._sources
         parent = response.meta.get("ingest_request_id") if self._link_requests else _NO_LINK
         async for output in result:
             if isinstance(output, Request):
