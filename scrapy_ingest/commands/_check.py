@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 from scrapy_ingest._redact import redact_text
 from scrapy_ingest.backends import make_backend, url_scheme
 from scrapy_ingest.commands._common import databases
-from scrapy_ingest.exceptions import BackendUnavailable, IngestError, SchemaError
+from scrapy_ingest.exceptions import (
+    BackendRefused,
+    BackendUnavailable,
+    IngestError,
+    SchemaError,
+)
 from scrapy_ingest.schema import SCHEMA_VERSION
 from scrapy_ingest.spill import database_identity, journal_dir, spilled_databases
 
@@ -150,6 +155,8 @@ def check_database(database: Database, *, create_tables: bool) -> _Report:
         report.problems += backend.check_privileges(database.tables)
         if unreadable is not None and not report.problems:
             report.problems.append(str(unreadable))
+    except BackendRefused as exc:  # classified by the backend: it names cause and fix
+        report.problems.append(" ".join(str(exc).split()))
     except BackendUnavailable as exc:
         reason = " ".join(str(exc).split()).rstrip(".")
         report.problems.append(f"{reason}. Fix: {_connection_fix(reason, database.source)}")
