@@ -568,6 +568,23 @@ def password_role(pg_url: str) -> Iterator[PasswordRole]:
 # a database that refuses the crawl (tests/test_backend_refused.py, tests/test_mysql_refused.py)
 
 
+def refused_crawl_args(
+    site: LocalSite, url: str, tmp_path: Path, *, pages: int = 5, **settings: Any
+) -> dict[str, Any]:
+    """A small crawl (*pages* pages of 20 items) into *url*, spilling to ``tmp_path/spill``."""
+    return {
+        "base_url": site.base_url,
+        "pages": pages,
+        "per_page": 20,
+        "settings": {
+            "INGEST_DATABASE_URL": url,
+            "INGEST_SPILL_DIR": str(tmp_path / "spill"),
+            "INGEST_FLUSH_INTERVAL": 0.2,
+            **settings,
+        },
+    }
+
+
 def spilled(tmp_path: Path) -> list[Path]:
     """The files the crawl left in its spill journal (``tmp_path / "spill"``)."""
     root = tmp_path / "spill"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
@@ -21,6 +21,7 @@ from _helpers import (
     assert_refused_at_start,
     errors,
     ingest_command,
+    refused_crawl_args,
     run_crawl,
     spilled,
     wait_for,
@@ -87,20 +88,6 @@ def with_userinfo(url: str, user: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
-def crawl_args(site: LocalSite, url: str, tmp_path: Path, **settings: Any) -> dict[str, Any]:
-    return {
-        "base_url": site.base_url,
-        "pages": 5,
-        "per_page": 20,
-        "settings": {
-            "INGEST_DATABASE_URL": url,
-            "INGEST_SPILL_DIR": str(tmp_path / "spill"),
-            "INGEST_FLUSH_INTERVAL": 0.2,
-            **settings,
-        },
-    }
-
-
 def test_a_refused_password_stops_the_crawl_before_its_first_request(
     site: LocalSite, db_url: str, tmp_path: Path
 ) -> None:
@@ -108,7 +95,9 @@ def test_a_refused_password_stops_the_crawl_before_its_first_request(
     wrong = with_userinfo(db_url, name, "not-the-password-93e")
     # whatever INGEST_REQUIRE_BACKEND says: no retry heals a refused password
     started = time.monotonic()
-    result = run_crawl(crawl_args(site, wrong, tmp_path, INGEST_REQUIRE_BACKEND=False), tmp_path)
+    result = run_crawl(
+        refused_crawl_args(site, wrong, tmp_path, INGEST_REQUIRE_BACKEND=False), tmp_path
+    )
     assert_refused_at_start(
         result,
         site,
@@ -126,7 +115,7 @@ def test_a_missing_database_stops_the_crawl_before_its_first_request(
 ) -> None:
     _, password, url = make_role(db_url)
     missing = services.with_database(url, "no_such_db_4c1")
-    result = run_crawl(crawl_args(site, missing, tmp_path), tmp_path)
+    result = run_crawl(refused_crawl_args(site, missing, tmp_path), tmp_path)
     assert_refused_at_start(
         result,
         site,
@@ -146,7 +135,7 @@ def test_a_role_that_may_not_create_tables_stops_the_crawl_before_its_first_requ
         "GRANT USAGE ON SCHEMA public TO {role}",
         "REVOKE CREATE ON SCHEMA public FROM {role}",
     )
-    result = run_crawl(crawl_args(site, url, tmp_path), tmp_path)
+    result = run_crawl(refused_crawl_args(site, url, tmp_path), tmp_path)
     assert_refused_at_start(
         result,
         site,
@@ -163,7 +152,9 @@ def test_a_select_only_role_stops_the_crawl_before_its_first_request(
     site: LocalSite, db_url: str, tmp_path: Path
 ) -> None:
     # the tables are made by another role (here the superuser, by a crawl of its own)
-    made = run_crawl(crawl_args(site, db_url, tmp_path / "made", pages=1), tmp_path / "made")
+    made = run_crawl(
+        refused_crawl_args(site, db_url, tmp_path / "made", pages=1), tmp_path / "made"
+    )
     assert made.returncode == 0, made.describe()
     site.reset()
     name, password, url = make_role(
@@ -172,7 +163,9 @@ def test_a_select_only_role_stops_the_crawl_before_its_first_request(
         "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
     )
     started = time.monotonic()
-    result = run_crawl(crawl_args(site, url, tmp_path, INGEST_CREATE_TABLES=False), tmp_path)
+    result = run_crawl(
+        refused_crawl_args(site, url, tmp_path, INGEST_CREATE_TABLES=False), tmp_path
+    )
     assert_refused_at_start(
         result,
         site,
@@ -189,7 +182,7 @@ def test_a_password_changed_mid_crawl_closes_the_spider_and_replay_stores_everyt
     site: LocalSite, db_url: str, tmp_path: Path
 ) -> None:
     name, password, url = make_role(db_url, "GRANT ALL ON SCHEMA public TO {role}")
-    args = crawl_args(site, url, tmp_path, CONCURRENT_REQUESTS=2, INGEST_RETRY_TIMEOUT=60)
+    args = refused_crawl_args(site, url, tmp_path, CONCURRENT_REQUESTS=2, INGEST_RETRY_TIMEOUT=60)
     args.update(pages=150, per_page=20, delay_ms=50)  # a few seconds of pages
     crawl = Crawl(args, tmp_path)
     admin = Database(db_url)

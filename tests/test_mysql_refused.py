@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import services
-from _helpers import Database, assert_refused_at_start, run_crawl, spilled
+from _helpers import Database, assert_refused_at_start, refused_crawl_args, run_crawl, spilled
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -83,22 +83,6 @@ def with_database(url: str, name: str) -> str:
 # crawls
 
 
-def crawl_args(
-    site: LocalSite, url: str, tmp_path: Path, *, pages: int = 5, **settings: Any
-) -> dict[str, Any]:
-    return {
-        "base_url": site.base_url,
-        "pages": pages,
-        "per_page": 20,
-        "settings": {
-            "INGEST_DATABASE_URL": url,
-            "INGEST_SPILL_DIR": str(tmp_path / "spill"),
-            "INGEST_FLUSH_INTERVAL": 0.2,
-            **settings,
-        },
-    }
-
-
 # MariaDB: refused at start
 
 
@@ -108,7 +92,7 @@ def test_a_refused_password_stops_the_crawl_before_its_first_request(
     name, password, _ = maria_user(maria_db, "GRANT ALL ON `{db}`.* TO {user}")
     wrong = with_user(maria_db, name, "not-the-password-5b2")
     # whatever INGEST_REQUIRE_BACKEND says: no retry heals a refused password
-    args = crawl_args(site, wrong, tmp_path, INGEST_REQUIRE_BACKEND=False)
+    args = refused_crawl_args(site, wrong, tmp_path, INGEST_REQUIRE_BACKEND=False)
     result = run_crawl(args, tmp_path)
     assert_refused_at_start(
         result,
@@ -129,7 +113,7 @@ def test_a_missing_database_stops_the_crawl_before_its_first_request(
     # unknown (1049)
     _, password, url = maria_user(maria_db, "GRANT ALL ON `{db}`.* TO {user}")
     missing = with_database(url if who == "user" else maria_db, "no_such_db_4c1")
-    result = run_crawl(crawl_args(site, missing, tmp_path), tmp_path)
+    result = run_crawl(refused_crawl_args(site, missing, tmp_path), tmp_path)
     expected = (
         ["may not use database 'no_such_db_4c1'", "or it does not exist"]
         if who == "user"
@@ -146,7 +130,7 @@ def test_a_user_that_may_not_create_tables_stops_the_crawl_before_its_first_requ
     name, password, url = maria_user(
         maria_db, "GRANT SELECT, INSERT, UPDATE, DELETE ON `{db}`.* TO {user}"
     )
-    result = run_crawl(crawl_args(site, url, tmp_path), tmp_path)
+    result = run_crawl(refused_crawl_args(site, url, tmp_path), tmp_path)
     db = urlsplit(maria_db).path.lstrip("/")
     assert_refused_at_start(
         result,
@@ -164,11 +148,13 @@ def test_a_select_only_user_stops_the_crawl_before_its_first_request(
     site: LocalSite, maria_db: str, tmp_path: Path
 ) -> None:
     # the tables are made by another user (here root, by a crawl of its own)
-    made = run_crawl(crawl_args(site, maria_db, tmp_path / "made", pages=1), tmp_path / "made")
+    made = run_crawl(
+        refused_crawl_args(site, maria_db, tmp_path / "made", pages=1), tmp_path / "made"
+    )
     assert made.returncode == 0, made.describe()
     site.reset()
     name, password, url = maria_user(maria_db, "GRANT SELECT ON `{db}`.* TO {user}")
-    args = crawl_args(site, url, tmp_path, INGEST_CREATE_TABLES=False)
+    args = refused_crawl_args(site, url, tmp_path, INGEST_CREATE_TABLES=False)
     result = run_crawl(args, tmp_path)
     db = urlsplit(maria_db).path.lstrip("/")
     assert_refused_at_start(
@@ -185,7 +171,7 @@ def test_a_server_where_nothing_listens_is_an_outage_the_crawl_starts_and_spills
     site: LocalSite, tmp_path: Path
 ) -> None:
     url = f"mysql+pymysql://scraper:secret-pw-91@127.0.0.1:{services.free_port()}/scraping"
-    result = run_crawl(crawl_args(site, url, tmp_path, pages=2), tmp_path)
+    result = run_crawl(refused_crawl_args(site, url, tmp_path, pages=2), tmp_path)
     assert result.returncode == 0, result.describe()
     assert result.stats.get("finish_reason") == "finished", result.describe()
     assert result.stats.get("item_scraped_count") == 40, result.describe()
@@ -203,7 +189,7 @@ def test_items_over_the_packet_limit_are_dead_lettered_and_the_rest_stored(
     [(limit,)] = Database(maria_db).query("SELECT @@max_allowed_packet")
     assert limit == 16 * 1024 * 1024  # MariaDB's default
     large = [7, 1500]
-    args = crawl_args(
+    args = refused_crawl_args(
         site,
         maria_db,
         tmp_path,
@@ -246,11 +232,13 @@ def test_under_a_small_packet_limit_batches_are_cut_and_a_dead_letter_fits(
     admin = Database(maria_server)
     try:
         url = f"{maria_server}/{name}"
-        made = run_crawl(crawl_args(site, url, tmp_path / "made", pages=1), tmp_path / "made")
+        made = run_crawl(
+            refused_crawl_args(site, url, tmp_path / "made", pages=1), tmp_path / "made"
+        )
         assert made.returncode == 0, made.describe()
         Database(url).script("ALTER TABLE ingest_dead_letters MODIFY payload LONGTEXT")
         admin.script("SET GLOBAL max_allowed_packet = 524288")
-        args = crawl_args(
+        args = refused_crawl_args(
             site,
             url,
             tmp_path,
@@ -306,11 +294,11 @@ def test_a_read_only_sqlite_file_stops_the_crawl_before_its_first_request(
     path = tmp_path / "db" / "ingest.sqlite3"
     path.parent.mkdir()
     url = f"sqlite:///{path}"
-    made = run_crawl(crawl_args(site, url, tmp_path / "made", pages=1), tmp_path / "made")
+    made = run_crawl(refused_crawl_args(site, url, tmp_path / "made", pages=1), tmp_path / "made")
     assert made.returncode == 0, made.describe()
     site.reset()
     with read_only(path):
-        result = run_crawl(crawl_args(site, url, tmp_path), tmp_path)
+        result = run_crawl(refused_crawl_args(site, url, tmp_path), tmp_path)
     assert_refused_at_start(
         result,
         site,
@@ -327,7 +315,7 @@ def test_an_absolute_sqlite_path_in_a_missing_directory_is_created(
 ) -> None:
     path = tmp_path / "not" / "there" / "yet" / "ingest.sqlite3"
     url = f"sqlite:///{path}"
-    result = run_crawl(crawl_args(site, url, tmp_path, pages=2), tmp_path / "work")
+    result = run_crawl(refused_crawl_args(site, url, tmp_path, pages=2), tmp_path / "work")
     result.assert_clean()
     assert Database(url).count("ingest_items") == 40
     assert not spilled(tmp_path)
@@ -337,7 +325,7 @@ def test_a_sqlite_path_in_a_missing_directory_without_create_tables_is_refused(
     site: LocalSite, tmp_path: Path
 ) -> None:
     path = tmp_path / "not" / "there" / "ingest.sqlite3"
-    args = crawl_args(site, f"sqlite:///{path}", tmp_path, INGEST_CREATE_TABLES=False)
+    args = refused_crawl_args(site, f"sqlite:///{path}", tmp_path, INGEST_CREATE_TABLES=False)
     result = run_crawl(args, tmp_path)
     assert_refused_at_start(
         result, site, tmp_path, [], f"SQLite cannot open the file {path}", "unable to open"
