@@ -33,7 +33,7 @@ from scrapy_ingest._redact import Redactor, redact_url, redact_value
 from scrapy_ingest._redis import redis_crawl_id
 from scrapy_ingest._stats import ProcessStats, stat_key
 from scrapy_ingest.backends import check_driver, check_url, is_best_effort
-from scrapy_ingest.backends.base import safe_text
+from scrapy_ingest.backends.base import cut_payload, row_payload, safe_text
 from scrapy_ingest.batching import BatchWriter, BufferBudget, DurableLog
 from scrapy_ingest.config import IngestConfig, skipped_command
 from scrapy_ingest.exceptions import BackendRefused, ConfigError, IngestError, JobIdConflict
@@ -66,8 +66,6 @@ BACKEND_REFUSED = "ingest_backend_refused"
 #: the longest spider name stored (an indexed column: VARCHAR(255) on MySQL)
 MAX_SPIDER_NAME = 255
 
-#: largest dead-letter payload kept, in characters
-DEAD_LETTER_PAYLOAD_MAX = 1_000_000
 #: rough per-row overhead (ids, tuple, strings) added to the JSON size for the buffer budget
 ROW_OVERHEAD = 256
 
@@ -538,8 +536,8 @@ class IngestRuntime:
         to ``INGEST_DATABASE_URL``'s.
         """
         assert self.job is not None and self.router is not None
-        if payload is not None and len(payload) > DEAD_LETTER_PAYLOAD_MAX:
-            payload = payload[:DEAD_LETTER_PAYLOAD_MAX] + "...[truncated]"
+        if payload is not None:
+            payload = cut_payload(payload)
         row = (self.new_id(), self.job.job_id, kind, reason, payload, time.time())
         if url not in self._backends:
             url = self.router.default.url
@@ -580,7 +578,7 @@ class IngestRuntime:
                 stats.inc_value(stat_key(kind, "lost"))
                 logger.error("A dead-letter record was refused too (%s); it is lost", reason)
             else:
-                payload = _row_payload(kind, row)
+                payload = row_payload(kind, row)
                 self.dead_letter(kind, f"the database refused it: {reason}", payload, url)
 
     def _count_spilled(self, kind: str, outcome: WriteOutcome) -> None:
@@ -820,16 +818,6 @@ def _spider_name(name: str) -> str:
             "name."
         )
     return safe_text(name)
-
-
-def _row_payload(kind: str, row: Row) -> str:
-    # items keep their JSON in the last column; other rows are shown as tuples
-    last = row[-1]
-    if kind == "items" and isinstance(last, bytes):
-        return last.decode("utf-8", "replace")
-    if kind == "items" and isinstance(last, str):  # a backend with json_as_text
-        return last
-    return repr(row)
 
 
 def settings_snapshot(settings: BaseSettings) -> dict[str, Any]:

@@ -566,8 +566,25 @@ def _split(
     pending.append(chunk[:middle])
 
 
-#: the longest payload a dead letter keeps (as the crawl's: runtime.DEAD_LETTER_PAYLOAD_MAX)
-_DEAD_LETTER_PAYLOAD_MAX = 1_000_000
+#: the longest payload a dead letter keeps, in characters
+DEAD_LETTER_PAYLOAD_MAX = 1_000_000
+
+
+def row_payload(kind: str, row: Row) -> str:
+    """What a dead letter keeps of *row*: an item's JSON (its last column), else the row."""
+    last = row[-1]
+    if kind == "items" and isinstance(last, (bytes, bytearray)):
+        return bytes(last).decode("utf-8", "replace")
+    if kind == "items" and isinstance(last, str):  # a backend with json_as_text
+        return last
+    return repr(row)
+
+
+def cut_payload(payload: str) -> str:
+    """*payload* cut to :data:`DEAD_LETTER_PAYLOAD_MAX` characters."""
+    if len(payload) > DEAD_LETTER_PAYLOAD_MAX:
+        return payload[:DEAD_LETTER_PAYLOAD_MAX] + "...[truncated]"
+    return payload
 
 
 def dead_letter_row(table: TableSpec, record: Any, reason: str) -> Row:
@@ -578,15 +595,8 @@ def dead_letter_row(table: TableSpec, record: Any, reason: str) -> Row:
         key, job_id, payload = record.get("job_id"), record.get("job_id"), repr(dict(record))
     else:
         job_id = record[table.position("job_id")] if "job_id" in table.column_names else ""
-        key, last = record[0], record[-1]
-        if table.kind == "items" and isinstance(last, (bytes, bytearray)):
-            payload = bytes(last).decode("utf-8", "replace")
-        elif table.kind == "items" and isinstance(last, str):
-            payload = last
-        else:
-            payload = repr(record)
-    if len(payload) > _DEAD_LETTER_PAYLOAD_MAX:
-        payload = payload[:_DEAD_LETTER_PAYLOAD_MAX] + "...[truncated]"
+        key, payload = record[0], row_payload(table.kind, record)
+    payload = cut_payload(payload)
     digest = hashlib.blake2b(f"{table.name}\0{key!r}".encode(), digest_size=16).digest()
     letter_id = int.from_bytes(digest, "big")
     text = f"the database refused it: {reason} (replayed from the spill journal)"
