@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import sys
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 import scrapy
 from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.utils.conf import build_component_list
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.misc import load_object
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -20,6 +24,7 @@ if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
 
 _P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 async def close_spider(crawler: Crawler, reason: str) -> None:
@@ -213,3 +218,142 @@ def _close_once_running(crawler: Crawler, reason: str, tries: int) -> None:
         deferred_from_coro(close_spider(crawler, reason))
     elif tries:
         reactor.callLater(0.001, _close_once_running, crawler, reason, tries - 1)  # type: ignore[arg-type]
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class _DelayedCall:
+    """A Twisted DelayedCall whose cancel() may be called after the call, like Scrapy's
+    CallLaterResult (2.14+)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+def call_later(delay: float, func: Callable[..., object], *args: Any) -> Cancellable:
+    """Call *func(\\*args)* in *delay* seconds, without blocking.
+
+    Scrapy 2.14 and later: ``scrapy.utils.asyncio.call_later``, the asyncio loop's timer where
+    asyncio is available (the asyncio reactor, or no reactor at all), the reactor's otherwise;
+    2.13: the reactor's ``callLater``.
+    """
+    if _scrapy_version() >= (2, 14):
+        from scrapy.utils.asyncio import call_later as scrapy_call_later
+
+        return scrapy_call_later(delay, func, *args)
+    from twisted.internet import reactor
+
+    return _DelayedCall(reactor.callLater(delay, func, *args))  # type: ignore[arg-type]
+
+
+# Without a reactor (TWISTED_REACTOR_ENABLED = False, Scrapy 2.15+), Scrapy forbids importing
+# twisted.internet.reactor: the crawl runs on an asyncio loop. Deferreds still work (they need
+# no reactor); what needs one (calls from other threads, timers, loops, Twisted's thread pool)
+# goes through these, which use the reactor when one is installed and the running asyncio loop
+# otherwise. With a reactor, nothing changes.
+
+
+def reactor_installed() -> bool:
+    """Whether the crawl runs on a Twisted reactor (else on an asyncio loop without one)."""
+    return "twisted.internet.reactor" in sys.modules
+
+
+def thread_caller() -> Callable[..., Any]:
+    """On the crawl's thread: what other threads call to have ``f(*args)`` run on it, the
+    reactor's ``callFromThread`` or the running asyncio loop's ``call_soon_threadsafe``."""
+    if reactor_installed():
+        from twisted.internet import reactor
+
+        return reactor.callFromThread  # type: ignore[no-any-return]
+    return asyncio.get_running_loop().call_soon_threadsafe
+
+
+def in_thread(func: Callable[..., _T], *args: Any) -> Deferred[_T]:
+    """Run ``func(*args)`` in a thread (Twisted's thread pool, or asyncio's default executor
+    without a reactor); the Deferred fires on the crawl's thread."""
+    if reactor_installed():
+        from twisted.internet.threads import deferToThread
+
+        return deferToThread(func, *args)
+    return Deferred.fromFuture(asyncio.ensure_future(asyncio.to_thread(func, *args)))
+
+
+class Looping(Protocol):
+    running: bool
+
+    def start(self, interval: float, now: bool = True) -> Deferred[Any]: ...
+
+    def stop(self) -> None: ...
+
+
+def looping_call(func: Callable[..., Any], *args: Any) -> Looping:
+    """A ``LoopingCall`` of ``func(*args)``, or its like on the asyncio loop without a
+    reactor."""
+    if reactor_installed():
+        return LoopingCall(func, *args)
+    return _LoopWithoutReactor(func, *args)
+
+
+class _LoopWithoutReactor:
+    """LoopingCall's ``start``/``stop``/``running`` on the running asyncio loop. As with
+    LoopingCall, a call that returns a Deferred (or a coroutine) is waited for before the next
+    one; the Deferred ``start`` returns fires when the loop stops, or fails with the error that
+    stopped it (which is logged too, if nobody handles it)."""
+
+    def __init__(self, func: Callable[..., Any], *args: Any) -> None:
+        self._func = func
+        self._args = args
+        self.running = False
+        self._task: asyncio.Task[None] | None = None
+        self._done: Deferred[Any] | None = None
+
+    def start(self, interval: float, now: bool = True) -> Deferred[Any]:
+        assert not self.running, "already running"
+        self.running = True
+        self._done = Deferred()
+        self._task = asyncio.get_running_loop().create_task(self._run(interval, now))
+        return self._done
+
+    def stop(self) -> None:
+        assert self.running, "not running"
+        self.running = False
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._finish(self)
+
+    def _finish(self, result: Any) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        if isinstance(result, Failure):
+            done.errback(result)
+        else:
+            done.callback(result)
+
+    async def _run(self, interval: float, now: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if not now:
+            await asyncio.sleep(interval)
+        while self.running:
+            started = loop.time()
+            try:
+                result = self._func(*self._args)
+                if isinstance(result, Deferred):
+                    await result.asFuture(loop)
+                elif inspect.isawaitable(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.running = False
+                self._task = None
+                self._finish(Failure())  # type: ignore[no-untyped-call]
+                return
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))

@@ -9,7 +9,8 @@ threads or a writer process, see :mod:`scrapy_ingest.hosting`); see
 batch with one bad record is split so that the others are stored.
 
 A :class:`BufferBudget` is shared by all writers of a crawler: while the bytes
-buffered or in flight exceed ``INGEST_MAX_BUFFER_BYTES``, producers wait.
+buffered or in flight exceed ``INGEST_MAX_BUFFER_BYTES``, the engine takes no new
+request and the item pipeline waits.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.python.failure import Failure
 
+from scrapy_ingest._compat import call_later
 from scrapy_ingest.backends.base import Batch, WriteOutcome
+from scrapy_ingest.exceptions import NotKept
 from scrapy_ingest.hosting import run_in_thread
 
 if TYPE_CHECKING:
@@ -30,8 +33,7 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
-    from twisted.internet.base import DelayedCall
-
+    from scrapy_ingest._compat import Cancellable
     from scrapy_ingest.backends.base import Row
     from scrapy_ingest.hosting import Host
     from scrapy_ingest.schema import TableSpec
@@ -64,15 +66,18 @@ class DurableLog:
 
 
 class _Ack:
-    """The rows of one batch, journaled (INGEST_DURABLE) or not yet."""
+    """The rows of one batch: journaled or stored (INGEST_DURABLE), not yet, or not kept."""
 
-    __slots__ = ("done", "waiters")
+    __slots__ = ("done", "error", "waiters")
 
     def __init__(self) -> None:
         self.done = False
+        self.error: NotKept | None = None
         self.waiters: list[Deferred[None]] = []
 
     def wait(self) -> Deferred[None]:
+        if self.error is not None:
+            return fail(self.error)
         if self.done:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -85,13 +90,40 @@ class _Ack:
         for d in waiters:
             d.callback(None)
 
+    def fail(self, error: NotKept) -> None:
+        self.error = error
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.errback(error)
+
 
 class BufferBudget:
-    """Bytes buffered or in flight across all writers of one crawler."""
+    """Bytes buffered or in flight across all writers of one crawler.
 
-    def __init__(self, limit: int) -> None:
+    Rows are counted from the moment they are buffered until their batch is answered (written,
+    spilled or given up on): a batch handed to the writer process, which waits in a file in
+    ``/dev/shm`` until then, counts too. When the count reaches three quarters of the limit
+    (:attr:`high_water`), *on_full* is called (the runtime pauses the engine: no request is
+    taken until there is room again), and *on_room* once it is back under it: the last quarter
+    is for the items of the responses downloaded meanwhile, which are still parsed. At the
+    limit, producers that can wait (the item pipeline) wait.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        on_full: Callable[[], None] | None = None,
+        on_room: Callable[[], None] | None = None,
+    ) -> None:
         self.limit = limit
+        #: where the engine is paused
+        self.high_water = limit - limit // 4
         self.used = 0
+        #: whether the high-water mark was reached and the buffer has not been under it since
+        self.full = False
+        self._on_full = on_full
+        self._on_room = on_room
         self._waiters: deque[Deferred[None]] = deque()
 
     def wait(self) -> Deferred[None]:
@@ -100,8 +132,26 @@ class BufferBudget:
         self._waiters.append(d)
         return d
 
+    def reached(self) -> None:
+        """The buffer holds its high-water mark or more (the caller has checked; hot path)."""
+        if not self.full:
+            self.full = True
+            if self._on_full is not None:
+                self._on_full()
+
     def release(self, size: int) -> None:
         self.used -= size
+        if self.used >= self.high_water:
+            if self.used < self.limit:
+                self._wake_waiters()
+            return
+        self._wake_waiters()
+        if self.full:
+            self.full = False
+            if self._on_room is not None:
+                self._on_room()
+
+    def _wake_waiters(self) -> None:
         while self._waiters and self.used < self.limit:
             self._waiters.popleft().callback(None)
 
@@ -137,7 +187,7 @@ class BatchWriter:
         #: with INGEST_DURABLE: the buffered rows' acknowledgement, and the last row's
         self._ack: _Ack | None = None
         self._last_ack: _Ack | None = None
-        self._commit: DelayedCall | None = None
+        self._commit: Cancellable | None = None
 
     def append_json(self, data: bytes) -> int:
         """Append a row's JSON to the batch; return the offset to put in its JSON column.
@@ -163,15 +213,16 @@ class BatchWriter:
                 self._start_group()
         rows.append(row)
         self._bytes += size
-        self._budget.used += size
+        budget = self._budget
+        budget.used += size
+        if budget.used >= budget.high_water:
+            budget.reached()
         if len(rows) >= self._batch_rows or self._bytes >= self._batch_bytes:
             self.flush()
 
     def _start_group(self) -> None:
-        from twisted.internet import reactor
-
         self._ack = self._last_ack = _Ack()
-        self._commit = reactor.callLater(GROUP_COMMIT, self.flush)  # type: ignore[arg-type]
+        self._commit = call_later(GROUP_COMMIT, self.flush)
 
     def acknowledged(self) -> Deferred[None]:
         """Fires once the rows added so far are safe (INGEST_DURABLE: in the journal)."""
@@ -188,8 +239,8 @@ class BatchWriter:
         d: Deferred[Any]
         if self._durable is not None:
             ack, self._ack = self._ack, None
-            if self._commit is not None and self._commit.active():
-                self._commit.cancel()
+            if self._commit is not None:
+                self._commit.cancel()  # done or not
             self._commit = None
             assert ack is not None
             d = Deferred.fromCoroutine(self._store_durably(batch, ack))
@@ -201,21 +252,31 @@ class BatchWriter:
         d.addBoth(self._stored, d, len(batch.packed_rows), size)
 
     async def _store_durably(self, batch: Batch, ack: _Ack) -> WriteOutcome:
+        """Journal the batch, acknowledge its rows, then store it. When the journal cannot
+        take it (its disk is full), the rows are acknowledged only once the database (or,
+        later, the journal) has them: never, if neither does."""
         assert self._durable is not None
         path: Path | None = None
         try:
             path = await self._durable.write(self.table, batch)
         except Exception as exc:
             logger.error(
-                "INGEST_DURABLE: could not journal %d rows of %s (%s); they are acknowledged "
-                "all the same, and written",
+                "INGEST_DURABLE: could not journal %d rows of %s (%s); their items wait "
+                "until the database has them",
                 len(batch.packed_rows),
                 self.table.name,
                 exc,
             )
-        ack.fire()
+        else:
+            ack.fire()
         outcome: WriteOutcome = await maybeDeferred(self.host.store, self.table, batch)
-        if path is not None and not outcome.lost:
+        if path is None:
+            if outcome.lost:
+                why = outcome.spill_failed or outcome.failure or outcome.refused or "not written"
+                ack.fail(NotKept(f"{outcome.lost} rows of its batch were given up on: {why}"))
+            else:
+                ack.fire()
+        elif not outcome.lost:
             self._durable.forget(path)  # in the database, or spilled by the writer
         return outcome
 
@@ -244,5 +305,5 @@ class BatchWriter:
                 self.table.name,
                 exc_info=result.value,
             )
-            result = WriteOutcome(lost=count)
+            result = WriteOutcome(lost=count, failure=f"writing them failed: {result.value}")
         self._on_outcome(self.table, result, seconds)

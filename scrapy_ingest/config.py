@@ -130,6 +130,11 @@ _RULES: dict[str, tuple[str, str]] = {
         "it must be a positive integer",
         "set {name} to a number of bytes, such as 5368709120 (5 GiB)",
     ),
+    "spill_min_free_bytes": (
+        "it must be a number of bytes, 0 or more, or None (the larger of 1% of the disk and "
+        "256 MiB)",
+        "set {name} to e.g. 1073741824 (1 GiB), 0 to turn the check off, or None",
+    ),
     "proxy_list": (
         "it must be a list of proxy URLs",
         "set {name} to e.g. ['http://user:password@proxy1:3128', 'http://proxy2:3128']",
@@ -249,6 +254,7 @@ class IngestConfig(BaseModel):
     durable: bool
     spill_dir: str | None = Field(min_length=1)
     spill_max_bytes: int = Field(gt=0)
+    spill_min_free_bytes: int | None = Field(ge=0)
     proxy_list: list[str]
     proxy_file: str | None = Field(min_length=1)
     proxy_policy: Literal["round_robin", "random", "least_used"]
@@ -445,24 +451,32 @@ class IngestConfig(BaseModel):
     def spill_root(self) -> str:
         """Where the spill journals live: ``INGEST_SPILL_DIR``, else ``ingest-spill`` in the
         project's data directory (``.scrapy/``), as an absolute path."""
-        from scrapy.exceptions import NotConfigured
-        from scrapy.utils.project import data_path
-
         if self.spill_dir:
             return os.path.abspath(self.spill_dir)
-        try:
-            try:
-                return os.path.abspath(data_path("ingest-spill"))
-            except FileExistsError:
-                # Scrapy checks for .scrapy/, then creates it: another crawl of the project,
-                # starting at the same moment, created it in between; it is there now
-                return os.path.abspath(data_path("ingest-spill"))
-        except NotConfigured:  # a settings module, but no scrapy.cfg to find its project by
-            return os.path.abspath(os.path.join(".scrapy", "ingest-spill"))
+        return os.path.abspath(os.path.join(_project_data_dir(), "ingest-spill"))
 
     def rules(self) -> tuple[Rule, ...]:
         """``INGEST_ROUTES`` as routing rules (raise ConfigError when it is wrong)."""
         return parse_routes(self.routes, check_url)
+
+
+def _project_data_dir() -> str:
+    """The directory Scrapy's ``data_path()`` puts its data in (``.scrapy`` beside
+    ``scrapy.cfg``, or the ``[datadir]`` of ``scrapy.cfg``; ``.scrapy`` outside a project),
+    without creating it as ``data_path()`` does: the journal creates it when it writes a batch,
+    so a crawl that spills nothing leaves no empty ``.scrapy/`` behind."""
+    from scrapy.utils.conf import closest_scrapy_cfg, get_config
+    from scrapy.utils.project import DATADIR_CFG_SECTION, inside_project
+
+    if not inside_project():
+        return ".scrapy"
+    config = get_config()
+    if config.has_option(DATADIR_CFG_SECTION, "default"):
+        return config.get(DATADIR_CFG_SECTION, "default")
+    scrapy_cfg = closest_scrapy_cfg()
+    if not scrapy_cfg:  # a settings module, but no scrapy.cfg to find its project by
+        return ".scrapy"
+    return os.path.join(os.path.dirname(scrapy_cfg), ".scrapy")
 
 
 def names_setting(value: Any) -> frozenset[str] | None:

@@ -39,3 +39,9 @@ class BackendRefused(BackendUnavailable):
     refused at start does not start; one refused mid-crawl spills what it holds and closes
     with the reason ``ingest_backend_refused``.
     """
+
+
+class NotKept(IngestError):
+    """``INGEST_DURABLE``: rows of a batch are neither in the spill journal nor in the
+    database (the journal's disk was full and the database down for ``INGEST_RETRY_TIMEOUT``).
+    Their items are dropped, not acknowledged."""

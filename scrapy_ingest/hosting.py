@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 import scrapy_ingest
 from scrapy_ingest import exceptions
+from scrapy_ingest._compat import in_thread, thread_caller
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest.backends import local_host, url_scheme
 from scrapy_ingest.backends._process import HEADER, frame, receive
@@ -63,7 +64,7 @@ class Host(Protocol):
     def recover(self) -> Deferred[ReplayOutcome | None]: ...
 
     def mark_crashed(
-        self, table: TableSpec, stale_before: float, alive: str
+        self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
     ) -> Deferred[list[str]]: ...
 
     def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]: ...
@@ -84,31 +85,39 @@ def create_host(
     writer_process: bool,
     spill_dir: str | None = None,
     require_backend: bool = True,
+    spill_min_free: int | None = None,
+    on_stuck: Callable[[bool], None] | None = None,
 ) -> Host:
-    """Return the host for the backend of *url*; raise ConfigError for a bad URL or driver."""
+    """Return the host for the backend of *url*; raise ConfigError for a bad URL or driver.
+
+    *on_stuck* is called on the reactor thread with True when neither the database nor the
+    spill journal takes rows (the crawl must stop taking work), with False once one does.
+    """
     options: dict[str, Any] = {
         "create_tables": create_tables,
         "retry_timeout": retry_timeout,
         "spill_dir": spill_dir,
         "require_backend": require_backend,
+        "spill_min_free": spill_min_free,
     }
-    local = local_host(url, tables, **options)
     # network databases, and chDB's engine, get a process of their own; SQLite a thread
     if url_scheme(url) != "sqlite" and writer_process and sys.executable:
-        return ProcessHost(url, tables, **options)
-    return ThreadHost(local)
+        local_host(url, tables, **options)  # a bad URL or driver fails here, not in the child
+        return ProcessHost(url, tables, on_stuck=on_stuck, **options)
+    from_thread = None if on_stuck is None else partial(thread_caller(), on_stuck)
+    return ThreadHost(local_host(url, tables, on_stuck=from_thread, **options))
 
 
 def run_in_thread(
     executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any
 ) -> Deferred[Any]:
-    """Run ``fn(*args)`` in *executor*; the returned Deferred fires on the reactor thread."""
-    from twisted.internet import reactor
-
+    """Run ``fn(*args)`` in *executor*; the returned Deferred fires on the crawl's thread (the
+    reactor's, or the asyncio loop's without a reactor). Call it on that thread."""
+    call_from_thread = thread_caller()
     d: Deferred[Any] = Deferred()
 
     def done(future: Future[Any]) -> None:
-        reactor.callFromThread(_fire, d, future)
+        call_from_thread(_fire, d, future)
 
     executor.submit(fn, *args).add_done_callback(done)
     return d
@@ -151,9 +160,9 @@ class ThreadHost:
         return self._run(self._local.recover)
 
     def mark_crashed(
-        self, table: TableSpec, stale_before: float, alive: str
+        self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
     ) -> Deferred[list[str]]:
-        return self._run(self._local.mark_crashed, table, stale_before, alive)
+        return self._run(self._local.mark_crashed, table, stale_before, alive, crawl_id)
 
     def _shut_down(self, result: Any) -> Any:
         if self._executor is not None:
@@ -222,8 +231,11 @@ class ProcessHost:
         retry_timeout: float,
         spill_dir: str | None = None,
         require_backend: bool = True,
+        spill_min_free: int | None = None,
+        on_stuck: Callable[[bool], None] | None = None,
     ) -> None:
         self.url = redact_url(url)
+        self._on_stuck = on_stuck
         self._backend_args = (
             url,
             list(tables),
@@ -231,6 +243,7 @@ class ProcessHost:
             retry_timeout,
             spill_dir,
             require_backend,
+            spill_min_free,
         )
         self._process: subprocess.Popen[bytes] | None = None
         self._pending: deque[_Request] = deque()
@@ -273,7 +286,10 @@ class ProcessHost:
         )
         self._process = process
         threading.Thread(
-            target=self._read_answers, args=(process,), name="scrapy_ingest_answers", daemon=True
+            target=self._read_answers,
+            args=(process, thread_caller()),
+            name="scrapy_ingest_answers",
+            daemon=True,
         ).start()
 
     def close(self) -> Deferred[None]:
@@ -285,13 +301,11 @@ class ProcessHost:
         return d
 
     def _closed(self, result: Any) -> Any:
-        from twisted.internet import threads
-
         process = self._stop_process()
         if process is None:
             return result
         # the child exits right after answering "close"; wait for it off the reactor
-        waited = threads.deferToThread(_wait, process)
+        waited = in_thread(_wait, process)
         waited.addCallback(lambda _: result)
         return waited
 
@@ -316,9 +330,9 @@ class ProcessHost:
         return self._request("recover", ())
 
     def mark_crashed(
-        self, table: TableSpec, stale_before: float, alive: str
+        self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
     ) -> Deferred[list[str]]:
-        return self._request("mark_crashed", (table, stale_before, alive))
+        return self._request("mark_crashed", (table, stale_before, alive, crawl_id))
 
     def update_job(
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
@@ -353,22 +367,25 @@ class ProcessHost:
 
     # answers
 
-    def _read_answers(self, process: subprocess.Popen[bytes]) -> None:
-        """Thread: pass each answer of *process* to the reactor thread."""
-        from twisted.internet import reactor
-
+    def _read_answers(
+        self, process: subprocess.Popen[bytes], call_from_thread: Callable[..., Any]
+    ) -> None:
+        """Thread: pass each answer of *process* to the crawl's thread."""
         assert process.stdout is not None
         while True:
             try:
                 message = receive(process.stdout)
             except (EOFError, OSError):
-                reactor.callFromThread(self._exited, process)
+                call_from_thread(self._exited, process)
                 return
             if message[0] == "log":
                 _, name, level, text = message
                 logging.getLogger(name).log(level, "%s", text)
+            elif message[0] == "stuck":
+                if self._on_stuck is not None:
+                    call_from_thread(self._on_stuck, message[1])
             else:
-                reactor.callFromThread(self._answered, message)
+                call_from_thread(self._answered, message)
 
     def _answered(self, message: tuple[Any, ...]) -> None:
         request = self._pending.popleft()

@@ -14,7 +14,10 @@ Stats:
 * ``ingest/items/dead_letter``: items stored in the dead-letter table instead
 * ``ingest/items/lost``: items given up on after ``INGEST_RETRY_TIMEOUT``
 * ``ingest/buffer/waits``: times an item waited for buffer room (backpressure)
+* ``ingest/buffer/pauses``, ``ingest/buffer/paused_seconds``: the engine paused meanwhile
 * ``ingest/items/rejected``: items dropped by ``INGEST_VALIDATION = "strict"``
+* ``ingest/items/not_an_item``: values that are not items (None, a str...), passed on
+  unchanged and dead-lettered; the first one of the crawl is logged as a WARNING
 * ``ingest/values/<kind>``: values converted to a stored form (``decimal``...)
 * ``ingest/quality/<item type>/...``: the job's quality figures (``docs/validation.md``)
 """
@@ -25,6 +28,7 @@ import logging
 from time import time as _time
 from typing import TYPE_CHECKING, Any
 
+from itemadapter import ItemAdapter
 from scrapy.exceptions import DropItem
 from scrapy.pipelines import ItemPipelineManager
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
@@ -32,7 +36,7 @@ from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy_ingest._compat import ITEM_PROCESSOR_IS_ASYNC, pipeline_hook
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest._stats import stat_key
-from scrapy_ingest.exceptions import IngestError
+from scrapy_ingest.exceptions import IngestError, NotKept
 from scrapy_ingest.quality import Checked, ItemRejected
 from scrapy_ingest.records import EncodeError
 from scrapy_ingest.router import Route
@@ -53,6 +57,7 @@ logger = logging.getLogger(__name__)
 _QUEUED = stat_key("items", "queued")
 _WAITS = stat_key("buffer", "waits")
 _REJECTED = stat_key("items", "rejected")
+_NOT_AN_ITEM = stat_key("items", "not_an_item")
 
 
 class IngestPipeline:
@@ -67,6 +72,7 @@ class IngestPipeline:
         self._published = 0
         self._writer: BatchWriter | None = None
         self._open = False
+        self._warned_not_an_item = False
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -144,6 +150,13 @@ class IngestPipeline:
         except EncodeError as exc:
             self._reject(item, exc)
             return None
+        except TypeError:
+            # ItemAdapter refuses a value that is not an item: asked only here, the check
+            # costs the items nothing
+            if ItemAdapter.is_item(item):
+                raise
+            self._not_an_item(item)
+            return None
         now = _time()
         self._add(
             (
@@ -183,6 +196,11 @@ class IngestPipeline:
         except (EncodeError, ItemRejected) as exc:
             self._reject(item, exc)
             return None
+        except TypeError:  # as in capture()
+            if ItemAdapter.is_item(item):
+                raise
+            self._not_an_item(item)
+            return None
         self._queue(self._writer, item, source, checked)
         budget = self._budget
         if budget.used >= budget.limit:
@@ -200,6 +218,11 @@ class IngestPipeline:
         except (EncodeError, ItemRejected) as exc:
             self._reject(item, exc)
             return
+        except TypeError:  # as in capture(); before routing, which needs an item
+            if ItemAdapter.is_item(item):
+                raise
+            self._not_an_item(item)
+            return
         if self._per_item:
             writer = await self._routed_writer(item)
             if writer is None:  # its database cannot be used: dead-lettered
@@ -209,8 +232,12 @@ class IngestPipeline:
             assert writer is not None
         self._queue(writer, item, source, checked)
         if self._durable:
-            # INGEST_DURABLE: the item is in the journal before process_item returns
-            await maybe_deferred_to_future(writer.acknowledged())
+            # INGEST_DURABLE: the item is in the journal (or the database) before process_item
+            # returns; one that neither could keep is dropped, never acknowledged
+            try:
+                await maybe_deferred_to_future(writer.acknowledged())
+            except NotKept as exc:
+                raise DropItem(f"INGEST_DURABLE: the item could not be kept: {exc}") from None
         budget = self._budget
         if budget.used >= budget.limit:
             await self._wait_for_room()
@@ -256,6 +283,37 @@ class IngestPipeline:
             runtime.stats.inc_value(_REJECTED)
             raise DropItem(f"INGEST_VALIDATION = 'strict': {reason}")
 
+    def _not_an_item(self, value: Any) -> None:
+        """Dead-letter *value*, which is not an item; warn about the first one of the crawl.
+
+        Plain Scrapy hands any value a spider yields, and any value an item pipeline returns
+        (None included), to the next pipeline and then to ``item_scraped``; so does this
+        pipeline, having no row to make of it.
+        """
+        runtime = self._runtime
+        type_name = _type_name(value)
+        cause = _LIKELY_CAUSE_NONE if value is None else _LIKELY_CAUSE_OTHER
+        # each one is counted (the stat) and kept (the dead letter); the WARNING is once
+        runtime.dead_letter(
+            "items",
+            f"not an item but a {type_name}; likely cause: {cause}",
+            _safe_repr(value),
+            warn=False,
+        )
+        runtime.stats.inc_value(_NOT_AN_ITEM)
+        if self._warned_not_an_item:
+            return
+        self._warned_not_an_item = True
+        logger.warning(
+            "IngestPipeline received a value that is not an item but a %s; likely cause: %s. "
+            "It is passed on unchanged and stored in the dead-letter table "
+            "(ingest_dead_letters), not in ingest_items; the stat %s counts such values. "
+            "This warning is not repeated in this crawl.",
+            type_name,
+            cause,
+            _NOT_AN_ITEM,
+        )
+
     async def _routed_writer(self, item: Any) -> BatchWriter | None:
         runtime = self._runtime
         found = runtime.item_writer(item)
@@ -276,20 +334,27 @@ class IngestItemProcessor(ItemPipelineManager):
 
     The add-on makes it the ``ITEM_PROCESSOR``, unless the project set one.
     It runs the item pipelines as Scrapy's does; when the last one with a
-    ``process_item`` is IngestPipeline (the add-on places it at 900), it
-    calls the pipeline's :meth:`IngestPipeline.capture` itself rather than
-    through Scrapy's generic chain, which for every item formats the
+    ``process_item`` is IngestPipeline (the add-on places it at 900), and
+    that ``process_item`` is IngestPipeline's own, it calls the pipeline's
+    :meth:`IngestPipeline.capture` itself rather than through Scrapy's
+    generic chain, which for every item formats the
     method's name, wraps its result and awaits one more coroutine: in a
     crawl that does nothing but yield items, that chain cost about 7% of
     the items per second (docs/performance.md). An IngestPipeline followed
-    by other pipelines is called through the chain, like any other.
+    by other pipelines, or a subclass that overrides ``process_item``, is
+    called through the chain, like any other pipeline: the override runs
+    for every item.
     """
 
     def __init__(self, *middlewares: Any, **kwargs: Any) -> None:
         super().__init__(*middlewares, **kwargs)
         self._capture: Callable[[Any], Awaitable[None] | None] | None = None
         last = next((mw for mw in reversed(middlewares) if hasattr(mw, "process_item")), None)
-        if isinstance(last, IngestPipeline):
+        # not isinstance() alone: a subclass's own process_item must be called
+        if (
+            isinstance(last, IngestPipeline)
+            and getattr(last.process_item, "__func__", None) is IngestPipeline.process_item
+        ):
             self.methods["process_item"].pop()
             self._capture = last.capture
 
@@ -322,6 +387,17 @@ class IngestItemProcessor(ItemPipelineManager):
 async def _then(pending: Awaitable[None], item: Any) -> Any:
     await pending
     return item
+
+
+_LIKELY_CAUSE_NONE = "an item pipeline before IngestPipeline returned nothing (no `return item`)"
+_LIKELY_CAUSE_OTHER = "the spider yielded a value that is not an item"
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _safe_repr(item: Any) -> str:

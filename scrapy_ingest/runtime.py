@@ -24,10 +24,16 @@ from scrapy.exceptions import NotConfigured
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.misc import build_from_crawler, load_object
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 
 from scrapy_ingest import settings as defaults
-from scrapy_ingest._compat import close_spider, close_spider_before_start, fail_crawl
+from scrapy_ingest._compat import (
+    Looping,
+    close_spider,
+    close_spider_before_start,
+    fail_crawl,
+    looping_call,
+    wake_engine,
+)
 from scrapy_ingest._ids import IdFactory, format_uuid
 from scrapy_ingest._redact import Redactor, redact_url, redact_value
 from scrapy_ingest._redis import redis_crawl_id
@@ -62,6 +68,12 @@ STALE_HEARTBEATS = 3
 SPILL_FULL = "ingest_spill_full"
 #: the close reason when a database refuses the crawl mid-way (a Failure.PERMANENT error)
 BACKEND_REFUSED = "ingest_backend_refused"
+#: the close reason when rows were given up on because the spill journal failed too (its
+#: disk full, say) for INGEST_RETRY_TIMEOUT
+SPILL_FAILED = "ingest_spill_failed"
+#: the close reason when rows were given up on for another reason (the writer process died
+#: again and again, the dead-letter table refused a record)
+ROWS_LOST = "ingest_rows_lost"
 
 #: the longest spider name stored (an indexed column: VARCHAR(255) on MySQL)
 MAX_SPIDER_NAME = 255
@@ -153,6 +165,12 @@ class IngestRuntime:
         self._spill_full = False
         #: a database refused the crawl mid-way: the spider closes, the process exits non-zero
         self._refused = False
+        #: why rows were given up on -> how many: the spider closes at the first, and the
+        #: process exits non-zero
+        self._losses: dict[str, int] = {}
+        #: kind -> rows given up on, by this process
+        self._lost_kinds: dict[str, int] = {}
+        self._closing_for_loss = False
         self._durable_executor: ThreadPoolExecutor | None = None
         #: fired once the spider has closed and the writers are drained (see wait_closed);
         #: None once that has happened
@@ -160,7 +178,16 @@ class IngestRuntime:
         #: databases being opened -> who waits for that
         self._opening: dict[str, list[Deferred[None]]] = {}
         self.router: Router | None = None
-        self.budget = BufferBudget(config.max_buffer_bytes)
+        self.budget = BufferBudget(
+            config.max_buffer_bytes,
+            on_full=partial(self._hold_engine, "buffer"),
+            on_room=partial(self._release_engine, "buffer"),
+        )
+        #: why the engine is paused by us: "buffer" (full), or the URL of a database whose
+        #: host neither writes nor spills rows (see _host_stuck)
+        self._holds: set[str] = set()
+        #: when the engine was paused by us (monotonic), if it is
+        self._held_since: float | None = None
         self.new_id = IdFactory()
         #: hides the secrets of every URL and log message stored (INGEST_REDACT_QUERY_PARAMS)
         self.redact = Redactor(config.redact_query_params)
@@ -181,7 +208,7 @@ class IngestRuntime:
         self._state = "new"  # new -> opening -> open -> closed (or failed)
         self._open_error: BaseException | None = None
         self._open_waiters: list[Deferred[None]] = []
-        self._flush_loop: LoopingCall | None = None
+        self._flush_loop: Looping | None = None
         self._tickers: list[Callable[[], None]] = []
         self._closers: list[Callable[[], None]] = []
         self._outcome_observers: list[Callable[[str, TableSpec, WriteOutcome, float], None]] = []
@@ -278,7 +305,7 @@ class IngestRuntime:
         )
         if self.item_checks is not None:
             self.on_tick(partial(self.item_checks.publish, self.stats))
-        self._flush_loop = LoopingCall(self._flush_old)
+        self._flush_loop = looping_call(self._flush_old)
         self._flush_loop.start(self.config.flush_interval / 4, now=False)
 
     def _custom_router(self) -> Any:
@@ -351,6 +378,8 @@ class IngestRuntime:
             writer_process=self.config.writer_process,
             spill_dir=self.config.spill_root(),
             require_backend=self.config.require_backend,
+            spill_min_free=self.config.spill_min_free_bytes,
+            on_stuck=partial(self._host_stuck, url),
         )
         try:
             opened = await maybe_deferred_to_future(host.open())
@@ -387,20 +416,52 @@ class IngestRuntime:
                 "the jobs of one crawl."
             )
         self._backends[url] = _Backend(url, host, tables, has_job=True)
+        # the tables it takes rows for count from 0, so their metrics have a sample from the start
+        kinds = {*self.record_kinds(), "dead_letters"}
+        for spec in tables.values():
+            if spec.kind in kinds:
+                self._write_counts.setdefault((url, spec.name), [0, 0])
         await self._mark_crashed(host)
 
     async def _mark_crashed(self, host: Host) -> None:
         """Jobs left ``running`` by a process that died (their row not refreshed for three
         heartbeats) become ``crashed``."""
-        assert self.job is not None
-        stale_before = time.time() - STALE_HEARTBEATS * self.config.job_heartbeat
         try:
-            crashed = await maybe_deferred_to_future(
-                host.mark_crashed(self.tables["jobs"], stale_before, self.job.job_id)
-            )
+            await self._find_crashed(host)
         except Exception as exc:
             logger.warning("Could not look for crashed jobs in %s: %s", host.url, exc)
+
+    async def mark_crashed_jobs(self) -> None:
+        """Run the crashed-job check of the start again for the jobs of this crawl (its
+        ``crawl_id``), in every database with this crawl's job row: one ``UPDATE`` each,
+        nothing while a database is down (its host skips it).
+
+        The jobs extension calls it at each heartbeat, so that the live workers of a
+        distributed crawl mark a killed worker's row ``crashed`` without waiting for a
+        process to start. Only this crawl's jobs: they share its heartbeat, where another
+        crawl's may be slower (it would be taken for crashed at every beat, and revive at its
+        own). Every database is tried; the first failure is raised then (the caller decides
+        how loudly to say so)."""
+        if self.closing:  # the databases are closing: the next crawl looks again
             return
+        assert self.job is not None
+        failure: BaseException | None = None
+        for backend in list(self._backends.values()):
+            if not backend.has_job:
+                continue
+            try:
+                await self._find_crashed(backend.host, self.job.crawl_id)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    async def _find_crashed(self, host: Host, crawl_id: str | None = None) -> None:
+        assert self.job is not None
+        stale_before = time.time() - STALE_HEARTBEATS * self.config.job_heartbeat
+        crashed = await maybe_deferred_to_future(
+            host.mark_crashed(self.tables["jobs"], stale_before, self.job.job_id, crawl_id)
+        )
         for job_id in crashed:
             logger.warning(
                 "Job %s in %s was left running by a process that stopped refreshing it: it is "
@@ -528,12 +589,19 @@ class IngestRuntime:
         return RecordSink(self.job.job_id, self.job.spider, self.new_id, self.writer(kind).add)
 
     def dead_letter(
-        self, kind: str, reason: str, payload: str | None, url: str | None = None
+        self,
+        kind: str,
+        reason: str,
+        payload: str | None,
+        url: str | None = None,
+        *,
+        warn: bool = True,
     ) -> None:
         """Store a record that cannot be stored where it belongs, with the reason.
 
         It goes to the database the record was meant for (*url*), by default
-        to ``INGEST_DATABASE_URL``'s.
+        to ``INGEST_DATABASE_URL``'s. Each one is logged as a WARNING, unless
+        *warn* is false (the caller warns once for many).
         """
         assert self.job is not None and self.router is not None
         if payload is not None:
@@ -545,7 +613,8 @@ class IngestRuntime:
                 url = next(iter(self._backends))
         self.writer("dead_letters", Route(url)).add(row, len(payload or "") + ROW_OVERHEAD)
         self.stats.inc_value(stat_key(kind, "dead_letter"))
-        logger.warning("A record of kind %s went to the dead-letter table: %s", kind, reason)
+        if warn:
+            logger.warning("A record of kind %s went to the dead-letter table: %s", kind, reason)
 
     def _count_outcome(
         self, url: str, table: TableSpec, outcome: WriteOutcome, seconds: float
@@ -571,12 +640,16 @@ class IngestRuntime:
             self._count_replayed(outcome.replayed_batches, outcome.replayed_rows)
         if outcome.lost:
             stats.inc_value(stat_key(kind, "lost"), outcome.lost)
+            why = outcome.spill_failed or outcome.failure or outcome.refused
+            self._rows_lost(kind, outcome.lost, why)
         if outcome.refused:
             self._backend_refused(url, outcome.refused)
         for row, reason in outcome.dead:
             if kind == "dead_letters":
                 stats.inc_value(stat_key(kind, "lost"))
                 logger.error("A dead-letter record was refused too (%s); it is lost", reason)
+                why = f"the dead-letter table refused a record: {reason}"
+                self._rows_lost(kind, 1, why, close=False)  # one record: the crawl goes on
             else:
                 payload = row_payload(kind, row)
                 self.dead_letter(kind, f"the database refused it: {reason}", payload, url)
@@ -590,18 +663,41 @@ class IngestRuntime:
         stats.inc_value(stat_key("spill", "rows"), outcome.spilled)
         stats.set_value(stat_key("spill", "bytes"), outcome.journal_bytes)
         limit = self.config.spill_max_bytes
-        if outcome.journal_bytes > limit and not self._spill_full:
-            self._spill_full = True
-            logger.error(
-                "The spill journal holds %d bytes, more than INGEST_SPILL_MAX_BYTES (%d): "
-                "closing the spider rather than lose what it scrapes. Nothing is lost: "
-                "run `scrapy ingest replay` once the database answers again",
-                outcome.journal_bytes,
-                limit,
+        if self._spill_full:
+            return
+        if outcome.journal_bytes > limit:
+            why = (
+                f"the spill journal holds {outcome.journal_bytes} bytes, more than "
+                f"INGEST_SPILL_MAX_BYTES ({limit})"
             )
-            deferred_from_coro(close_spider(self.crawler, SPILL_FULL)).addErrback(
-                lambda failure: logger.error("Could not close the spider: %s", failure.value)
-            )
+        elif outcome.journal_low:
+            why = outcome.journal_low
+        else:
+            return
+        self._spill_full = True
+        logger.error(
+            "%s: closing the spider (%s) rather than lose what it scrapes. What it holds "
+            "still goes to the journal; run `scrapy ingest replay` once the database answers "
+            "again",
+            why[0].upper() + why[1:],
+            SPILL_FULL,
+        )
+        self._close_spider(SPILL_FULL)
+
+    def _rows_lost(self, kind: str, rows: int, why: str, *, close: bool = True) -> None:
+        """*rows* of *kind* were given up on: the process will exit non-zero, saying how many
+        and why; with *close*, the spider closes (the crawl stops taking work it cannot keep)."""
+        why = why or "the write failed"
+        self._losses[why] = self._losses.get(why, 0) + rows
+        self._lost_kinds[kind] = self._lost_kinds.get(kind, 0) + rows
+        if close and not self._closing_for_loss and not self.closing:
+            self._closing_for_loss = True
+            self._close_spider(SPILL_FAILED if "spill journal" in why else ROWS_LOST)
+
+    def _close_spider(self, reason: str) -> None:
+        deferred_from_coro(close_spider(self.crawler, reason)).addErrback(
+            lambda failure: logger.error("Could not close the spider: %s", failure.value)
+        )
 
     def _backend_refused(self, url: str, refusal: str) -> None:
         """A database refuses the crawl for good (its password changed, a grant was revoked):
@@ -620,9 +716,7 @@ class IngestRuntime:
             BACKEND_REFUSED,
             self.config.spill_root(),
         )
-        deferred_from_coro(close_spider(self.crawler, BACKEND_REFUSED)).addErrback(
-            lambda failure: logger.error("Could not close the spider: %s", failure.value)
-        )
+        self._close_spider(BACKEND_REFUSED)
 
     def _count_replayed(self, batches: int, rows: int) -> None:
         if batches:
@@ -631,6 +725,60 @@ class IngestRuntime:
 
     def _count_value(self, kind: str) -> None:
         self.stats.inc_value(stat_key("values", kind))
+
+    # backpressure
+
+    def _hold_engine(self, why: str) -> None:
+        """The buffer is full, or a database and its journal take no rows: the engine takes
+        no new request until that is over.
+
+        Pausing the engine is what Scrapy offers for this (its telnet console's
+        ``engine.pause()``): the engine stops taking requests from the scheduler, the
+        downloads in flight end, their responses (and those already waiting for the scraper,
+        which Scrapy bounds with ``SCRAPER_SLOT_MAX_ACTIVE_SIZE``) are parsed, and their items
+        fill the buffer's last quarter, or wait in front of the pipeline. So what comes after
+        the pause is bounded by the responses downloaded and not parsed yet, not by the
+        crawl's pace. An engine paused by someone else is left to them.
+        """
+        holds = self._holds
+        if why in holds:
+            return
+        holds.add(why)
+        engine = self.crawler.engine
+        if len(holds) > 1 or engine is None or self.closing:
+            return
+        if engine.paused:  # paused by someone else (the telnet console): theirs to resume
+            holds.clear()
+            return
+        engine.pause()
+        self._held_since = time.monotonic()
+        self.stats.inc_value(stat_key("buffer", "pauses"))
+
+    def _release_engine(self, why: str | None = None) -> None:
+        """What held the engine is over (*why*; None: all of it): it takes requests again."""
+        if why is None:
+            self._holds.clear()
+        else:
+            self._holds.discard(why)
+        since = self._held_since
+        if self._holds or since is None:
+            return
+        self._held_since = None
+        key = stat_key("buffer", "paused_seconds")
+        paused = self.stats.get_value(key, 0.0) + time.monotonic() - since
+        self.stats.set_value(key, round(paused, 3))
+        engine = self.crawler.engine
+        if engine is not None:
+            engine.unpause()
+            wake_engine(self.crawler)
+
+    def _host_stuck(self, url: str, stuck: bool) -> None:
+        """The host of *url* holds rows that neither its database nor its journal takes (it
+        tries both for INGEST_RETRY_TIMEOUT): the crawl stops taking work meanwhile."""
+        if stuck:
+            self._hold_engine(url)
+        else:
+            self._release_engine(url)
 
     def on_tick(self, callback: Callable[[], None]) -> None:
         """Call *callback* a few times per ``INGEST_FLUSH_INTERVAL`` and before the job closes."""
@@ -651,8 +799,15 @@ class IngestRuntime:
             default=None,
         )
 
+    def record_kinds(self) -> tuple[str, ...]:
+        """The kinds of records this crawl stores (items, and requests and logs if enabled)."""
+        config = self.config
+        enabled = {"items": True, "requests": config.requests_enabled, "logs": config.logs_enabled}
+        return tuple(kind for kind, on in enabled.items() if on)
+
     def write_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(database URL, credentials redacted; table) -> (rows written, rows not written)."""
+        """(database URL, credentials redacted; table) -> (rows written, rows not written),
+        from (0, 0) for each table an open database takes rows for (see _open_backend)."""
         return {
             (redact_url(url), table): (counts[0], counts[1])
             for (url, table), counts in list(self._write_counts.items())
@@ -727,6 +882,7 @@ class IngestRuntime:
 
     async def _spider_closed(self, reason: str) -> None:
         self.closing = True
+        self._release_engine(None)
         if self._state != "open":
             self._all_closed()
             if self._state == "failed":  # the crawl did not start: not a success
@@ -757,8 +913,21 @@ class IngestRuntime:
             if self._durable_executor is not None:
                 self._durable_executor.shutdown(wait=False)  # the last removals still run
             self._all_closed()
-            if self._refused:
+            if self._losses:
+                self._report_losses()
+            if self._refused or self._losses:
                 fail_crawl(self.crawler)
+
+    def _report_losses(self) -> None:
+        """The last word of a crawl that lost rows: how many, of which kinds, and why."""
+        total = sum(self._losses.values())
+        logger.error(
+            "%d rows could not be kept (%s): %s. They are in no database and in no spill "
+            "journal; the stats (ingest/<kind>/lost) and the job row's stats count them",
+            total,
+            ", ".join(f"{kind} {n}" for kind, n in self._lost_kinds.items()),
+            "; ".join(f"{n} because {why}" for why, n in self._losses.items()),
+        )
 
     async def wait_closed(self) -> None:
         """Return once the spider has closed and every batch is written, spilled or given up

@@ -9,7 +9,10 @@ is given back (deleted) once the request is done and the items it produced are i
 * a request is done when it has left the engine (downloaded, its callback or errback run, its
   items through the pipelines and its new requests in Redis);
 * the items of done requests are written (the items writers are drained) before their leases are
-  given back, every ``INGEST_REDIS_LEASE_TIMEOUT / 3`` seconds (at most 1 s).
+  given back, every ``INGEST_REDIS_LEASE_TIMEOUT / 3`` seconds (at most 1 s);
+* a request that a middleware sets aside to wait (a backoff, a ``Retry-After``, no free proxy:
+  :mod:`scrapy_ingest.downloadermiddlewares._delay`) waits in this process's memory, out of the
+  engine, so it gets a lease of its own while it waits, given back once it is in the queue again.
 
 Every worker refreshes its entry in a sorted set of workers at the same pace, with Redis's own
 clock, and then, if the queue has requests, wakes its engine (which otherwise asks for more only
@@ -48,13 +51,18 @@ from scrapy.exceptions import NotConfigured
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy_redis.queue import FifoQueue, LifoQueue, PriorityQueue
 from scrapy_redis.scheduler import Scheduler
-from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThread
 
 from scrapy_ingest import settings as defaults
-from scrapy_ingest._compat import requests_in_progress, wake_engine
+from scrapy_ingest._compat import (
+    Looping,
+    in_thread,
+    looping_call,
+    requests_in_progress,
+    wake_engine,
+)
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.config import IngestConfig
+from scrapy_ingest.downloadermiddlewares._delay import request_held, request_released
 from scrapy_ingest.exceptions import ConfigError
 from scrapy_ingest.runtime import IngestRuntime
 
@@ -91,6 +99,10 @@ if not popped then return false end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '\\n' .. popped)
 redis.call('INCR', KEYS[3])
 return popped
+"""
+_HOLD = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[2])
 """
 _RETURN = """
 local returned = redis.call('HDEL', KEYS[1], unpack(ARGV))
@@ -131,8 +143,12 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
     worker: str
     #: the requests popped and not yet given back -> their lease
     _leases: dict[Request, str]
+    #: the requests a middleware set aside to wait (see _hold) -> their lease
+    _held: dict[Request, str]
+    #: the leases of held requests that are back in the queue, to give back
+    _released: list[str]
     _lease_ids: Iterator[int]
-    _loops: list[LoopingCall]
+    _loops: list[Looping]
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> RedisLeaseScheduler:
@@ -142,8 +158,12 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         scheduler.lease_timeout = IngestConfig.from_settings(crawler.settings).redis_lease_timeout
         scheduler.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         scheduler._leases = {}
+        scheduler._held = {}
+        scheduler._released = []
         scheduler._lease_ids = itertools.count(1)
         scheduler._loops = []
+        crawler.signals.connect(scheduler._hold, signal=request_held)
+        crawler.signals.connect(scheduler._unhold, signal=request_released)
         return scheduler
 
     # keys
@@ -162,6 +182,7 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         server = self.server
         self._pop = server.register_script(_POP_SORTED if self._pop_how == "z" else _POP_LIST)
         self._return = server.register_script(_RETURN)
+        self._hold_script = server.register_script(_HOLD)
         self._requeue_script = server.register_script(_REQUEUE)
         self._refresh_script = server.register_script(_REFRESH)
         # known as alive before the first lease; dead workers' requests back in the queue
@@ -169,7 +190,7 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         self._count_requeued(requeued)
         interval = min(self.lease_timeout / 3, MAX_REFRESH_INTERVAL)
         for call in (self._refresh_later, self._return_done):
-            loop = LoopingCall(call)
+            loop = looping_call(call)
             loop.start(interval, now=False).addErrback(
                 lambda failure: logger.error("Redis leases: %s", failure.getErrorMessage())
             )
@@ -187,11 +208,16 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        # a worker closing early (shutdown) puts back what it had not finished
+        if self._released:  # in the queue already: not to be put back a second time
+            self._give_back_now(self._released)
+        # a worker closing early (shutdown) puts back what it had not finished, and the requests
+        # still set aside to wait
         put_back = self._requeue(self.worker)
         if put_back:
             logger.info("Put %d unfinished requests back in %s", put_back, self.queue.key)
         self._leases.clear()
+        self._held.clear()
+        self._released.clear()
         return super().close(reason)
 
     def next_request(self) -> Request | None:
@@ -215,7 +241,7 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
     # leases
 
     def _refresh_later(self) -> Deferred[None]:
-        refreshed: Deferred[tuple[int, int]] = deferToThread(self._refresh)
+        refreshed: Deferred[tuple[int, int]] = in_thread(self._refresh)
         return refreshed.addCallback(self._refreshed)
 
     def _refreshed(self, counts: tuple[int, int]) -> None:
@@ -266,13 +292,42 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         if in_progress is None:  # the engine is stopping: close() puts back what is left
             return
         done = [request for request in self._leases if request not in in_progress]
-        if not done:
+        if done:
+            await self._drain_items()
+        # the held requests given back to the engine are in the queue: nothing to wait for
+        leases = [*(self._leases.pop(request) for request in done), *self._released]
+        self._released = []
+        if not leases:
             return
-        await self._drain_items()
-        leases = [self._leases.pop(request) for request in done]
-        returned = await maybe_deferred_to_future(deferToThread(self._give_back_now, leases))
+        returned = await maybe_deferred_to_future(in_thread(self._give_back_now, leases))
         if self.stats:
             self.stats.inc_value(stat_key("redis", "leases_returned"), returned)
+
+    def _hold(self, request: Request) -> None:
+        """Lease a request that a middleware set aside to wait (``request_held``).
+
+        The request it came from (a retry's, or the one that found its domain paused or no proxy
+        free) has left the engine, and its lease is given back at the next round; the copy that
+        waits lives in this process's memory only, until its timer hands it back to the engine,
+        which pushes it to the shared queue. Leased meanwhile, it is put back in the queue with
+        this worker's other leases if the worker dies (or closes) before. It is then crawled at
+        once by whichever worker pops it, not at its not-before time, which is this process's
+        clock: a site that still refuses it gets another retry, with its own ``Retry-After``.
+        """
+        lease = str(next(self._lease_ids))
+        # put back where a pop finds it next, as a popped request (see _POP_SORTED)
+        how = f"z{-request.priority}" if self._pop_how == "z" else self._pop_how
+        data = self.queue._encode_request(request)  # bytes, or str with a JSON serializer
+        entry = how.encode() + b"\n" + (data.encode() if isinstance(data, str) else data)
+        keys = [self._lease_key(self.worker), self._key("leased")]
+        self._hold_script(keys=keys, args=[lease, entry])
+        self._held[request] = lease
+
+    def _unhold(self, request: Request) -> None:
+        """A held request is in the queue again (``request_released``): its lease can go."""
+        lease = self._held.pop(request, None)
+        if lease is not None:
+            self._released.append(lease)
 
     def _give_back_now(self, leases: list[str]) -> int:
         keys = [self._lease_key(self.worker), self._key("leased")]

@@ -44,7 +44,9 @@ Why these numbers (see ``docs/performance.md`` for the measurements):
   retried by the next crawl than waited for with the crawl held open.
 * ``INGEST_REQUIRE_BACKEND``: off, so that a database down at start costs the
   crawl nothing (batches wait in the spill journal); ``INGEST_SPILL_MAX_BYTES``
-  5 GiB, a few hours of a fast crawl's items, small next to a crawl machine's disk.
+  5 GiB, a few hours of a fast crawl's items, small next to a crawl machine's disk;
+  ``INGEST_SPILL_MIN_FREE_BYTES`` the larger of 1% of the disk and 256 MiB, more than
+  the buffer's 64 MiB: the crawl closes while what it holds still fits.
 * ``INGEST_VALIDATION``: ``warn``, so that a schema added to a running project
   stores every item (with its errors) instead of dropping some on the first day;
   ``INGEST_KEEP_VERSIONS`` off: history doubles what a changing site stores, and
@@ -133,6 +135,7 @@ INGEST_ROUTES = None
 INGEST_SKIP_COMMANDS = ["bench", "check", "fetch", "parse", "shell", "view"]
 INGEST_SPILL_DIR = None
 INGEST_SPILL_MAX_BYTES = 5 * 1024 * 1024 * 1024
+INGEST_SPILL_MIN_FREE_BYTES = None
 INGEST_TABLE_PREFIX = "ingest_"
 INGEST_VALIDATION = "warn"
 INGEST_WRITER_PROCESS = True

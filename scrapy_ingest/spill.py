@@ -18,7 +18,14 @@ renames it to ``<name>.replaying-<pid>``, so two processes never replay the
 same file; a file left so by a process that died is taken back.
 
 The latest state of each job row that could not be written is kept too
-(``job-<hash of the job id>``), and written before the batches. Any number of
+(``job-<hash of the job id>``), and written before the batches. A journal that has
+taken a batch keeps a small ``RESERVE`` file, removed to make room for the job row's
+last state when the disk is full (so that the job row can still be closed), and once
+the journal is empty again.
+
+Free space is watched too: :meth:`SpillJournal.low_on_space` (one ``statvfs``
+per batch spilled) says when the disk under the journal has less than its minimum
+free space (``INGEST_SPILL_MIN_FREE_BYTES``), which the crawl takes as a full journal. Any number of
 processes may replay one journal at once: each file operation allows for another
 process having done it first.
 
@@ -61,6 +68,18 @@ FORMAT = 1
 _BATCH = ".batch"
 _JOB_PREFIX = "job-"
 _REFUSED = "refused-"
+_RESERVE = "RESERVE"
+#: the size of the RESERVE file: room for a job row's last state (its stats and settings)
+RESERVE_BYTES = 256 * 1024
+#: the default minimum free space under the journal: the larger of this share of the disk...
+MIN_FREE_SHARE = 0.01
+#: ...and this many bytes
+MIN_FREE_BYTES = 256 * 1024 * 1024
+
+
+def default_min_free(total: int) -> int:
+    """The minimum free space under a journal on a disk of *total* bytes, by default."""
+    return max(int(total * MIN_FREE_SHARE), MIN_FREE_BYTES)
 
 
 def database_identity(url: str) -> str:
@@ -136,8 +155,12 @@ class SpillJournal:
         url: str,
         *,
         on_replayed: Callable[[int], None] | None = None,
+        min_free: int | None = None,
     ) -> None:
         self.dir = journal_dir(root, url)
+        #: the free space under the journal below which it counts as full (None: the default,
+        #: :func:`default_min_free`; 0: never)
+        self._min_free = min_free
         self.url = redact_url(url)
         self._identity = database_identity(url)
         #: called with the rows of each batch replayed (the replay command's progress)
@@ -164,21 +187,81 @@ class SpillJournal:
         return path, len(data)
 
     def save_job(self, table: TableSpec, job_id: str, row: Mapping[str, Any]) -> None:
-        """Keep the latest state of a job row that could not be written."""
+        """Keep the latest state of a job row that could not be written; its last state (not
+        ``running``), on a full disk, in the room of the ``RESERVE`` file."""
         data = pickle.dumps((FORMAT, table, dict(row)), protocol=pickle.HIGHEST_PROTOCOL)
-        self._write(f"{_JOB_PREFIX}{hashlib.sha256(job_id.encode()).hexdigest()[:24]}", data)
+        name = f"{_JOB_PREFIX}{hashlib.sha256(job_id.encode()).hexdigest()[:24]}"
+        try:
+            self._write(name, data)
+        except OSError:
+            reserve = self.dir / _RESERVE
+            if row.get("status") == "running" or not reserve.exists():
+                raise
+            reserve.unlink()
+            logger.warning(
+                "The disk under the spill journal %s is full: its reserve makes room for the "
+                "job row of %s",
+                self.dir,
+                job_id,
+            )
+            self._write(name, data)
+
+    def keep_reserve(self) -> None:
+        """Make sure the journal has its ``RESERVE`` file (room for the job row's last state
+        on a full disk); quietly not, when the disk has no room for it."""
+        reserve = self.dir / _RESERVE
+        if reserve.exists():
+            return
+        try:
+            self._write(_RESERVE, bytes(RESERVE_BYTES))
+        except OSError:
+            with contextlib.suppress(OSError):
+                reserve.unlink()
+
+    def low_on_space(self) -> str | None:
+        """Why the journal counts as full although its disk still takes files (its free space
+        is under the minimum), or None. One ``statvfs``: ask once per batch, not per row."""
+        if self._min_free == 0:
+            return None
+        try:
+            stat = os.statvfs(self.dir)
+        except OSError:
+            return None
+        free = stat.f_bavail * stat.f_frsize
+        minimum = self._min_free
+        if minimum is None:
+            minimum = default_min_free(stat.f_blocks * stat.f_frsize)
+        if free >= minimum:
+            return None
+        return (
+            f"the disk under the spill journal {self.dir} has {free:,} bytes free, less than "
+            f"the minimum of {minimum:,} (INGEST_SPILL_MIN_FREE_BYTES)"
+        )
 
     def _write(self, name: str, data: bytes) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        marker = self.dir / "DATABASE"
-        if not marker.exists():  # which database this is, for people and `scrapy ingest replay`
-            marker.write_text(self.url + "\n", encoding="utf-8")
+        self._mark()
+        self._write_whole(name, data)
+
+    def _mark(self) -> None:
+        """Name the database in the journal's ``DATABASE`` file, for people and `scrapy ingest
+        replay` (written whole, or not at all: a full disk leaves no empty one)."""
+        if not (self.dir / "DATABASE").exists():
+            self._write_whole("DATABASE", f"{self.url}\n".encode())
+
+    def _write_whole(self, name: str, data: bytes) -> None:
+        """Write *name* in the journal through a temporary file, fsync'd, then renamed."""
         tmp = self.dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, self.dir / name)
+        try:
+            with open(tmp, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, self.dir / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a part written to a full disk would take the room of others
+            raise
         _fsync_dir(self.dir)
 
     # reading
@@ -237,6 +320,9 @@ class SpillJournal:
             self._take_back_abandoned()
             if self._replay_jobs(replay_job, outcome):
                 self._replay_batches(store, outcome)
+            if not self.batches() and not self.jobs():
+                with contextlib.suppress(FileNotFoundError):
+                    (self.dir / _RESERVE).unlink()  # nothing waits: no room to keep
         finally:
             with self._lock:
                 self._bytes = None  # counted again at the next spill
@@ -351,16 +437,15 @@ class SpillJournal:
             if database_identity(shown) != self._identity:
                 continue
             self.dir.mkdir(parents=True, exist_ok=True)
-            marker = self.dir / "DATABASE"
-            if not marker.exists():
-                marker.write_text(self.url + "\n", encoding="utf-8")
+            self._mark()
             for path in other.iterdir():
-                if path.name != "DATABASE" and not path.name.startswith("."):
+                if path.name not in ("DATABASE", _RESERVE) and not path.name.startswith("."):
                     with contextlib.suppress(FileNotFoundError):
                         os.rename(path, self.dir / path.name)
             _fsync_dir(self.dir)
             logger.info("Moved the spill journal %s of %s into %s", other, self.url, self.dir)
             with contextlib.suppress(OSError):  # not empty: a process still writes there
+                (other / _RESERVE).unlink(missing_ok=True)
                 (other / "DATABASE").unlink()
                 other.rmdir()
 

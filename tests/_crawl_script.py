@@ -10,14 +10,17 @@ installed reactor and ``bootstrap_failed`` are written there as JSON.
 
 Arguments (JSON object, all optional except ``base_url``):
 
-- ``reactor``: ``"asyncio"`` (AsyncioSelectorReactor, Scrapy's default) or ``"default"``
-  (``TWISTED_REACTOR = None``: Twisted's own default reactor, epoll on Linux);
+- ``reactor``: ``"asyncio"`` (AsyncioSelectorReactor, Scrapy's default), ``"default"``
+  (``TWISTED_REACTOR = None``: Twisted's own default reactor, epoll on Linux), ``"none"``
+  (``TWISTED_REACTOR_ENABLED = False``, Scrapy 2.15+: no reactor, AsyncCrawlerProcess) or
+  ``"none-runner"`` (the same, with AsyncCrawlerRunner under ``asyncio.run()``);
 - ``settings``: extra Scrapy settings (``INGEST_*`` ...); the add-on is always enabled unless
   ``ADDONS`` is given;
 - ``pages``, ``per_page``: the spider fetches ``pages`` pages and yields ``per_page`` items
   from each, item ``idx`` = ``page * per_page + i``, ``title`` = ``item-<idx:05d>``;
 - ``delay_ms``: fetch ``/delay?ms=...`` pages instead of ``/items`` (a slow crawl);
-- ``kind``: item type, one of ``ITEM_KINDS``, or ``"mixed"`` (``Product`` and dict in turn);
+- ``kind``: item type, one of ``ITEM_KINDS``, or ``"mixed"`` (``Product`` and dict in turn),
+  or ``"str"`` (not an item: the title, a str);
 - ``size``: bytes of padding per item;
 - ``awkward``: put ``AWKWARD[k]`` into the ``extra`` field of item ``idx = k * 50 + 7``;
 - ``poison``: idx values of items that get a ``poison`` key;
@@ -42,6 +45,7 @@ import json
 import math
 import os
 import sys
+import time
 import uuid
 from collections import deque
 from decimal import Decimal
@@ -51,6 +55,8 @@ from urllib.parse import urlencode
 
 import attrs
 import scrapy
+
+from scrapy_ingest import IngestPipeline
 
 ASYNCIO_REACTOR = "twisted.internet.asyncioreactor.AsyncioSelectorReactor"
 AWKWARD_EVERY = 50
@@ -74,6 +80,21 @@ class DropOddItemsPipeline:
         return item
 
 
+class ReturnsNothingPipeline:
+    """A project pipeline that forgets ``return item``: every value after it is None."""
+
+    def process_item(self, item: Any, spider: Any = None) -> None:
+        item["seen"] = True
+
+
+class StampingIngestPipeline(IngestPipeline):
+    """A project's subclass of IngestPipeline, whose own process_item adds a field."""
+
+    async def process_item(self, item: Any, spider: Any = None) -> Any:
+        item["stamped_by"] = "StampingIngestPipeline"
+        return await super().process_item(item, spider)
+
+
 class AckedItemsPipeline:
     """After ours: writes the ``idx`` of each item the pipelines before it returned for, to the
     file ``TEST_ACKED_FILE``, each line fsync'd (what a SIGKILL must not lose)."""
@@ -89,6 +110,26 @@ class AckedItemsPipeline:
         self._file.write(f"{item['idx']}\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+        return item
+
+    def close_spider(self, spider: Any = None) -> None:
+        self._file.close()
+
+
+class CountingPipeline:
+    """Before ours: writes the time (``time.monotonic()``, one clock for every process of the
+    machine) at which each item was yielded into the pipelines, one line per item, to the file
+    ``TEST_YIELDED_FILE`` (buffered: read it once the crawl has ended)."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "w", encoding="ascii")  # noqa: SIM115 (closed at close)
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> CountingPipeline:
+        return cls(crawler.settings["TEST_YIELDED_FILE"])
+
+    def process_item(self, item: Any, spider: Any = None) -> Any:
+        self._file.write(f"{time.monotonic():.4f}\n")
         return item
 
     def close_spider(self, spider: Any = None) -> None:
@@ -269,6 +310,8 @@ def make_item(kind: str, idx: int, page_url: str, pad: str, extra: dict[str, Any
         kind = "scrapy.Item" if idx % 2 == 0 else "dict"
     if kind == "dict":
         return {**fields, **extra}
+    if kind == "str":  # not an item: what a spider that yields the wrong thing sends
+        return title(idx)
     if kind == "scrapy.Item":
         return Product(**fields, **extra)
     if extra:
@@ -483,6 +526,52 @@ def _jsonable(value: Any) -> Any:
     return value.isoformat() if isinstance(value, (dt.datetime, dt.date)) else str(value)
 
 
+class _RunnerProcess:
+    """AsyncCrawlerRunner under ``asyncio.run()``, with the few methods main() uses of a
+    CrawlerProcess."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        self.bootstrap_failed = False
+        self._crawls: list[tuple[Any, dict[str, Any]]] = []
+
+    def create_crawler(self, spider_cls: Any) -> Any:
+        return self._runner.create_crawler(spider_cls)
+
+    def crawl(self, crawler: Any, **kwargs: Any) -> None:
+        self._crawls.append((crawler, kwargs))
+
+    def start(self) -> None:
+        import asyncio
+
+        async def run() -> None:
+            await asyncio.gather(*(self._runner.crawl(c, **kw) for c, kw in self._crawls))
+
+        asyncio.run(run())
+        self.bootstrap_failed = self._runner.bootstrap_failed
+
+
+def _process(reactor: str, settings: dict[str, Any]) -> Any:
+    """The crawler process for *reactor* (see the module's docstring)."""
+    from scrapy import crawler as scrapy_crawler
+    from scrapy.crawler import CrawlerProcess
+
+    # AsyncCrawlerProcess is new in Scrapy 2.14; on 2.13 CrawlerProcess runs the same reactor
+    async_process = getattr(scrapy_crawler, "AsyncCrawlerProcess", CrawlerProcess)
+    if reactor == "asyncio":
+        settings["TWISTED_REACTOR"] = ASYNCIO_REACTOR
+        return async_process(settings)
+    if reactor == "default":
+        settings["TWISTED_REACTOR"] = None
+        return CrawlerProcess(settings)
+    if reactor in ("none", "none-runner"):
+        settings["TWISTED_REACTOR_ENABLED"] = False
+        if reactor == "none":
+            return scrapy_crawler.AsyncCrawlerProcess(settings)
+        return _RunnerProcess(scrapy_crawler.AsyncCrawlerRunner(settings))
+    raise ValueError(f"unknown reactor {reactor!r}")
+
+
 def main(argv: list[str]) -> int:
     args = json.loads(argv[1])
     reactor = args.get("reactor", "asyncio")
@@ -493,20 +582,7 @@ def main(argv: list[str]) -> int:
         "CONCURRENT_REQUESTS": 8,
         **args.get("settings", {}),
     }
-    from scrapy import crawler as scrapy_crawler
-    from scrapy.crawler import CrawlerProcess
-
-    # AsyncCrawlerProcess is new in Scrapy 2.14; on 2.13 CrawlerProcess runs the same reactor
-    async_process = getattr(scrapy_crawler, "AsyncCrawlerProcess", CrawlerProcess)
-    process: Any
-    if reactor == "asyncio":
-        settings["TWISTED_REACTOR"] = ASYNCIO_REACTOR
-        process = async_process(settings)
-    elif reactor == "default":
-        settings["TWISTED_REACTOR"] = None
-        process = CrawlerProcess(settings)
-    else:
-        raise ValueError(f"unknown reactor {reactor!r}")
+    process = _process(reactor, settings)
     crawlers = []
     if args.get("spider") == "playwright":
         crawler = process.create_crawler(PlaywrightTreeSpider)
@@ -552,14 +628,17 @@ def main(argv: list[str]) -> int:
         crawlers.append(crawler)
     process.start()
 
-    from twisted.internet import reactor as installed
+    installed_name = None
+    if "twisted.internet.reactor" in sys.modules:
+        from twisted.internet import reactor as installed
 
+        installed_name = f"{type(installed).__module__}.{type(installed).__qualname__}"
     if args.get("result"):
         result = {
             "stats": crawlers[0].stats.get_stats() if crawlers[0].stats else {},
             "all_stats": [c.stats.get_stats() if c.stats else {} for c in crawlers],
             "bootstrap_failed": process.bootstrap_failed,
-            "reactor": f"{type(installed).__module__}.{type(installed).__qualname__}",
+            "reactor": installed_name,
         }
         with open(args["result"], "w", encoding="utf-8") as file:
             json.dump(result, file, default=_jsonable)

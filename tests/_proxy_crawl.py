@@ -5,16 +5,21 @@
                                    "playwright": false, "wait_for": ...}'
 
 Every request is sent (``dont_filter``); the result file gets, per answer, the URL, status,
-body, time and the proxy the middleware gave it, the errors, and the crawl's stats. With
+body, time, the process's CPU seconds so far and the proxy the middleware gave it, the errors,
+the crawl's stats, and ``round_cpu``: the CPU seconds at the start of each round. With
 ``"rounds": N`` the list is sent N times, each round after the last one's answers, which
 lets a test change things (stop a proxy) between rounds through ``"pause_file"``: before
-each round after the first, the spider waits for that file to exist, then deletes it.
+each round after the first, the spider waits for that file to exist, then deletes it. A
+request with ``"round": n`` is sent in round n only. ``"spider_settings"`` replace the
+spider's own ``custom_settings`` (``RETRY_ENABLED`` is False there), which win over
+``"settings"``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from typing import Any, ClassVar
@@ -34,19 +39,24 @@ class ListSpider(scrapy.Spider):
         self.plan = plan
         self.answers: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
+        self.round_cpu: list[float] = []
+
+    def _specs(self, number: int) -> list[dict[str, Any]]:
+        return [spec for spec in self.plan["requests"] if spec.get("round", number) == number]
 
     async def start(self) -> Any:
         rounds = self.plan.get("rounds", 1)
         for number in range(rounds):
             if number:
                 await self._between_rounds(number)
-            for spec in self.plan["requests"]:
+            self.round_cpu.append(cpu_seconds())
+            for spec in self._specs(number):
                 yield self._request(spec, number)
 
     async def _between_rounds(self, number: int) -> None:
         import asyncio
 
-        expected = number * len(self.plan["requests"])
+        expected = sum(len(self._specs(n)) for n in range(number))
         while len(self.answers) + len(self.errors) < expected:
             await asyncio.sleep(0.05)
         pause = self.plan.get("pause_file")
@@ -73,6 +83,7 @@ class ListSpider(scrapy.Spider):
                 "status": response.status,
                 "body": response.text.strip(),
                 "time": time.time(),
+                "cpu": cpu_seconds(),
                 "proxy": response.meta.get("_ingest_proxy"),
                 "tries": response.meta.get("ingest_proxy_tries", 1),
                 "round": response.meta["round"],
@@ -91,6 +102,11 @@ class ListSpider(scrapy.Spider):
                 "proxy": request.meta.get("_ingest_proxy"),
             }
         )
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class BodyBanPolicy:
@@ -118,6 +134,7 @@ def main(argv: list[str]) -> int:
     from scrapy import crawler as scrapy_crawler
     from scrapy.crawler import CrawlerProcess
 
+    ListSpider.custom_settings = {**ListSpider.custom_settings, **plan.get("spider_settings", {})}
     process = getattr(scrapy_crawler, "AsyncCrawlerProcess", CrawlerProcess)(settings)
     crawler = process.create_crawler(ListSpider)
     process.crawl(crawler, plan=plan)
@@ -126,6 +143,7 @@ def main(argv: list[str]) -> int:
     result = {
         "answers": spider.answers if spider else [],
         "errors": spider.errors if spider else [],
+        "round_cpu": spider.round_cpu if spider else [],
         "stats": crawler.stats.get_stats() if crawler.stats else {},
     }
     with open(plan["result"], "w", encoding="utf-8") as file:

@@ -16,6 +16,7 @@ When none works, :class:`ServiceUnavailable` carries the reason of every step, s
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import gc
 import html
 import os
@@ -665,10 +666,12 @@ class _SiteServer(ThreadingHTTPServer):
         self.hits: list[str] = []
         self.visits: list[Visit] = []
         self.hits_lock = threading.Lock()
-        #: the /ratelimit keys hit already, under hits_lock
+        #: the /ratelimit keys and the /node?busy paths hit already, under hits_lock
         self.ratelimited: set[str] = set()
         #: /product/<k> prices that differ from the default (LocalSite.set_price)
         self.prices: dict[int, str] = {}
+        #: the Retry-After values of the next /robots.txt answers, each a 503 (fail_robots)
+        self.robots_failures: list[str] = []
 
     def handle_error(self, request: object, client_address: object) -> None:
         # Crawlers drop connections on shutdown; that is not a test failure worth a traceback.
@@ -685,13 +688,17 @@ class _SiteHandler(BaseHTTPRequestHandler):
     - ``/node/<k>?total=T&fanout=F&ms=M``: a page of a tree of T pages (defaults T=2000,
       F=10, M=0), linking to its children ``/node/<k*F+1>`` ... ``/node/<k*F+F>`` below T, after
       M milliseconds (at most 10 s); ``/node/0`` reaches every page once, by one link each (the
-      distributed crawl tests and bench);
+      distributed crawl tests and bench); with ``&busy=S``, the first hit of page k answers 503
+      with ``Retry-After: S`` (after M milliseconds too; its links do not carry ``busy``);
     - ``/status/<code>``: an empty page with that status;
     - ``/delay?ms=M&body_ms=B``: answers after M milliseconds (at most 10 s), the headers first
       and the body B milliseconds (default 0, at most 10 s) after them;
     - ``/redirect?to=PATH``: a 302 to PATH;
     - ``/ratelimit?key=K&after=S``: the first hit per key K answers 429 with ``Retry-After: S``
-      (seconds or an HTTP date, as given), later hits 200 (the retry tests);
+      (seconds or an HTTP date, as given; with ``&date=1``, the HTTP date S seconds after that
+      hit), later hits 200 (the retry tests);
+    - ``/robots.txt``: a 503 with ``Retry-After`` for each value ``LocalSite.fail_robots`` was
+      given, then (as without them) a 404, which Scrapy takes for "allow all";
     - ``/via?ban=NAME,...``: ``via NAME`` naming the test proxy that forwarded the request
       (its ``X-Test-Proxy`` header, ``direct`` without one), or a 403 for a banned NAME;
     - ``/catalog?n=N``: HTML linking to ``/product/0`` ... ``/product/<N-1>``;
@@ -731,6 +738,9 @@ class _SiteHandler(BaseHTTPRequestHandler):
             self._send(200, str(n))
         elif match := _PAGE_RE.match(path):
             self._send(200, _page(int(match[1]), query), "text/html; charset=utf-8")
+        elif (match := _NODE_RE.match(path)) and "busy" in query and self._first(path):
+            time.sleep(min(_non_negative(query.get("ms", "0"), "ms"), MAX_DELAY_MS) / 1000)
+            self._send(503, "busy\n", extra_headers={"Retry-After": query["busy"]})
         elif match := _NODE_RE.match(path):
             time.sleep(min(_non_negative(query.get("ms", "0"), "ms"), MAX_DELAY_MS) / 1000)
             self._send(200, _node(int(match[1]), query), "text/html; charset=utf-8")
@@ -756,16 +766,21 @@ class _SiteHandler(BaseHTTPRequestHandler):
             else:
                 self._send(200, f"via {proxy}\n")
         elif path == "/ratelimit":
-            key = query.get("key", "")
-            with self.server.hits_lock:
-                first = key not in self.server.ratelimited
-                self.server.ratelimited.add(key)
+            first = self._first(query.get("key", ""))
+            after = query.get("after", "1")
+            if query.get("date") == "1":
+                after = email.utils.formatdate(time.time() + float(after), usegmt=True)
             if first:
-                self._send(
-                    429, "slow down\n", extra_headers={"Retry-After": query.get("after", "1")}
-                )
+                self._send(429, "slow down\n", extra_headers={"Retry-After": after})
             else:
                 self._send(200, "ok")
+        elif path == "/robots.txt" and self.server.robots_failures:
+            with self.server.hits_lock:
+                after = self.server.robots_failures.pop(0) if self.server.robots_failures else ""
+            if after:
+                self._send(503, "down for a moment\n", extra_headers={"Retry-After": after})
+            else:
+                self._send(404, "not found\n")
         elif path == "/delay":
             time.sleep(min(_non_negative(query.get("ms", "0"), "ms"), MAX_DELAY_MS) / 1000)
             body_delay = min(_non_negative(query.get("body_ms", "0"), "body_ms"), MAX_DELAY_MS)
@@ -785,6 +800,13 @@ class _SiteHandler(BaseHTTPRequestHandler):
             self._send(200, _html(f"product {k}", body), "text/html; charset=utf-8")
         else:
             self._send(404, "not found\n")
+
+    def _first(self, key: str) -> bool:
+        """Whether this is the first hit of *key* (a /ratelimit key, a /node path)."""
+        with self.server.hits_lock:
+            first = key not in self.server.ratelimited
+            self.server.ratelimited.add(key)
+        return first
 
     def _send(
         self,
@@ -889,8 +911,14 @@ class LocalSite:
         with self._server.hits_lock:
             self._server.prices[k] = price
 
+    def fail_robots(self, *retry_after: str) -> None:
+        """The next ``/robots.txt`` requests get a 503 each, with these ``Retry-After`` values."""
+        with self._server.hits_lock:
+            self._server.robots_failures[:] = retry_after
+
     def reset(self) -> None:
         with self._server.hits_lock:
+            self._server.robots_failures.clear()
             self._server.prices.clear()
             self._server.hits.clear()
             self._server.visits.clear()

@@ -194,3 +194,23 @@ def test_scrapy_pops_the_command_name() -> None:
     argv = ["scrapy", "--nolog", "shell", "-c", "x"]
     assert cmdline._pop_command_name(argv) == "shell"
     assert argv == ["scrapy", "--nolog", "-c", "x"]
+
+
+def test_a_crawl_that_spills_nothing_leaves_no_data_directory(
+    project: Path, site: LocalSite
+) -> None:
+    """Scrapy makes ``.scrapy/`` only for what it writes there (the HTTP cache, with the
+    template's settings off); the add-on's spill journal is made when a batch is spilled."""
+    catalog = site.url("/catalog?n=3")
+    plain = _scrapy(project, "crawl", "catalog", "-a", f"start={catalog}", "-s", "ADDONS={}")
+    assert plain.returncode == 0, plain.stderr
+    assert "[scrapy_ingest" not in plain.stderr
+    assert not (project / ".scrapy").exists()  # so Scrapy alone makes none here
+
+    crawl = _scrapy(project, "crawl", "catalog", "-a", f"start={catalog}")
+    assert crawl.returncode == 0, crawl.stderr
+    assert _ingest_rows(project / "ingest.sqlite3")["ingest_items"] == 3
+    # the start-up line still names the journal where it would be
+    journal = (project / ".scrapy" / "ingest-spill").resolve()
+    assert f"spill journal: {journal}" in crawl.stderr, crawl.stderr
+    assert not (project / ".scrapy").exists()

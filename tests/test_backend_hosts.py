@@ -413,7 +413,10 @@ def test_running_jobs_not_refreshed_in_time_are_marked_crashed(
         host.insert_job(jobs, {**_job_row("done", now - 100), "status": "finished"})
         host.insert_job(jobs, _job_row("mine", now - 100))  # the crawl asking: alive
         host.insert_job(jobs, _job_row("late", now - 100))
-        assert sorted(host.mark_crashed(jobs, now - 30, "mine")) == ["late", "stale"]
+        host.insert_job(jobs, {**_job_row("other", now - 100), "crawl_id": "other crawl"})
+        # at a heartbeat: only the jobs of the crawl asking
+        assert sorted(host.mark_crashed(jobs, now - 30, "mine", "c")) == ["late", "stale"]
+        assert host.mark_crashed(jobs, now - 30, "mine") == ["other"]  # at start: every crawl's
         assert host.mark_crashed(jobs, now - 30, "mine") == []  # once
         # a heartbeat of a crawl taken for crashed revives its row; a closed row stays closed
         alive = {"status": "running", "close_reason": None, "finished_at": None}
@@ -433,4 +436,5 @@ def test_running_jobs_not_refreshed_in_time_are_marked_crashed(
         "done": ("finished", None, True),
         "mine": ("running", None, True),
         "late": ("running", None, True),
+        "other": ("crashed", "crashed", False),
     }

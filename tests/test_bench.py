@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import service_missing
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -30,10 +31,15 @@ RUNS = {
     "clickhouse": (["clickhouse.py", "--rows", "4000", "--repeat", "1"], "of plain insert"),
     "redact": (["redact.py", "--rounds", "1", "--number", "200"], "log line"),
     "chaos": (["chaos.py", "--items", "2000", "--scenario", "down-whole"], "down-whole"),
+    "locked-table": (
+        ["locked_table.py", "--pages", "200", "--buffer-mib", "4", "--lock-seconds", "3"],
+        "ratio",
+    ),
     "distributed": (
         ["distributed.py", "--pages", "60", "--latency-ms", "5", "--rounds", "1"],
         "scaling",
     ),
+    "disk-full": (["disk_full.py", "--pages", "200", "--stop-after", "5"], "ingest_spill_full"),
 }
 
 
@@ -43,6 +49,8 @@ def test_the_benchmark_runs(name: str, postgres_dsn: str, request: pytest.Fixtur
     argv, expected = RUNS[name]
     if name == "distributed":  # it starts a redis-server of its own: skip (or fail) without one
         request.getfixturevalue("redis_server_url")
+    if name == "disk-full" and os.geteuid() != 0:  # it mounts a tmpfs
+        service_missing("bench/disk_full.py mounts a tmpfs: it needs root")
     env = {**os.environ, "SCRAPY_INGEST_BENCH_PG_DSN": postgres_dsn}
     done = subprocess.run(
         [sys.executable, str(BENCH / argv[0]), *argv[1:]],

@@ -171,6 +171,9 @@ host.insert_job(tables["jobs"], row("fresh", now - 1))
 host.insert_job(tables["jobs"], row("done", now - 100, "finished"))
 host.insert_job(tables["jobs"], row("mine", now - 100))  # the crawl asking: alive
 host.insert_job(tables["jobs"], row("late", now - 100))
+host.insert_job(tables["jobs"], dict(row("other", now - 100), crawl_id="other crawl"))
+# at a heartbeat: only the jobs of the crawl asking; at start, every crawl's
+print(sorted(host.mark_crashed(tables["jobs"], now - 30, "mine", "c")))
 print(sorted(host.mark_crashed(tables["jobs"], now - 30, "mine")))
 # a heartbeat of a crawl taken for crashed revives its row; a closed row stays closed
 alive = dict(status="running", close_reason=None, finished_at=None, updated_at=time.time())
@@ -181,11 +184,13 @@ found = host.backend._client.query(
 print(sorted(tuple(r) for r in found.result_rows))
 """
     lines = _run_script(script)
-    marked, rows = lines[-2:]
+    marked, marked_at_start, rows = lines[-3:]
     assert marked == "['late', 'stale']"
+    assert marked_at_start == "['other']"
     assert rows == (
         "[('done', 'finished', None), ('fresh', 'running', None), ('late', 'running', None),"
-        " ('mine', 'running', None), ('stale', 'crashed', 'crashed')]"
+        " ('mine', 'running', None), ('other', 'crashed', 'crashed'),"
+        " ('stale', 'crashed', 'crashed')]"
     )
 
 

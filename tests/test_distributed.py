@@ -338,6 +338,112 @@ def test_a_killed_worker_loses_nothing(frontier: Frontier, site: LocalSite, pg_u
     assert int(frontier.client.get(f"{frontier.queue_key}:leased") or 0) == 0
 
 
+@pytest.mark.crawl
+@pytest.mark.slow
+def test_live_workers_mark_a_killed_worker_crashed(
+    frontier: Frontier, site: LocalSite, pg_url: str
+) -> None:
+    """No process starts against the database after the kill: the heartbeats of the workers
+    still running mark the killed worker's row crashed (three missed heartbeats)."""
+    heartbeat = 0.5
+    settings = {"INGEST_JOB_HEARTBEAT": heartbeat, "INGEST_REDIS_LEASE_TIMEOUT": 2.0}
+    # 500 pages of 100 ms on 2 x 4 slots: the survivors crawl for some 4 s after the kill
+    # (eight heartbeats), then idle for 2 s
+    frontier.seed(site.url("/node/0?total=500&fanout=10&ms=100"))
+    workers = [frontier.start(settings=settings, concurrency=4, max_idle=2) for _ in range(3)]
+    doomed, survivors = workers[0], workers[1:]
+    db = Database(pg_url)
+
+    def all_at_work() -> bool:
+        # every worker has stored items and refreshed its row since
+        working = "status = 'running' AND items_count > 0"
+        return db.table_exists("ingest_jobs") and db.count("ingest_jobs", working) == 3
+
+    wait_for(all_at_work, timeout=30, interval=0.1, what="three workers at work")
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait()
+
+    def doomed_row() -> dict[str, Any]:
+        (row,) = db.rows("ingest_jobs", "pid = %s", (doomed.process.pid,))
+        return row
+
+    wait_for(
+        lambda: doomed_row()["status"] != "running",
+        timeout=15,
+        interval=0.1,
+        what="the killed worker's row marked crashed",
+    )
+    # marked by the survivors: no other process has opened the database
+    assert all(worker.process.poll() is None for worker in survivors)
+    results = [worker.wait() for worker in survivors]
+
+    crashed = doomed_row()
+    assert (crashed["status"], crashed["close_reason"]) == ("crashed", "crashed")
+    assert crashed["finished_at"] == crashed["updated_at"]  # its last refresh
+    alive = {result["job_id"] for result in results}
+    jobs = db.rows("ingest_jobs")
+    assert {job["crawl_id"] for job in jobs} == {frontier.queue_key}
+    statuses = {job["job_id"]: job["status"] for job in jobs}
+    assert statuses == {**dict.fromkeys(alive, "finished"), crashed["job_id"]: "crashed"}
+    assert any(crashed["job_id"] in worker.log() for worker in survivors)
+    # the survivors took over the killed worker's pages: the whole tree is stored
+    assert db.count("ingest_items") == 500
+
+
+@pytest.mark.crawl
+@pytest.mark.slow
+def test_a_worker_killed_while_it_holds_retries_loses_none(
+    frontier: Frontier, site: LocalSite, pg_url: str
+) -> None:
+    """Every page answers its first hit with a 503 and ``Retry-After: 60``: the first worker
+    holds the retries for a minute (BackoffRetryMiddleware), and is killed meanwhile; the other
+    worker crawls them, long before the minute is over."""
+    pages = 5
+    settings = {
+        "INGEST_RETRY_ENABLED": True,
+        "INGEST_REDIS_LEASE_TIMEOUT": 1.5,
+        "INGEST_JOB_HEARTBEAT": 1.0,
+    }
+    # pages without links; their 503 comes after 1 s, so that all are asked for before the first
+    # 503 pauses the domain (a page not asked for yet would get its 503 from the other worker)
+    urls = [site.url(f"/node/{k}?total=0&busy=60&ms=1000") for k in range(pages)]
+    for url in urls:
+        frontier.seed(url)
+    doomed = frontier.start(settings=settings)
+    wait_for(lambda: len(site.hits) >= pages, timeout=60, what="a 503 for every page")
+    other = frontier.start(settings=settings, max_idle=3)
+    db = Database(pg_url)
+
+    def job(worker: Worker) -> dict[str, Any] | None:
+        rows = db.rows("ingest_jobs", "pid = %s", (worker.process.pid,))
+        return rows[0] if rows else None
+
+    def only_retries_held() -> bool:
+        # the leases of the requests that got the 503s are given back: the doomed worker holds
+        # nothing but the retries it set aside (its stats, in its job row at each heartbeat)
+        row = job(doomed) if db.table_exists("ingest_jobs") else None
+        stats = (row or {}).get("stats") or {}
+        return int(stats.get("ingest/redis/leases_returned", 0)) >= pages
+
+    wait_for(only_retries_held, timeout=30, interval=0.1, what="the 503s' leases given back")
+    wait_for(lambda: job(other), timeout=30, interval=0.1, what="the other worker started")
+    assert len(site.hits) == pages  # still in the pause: the doomed worker retried nothing
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait()
+    result = other.wait()
+
+    visits = [v for v in site.visits if v.path.startswith("/node/")]
+    assert Counter(v.path for v in visits) == {url.split(site.base_url)[1]: 2 for url in urls}
+    first, last = visits[0].time, visits[-1].time
+    assert last - first < 30  # crawled by the other worker, not after the minute
+    rows = db.query("SELECT item_key FROM ingest_items")
+    assert sorted(int(key) for (key,) in rows) == list(range(pages))  # none lost
+    assert result["stats"]["ingest/redis/requeued"] == pages
+    assert result["stats"]["item_scraped_count"] == pages
+    assert int(frontier.client.get(f"{frontier.queue_key}:leased") or 0) == 0
+    assert not list(frontier.client.scan_iter(f"{frontier.queue_key}:leases:*"))
+
+
 def _lease_key(frontier: Frontier, worker: Worker) -> str:
     pattern = f"{frontier.queue_key}:leases:*:{worker.process.pid}:*"
     deadline = time.monotonic() + 30

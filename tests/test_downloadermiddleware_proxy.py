@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -26,7 +27,6 @@ from scrapy_ingest.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
     from services import LocalSite
 
@@ -89,7 +89,32 @@ def test_backoff_doubles_with_each_failure_and_stops_at_the_cap() -> None:
     # benched again while benched (two requests failed at once): one failure, not two
     assert p.bench(proxy, now - 0.02) <= delays[-1]
     assert proxy.failures == 5
-    p.succeeded(proxy)
+    p.reanimate(now)
+    p.succeeded(proxy, sent=now)
+    assert proxy.failures == 0 and proxy.good
+
+
+def test_answers_of_requests_sent_before_a_ban_do_not_reset_its_count() -> None:
+    """Three bans in a row, each of a request that was under way beside another one, which
+    succeeds after the ban (and another after the reanimation): benched for the base, twice
+    and four times the base, times [0.5, 1]."""
+    p = pool(backoff_base=10, backoff_max=100)
+    proxy, now, delays = p.proxies[0], 0.0, []
+    for _ in range(3):
+        sent = now  # two requests through the proxy at once
+        delays.append(p.bench(proxy, now + 1, sent))  # one is banned
+        p.succeeded(proxy, sent)  # the other one is answered while the proxy is benched
+        now += 1 + delays[-1] + 0.01
+        assert p.reanimate(now) == [proxy]
+        p.succeeded(proxy, sent)  # a third one, answered after the reanimation
+    for bans, delay in enumerate(delays):
+        assert 10 * 2**bans / 2 <= delay <= 10 * 2**bans, delays
+    assert proxy.failures == 3 and not proxy.good
+    # a ban of a request sent before the last ban, answered after the reanimation: that ban's
+    assert p.bench(proxy, now + 1, sent) == 0.0
+    assert proxy.failures == 3 and proxy.benched_until is None
+    # a request sent after the reanimation that is not banned: the proxy works again
+    p.succeeded(proxy, sent=now)
     assert proxy.failures == 0 and proxy.good
 
 
@@ -347,6 +372,203 @@ def test_when_every_proxy_is_down_the_spider_closes_and_nothing_goes_direct(
     assert stats["ingest/proxy/waited"] >= 1
     assert stats["ingest/proxy/reanimated"] >= 1  # they were tried again before giving up
     assert "INGEST_PROXY_ALL_DEAD_TIMEOUT" in result["log"]
+
+
+@pytest.mark.crawl
+def test_robots_txt_waits_for_a_benched_proxy_without_spinning(
+    site: LocalSite, proxies: list[Proxy], tmp_path: Path
+) -> None:
+    """robots.txt comes through engine.download_async(), not the scheduler: when no proxy is
+    free, it waits in place, on a timer, then goes through the first proxy back."""
+    other = site.url("/via?n=1").replace("127.0.0.1", "localhost")
+    settings = {
+        "INGEST_PROXY_LIST": [proxies[0].url],
+        "INGEST_PROXY_BACKOFF_BASE": 2.0,  # benched for 1 to 2 s
+        "INGEST_PROXY_BACKOFF_MAX": 2.0,
+        "INGEST_PROXY_MAX_TRIES": 1,
+        "ROBOTSTXT_OBEY": True,
+    }
+    requests = [
+        {"url": site.url("/via?ban=p1"), "round": 0},  # benches the only proxy
+        {"url": other, "round": 1},  # its domain's robots.txt comes while the proxy is benched
+    ]
+    plan = {"requests": requests, "settings": settings, "rounds": 2}
+    result = run_list_crawl(plan, tmp_path)
+
+    benched = re.search(r"benched for ([\d.]+) s", result["log"])
+    assert benched, result["log"][-4000:]
+    banned = next(v for v in site.visits if v.path.startswith("/via?ban"))
+    robots = [v for v in site.visits if v.host.startswith("localhost:") and "robots" in v.path]
+    assert len(robots) == 1, result["log"][-4000:]  # fetched once, when the proxy was back
+    assert robots[0].headers["X-Test-Proxy"] == "p1"
+    waited = robots[0].time - banned.time
+    assert float(benched[1]) - 0.1 <= waited < float(benched[1]) + 1.0, waited
+    answers = {a["round"]: a for a in result["answers"]}
+    assert answers[1]["body"] == "via p1"
+    cpu = answers[1]["cpu"] - result["round_cpu"][1]  # round 1: the wait and two fetches
+    assert cpu < 0.1, cpu
+    assert result["stats"]["ingest/proxy/waited"] <= 2  # the robots.txt (and its page, maybe)
+    assert "direct" not in via(site)
+
+
+COOKBOOK = Path(__file__).resolve().parents[1] / "docs" / "cookbook.md"
+
+
+def cookbook_sqlite_query(title: str) -> str:
+    """The SQLite block that follows *title* in docs/cookbook.md, as pasted."""
+    text = COOKBOOK.read_text(encoding="utf-8")
+    after = text[text.index(title) :]
+    return re.search(r"```sql\n-- SQLite\n(.*?)```", after, re.S)[1]  # type: ignore[index]
+
+
+def retried_rows(workdir: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Every (url, retry_times, status) of ingest_requests, and what the cookbook's
+    "Requests that were retried" query returns for the crawl."""
+    with sqlite3.connect(workdir / "ingest.sqlite3") as db:
+        rows = db.execute("SELECT url, retry_times, status FROM ingest_requests").fetchall()
+        [job] = db.execute("SELECT job_id FROM ingest_jobs").fetchone()
+        query = cookbook_sqlite_query("Requests that were retried")
+        query = re.sub(r"'[0-9a-f-]{36}'", f"'{job}'", query)
+        return rows, db.execute(query).fetchall()
+
+
+@pytest.mark.crawl
+def test_a_rate_limit_is_waited_out_by_the_retry_middleware_and_benches_no_proxy(
+    site: LocalSite, proxies: list[Proxy], tmp_path: Path
+) -> None:
+    """INGEST_RETRY_ENABLED and one proxy: a 429 with Retry-After: 2 is fetched again 2 s
+    later, through the same proxy, which is not benched; another domain goes on meanwhile."""
+    other = site.url("/delay").replace("127.0.0.1", "localhost")
+    requests = [
+        {"url": site.url("/ratelimit?key=mw&after=2")},
+        *({"url": f"{other}?ms={400 * i}"} for i in range(1, 5)),  # answered 0.4 to 1.6 s on
+    ]
+    settings = {"INGEST_PROXY_LIST": [proxies[0].url], "INGEST_RETRY_ENABLED": True}
+    plan = {"requests": requests, "settings": settings, "spider_settings": {"RETRY_ENABLED": True}}
+    started = time.monotonic()
+    result = run_list_crawl(plan, tmp_path)
+    assert time.monotonic() - started < 20, result["log"][-4000:]
+    limited = [v for v in site.visits if v.path.startswith("/ratelimit")]
+    assert len(limited) == 2 and {v.headers["X-Test-Proxy"] for v in limited} == {"p1"}
+    assert 2.0 <= limited[1].time - limited[0].time < 3.0, limited
+    # the other domain was not held: its pages were answered during the wait
+    others = [a["time"] for a in result["answers"] if "/delay" in a["url"]]
+    assert len(others) == 4 and max(others) < limited[1].time
+    assert max(others) - limited[0].time > 1.2
+    stats = result["stats"]
+    assert "ingest/proxy/benched" not in stats, stats
+    assert stats["ingest/proxy/rate_limited"] == 1
+    assert stats["ingest/proxy/state/benched"] == 0 and stats["ingest/proxy/state/good"] == 1
+    assert stats["ingest/retry/retry_after"] == 1
+    assert [a["status"] for a in result["answers"]] == [200] * 5
+    # one retry count: the request log, Scrapy's stats and the cookbook agree
+    rows, retried = retried_rows(tmp_path)
+    url = site.url("/ratelimit?key=***&after=2")  # "key" is a secret query parameter
+    assert sorted((r[1], r[2]) for r in rows if r[0] == url) == [(0, 429), (1, 200)]
+    assert stats["retry/count"] == sum(1 for r in rows if r[1] > 0) == 1
+    assert [(r[0], r[1], r[2]) for r in retried] == [(url, 0, "429"), (url, 1, "200")]
+
+
+@pytest.mark.crawl
+def test_without_the_retry_middleware_the_proxy_middleware_waits_out_a_rate_limit(
+    site: LocalSite, proxies: list[Proxy], tmp_path: Path
+) -> None:
+    """No INGEST_RETRY_ENABLED (and RETRY_ENABLED False): the proxy middleware retries a 429
+    with Retry-After itself, after it, and a banned request through another proxy; both
+    retries come from get_retry_request, counted once each."""
+    requests = [
+        {"url": site.url("/ratelimit?key=own&after=2")},
+        *requests_to(site, 4, "/via?ban=p1"),
+    ]
+    settings = {"INGEST_PROXY_LIST": [p.url for p in proxies[:2]], "CONCURRENT_REQUESTS": 1}
+    result = run_list_crawl({"requests": requests, "settings": settings}, tmp_path)
+    limited = [v for v in site.visits if v.path.startswith("/ratelimit")]
+    assert len(limited) == 2
+    assert 2.0 <= limited[1].time - limited[0].time < 3.0, limited
+    stats = result["stats"]
+    assert stats["ingest/proxy/rate_limited"] == 1
+    assert stats["ingest/proxy/benched"] == 1  # p1, for its 403 (a ban without Retry-After)
+    assert [a["status"] for a in result["answers"]] == [200] * 5
+    rows, retried = retried_rows(tmp_path)
+    again = [r for r in rows if r[1] > 0]
+    assert stats["retry/count"] == len(again) == stats["ingest/proxy/retried"] >= 2
+    assert {r[2] for r in again} == {200}
+    assert {r[0] for r in retried} == {r[0] for r in again}
+
+
+@pytest.mark.crawl
+def test_a_proxy_answering_407_or_refusing_a_tunnel_is_benched_and_its_warnings_stored(
+    site: LocalSite, proxies: list[Proxy], tmp_path: Path
+) -> None:
+    """Bans stay bans: a proxy answering 407 (the test site stands in for it: a request to
+    /status/407 through it), and a tinyproxy given the wrong password, which refuses the
+    CONNECT of an https:// URL (with a 401: tinyproxy never answers 407), are both benched;
+    with no other proxy, every proxy is benched, and the middleware's warnings are rows of
+    ingest_logs."""
+    wrong = f"http://user1:wrong-pw@127.0.0.1:{proxies[0].port}"
+    answers_407 = site.base_url.replace("http://", "http://user:pw@")
+    settings = {"INGEST_PROXY_LIST": [wrong, answers_407], "INGEST_RETRY_ENABLED": True}
+    requests = [
+        {
+            "url": site.url("/via").replace("http://", "https://"),
+            "meta": {"dont_retry": True, "ingest_proxy": wrong},
+        },
+        {
+            "url": "http://proxy-test.invalid/status/407",
+            "meta": {"dont_retry": True, "ingest_proxy": answers_407},
+        },
+    ]
+    plan = {
+        "requests": requests,
+        "settings": settings,
+        "spider_settings": {"RETRY_ENABLED": True},
+    }
+    result = run_list_crawl(plan, tmp_path)
+    [error] = result["errors"]
+    assert "TunnelError" in error["error"], error
+    assert [a["status"] for a in result["answers"]] == [407]
+    stats = result["stats"]
+    assert stats["ingest/proxy/bans/TunnelError"] == stats["ingest/proxy/bans/407"] == 1
+    assert stats["ingest/proxy/benched"] == stats["ingest/proxy/state/benched"] == 2
+    assert "ingest/proxy/rate_limited" not in stats
+    with sqlite3.connect(tmp_path / "ingest.sqlite3") as db:
+        logs = db.execute("SELECT logger, level_name, message FROM ingest_logs").fetchall()
+    proxy_logs = [log for log in logs if log[0] == "scrapy_ingest.downloadermiddlewares.proxy"]
+    messages = " | ".join(log[2] for log in proxy_logs)
+    assert "WARNING" in {log[1] for log in proxy_logs}, logs
+    assert "Every proxy is benched" in messages and "benched for" in messages, logs
+    assert "wrong-pw" not in messages
+
+
+@pytest.mark.crawl
+def test_a_proxy_banned_three_times_in_a_row_is_benched_twice_as_long_each_time(
+    site: LocalSite, proxies: list[Proxy], tmp_path: Path
+) -> None:
+    """In each round, a slow page and a banned one go through the only proxy at once: the ban
+    benches it, and the slow page, answered 0.8 s later, does not reset its count, so the
+    benches are the base, twice and four times the base (each times 0.5 to 1)."""
+    requests = [
+        spec
+        for n in range(3)
+        for spec in (
+            {"url": site.url(f"/delay?ms=800&n={n}"), "round": n},
+            {"url": site.url(f"/via?ban=p1&n={n}"), "round": n},
+        )
+    ]
+    settings = {
+        "INGEST_PROXY_LIST": [proxies[0].url],
+        "INGEST_PROXY_BACKOFF_BASE": 1.0,
+        "INGEST_PROXY_BACKOFF_MAX": 10.0,
+        "INGEST_PROXY_MAX_TRIES": 1,
+    }
+    plan = {"requests": requests, "settings": settings, "rounds": 3}
+    result = run_list_crawl(plan, tmp_path)
+    assert sorted(a["status"] for a in result["answers"]) == [200, 200, 200, 403, 403, 403]
+    benched = [float(s) for s in re.findall(r"benched for ([\d.]+) s \(403\)", result["log"])]
+    assert len(benched) == 3, result["log"][-4000:]
+    for bans, seconds in enumerate(benched):
+        assert 2**bans / 2 - 0.05 <= seconds <= 2**bans + 0.05, benched
+    assert result["stats"]["ingest/proxy/good"] == 3  # the slow pages, counted all the same
 
 
 @pytest.mark.crawl

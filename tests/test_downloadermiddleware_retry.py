@@ -2,7 +2,8 @@
 
 Unit tests build the middleware with ``get_crawler`` and drive it with a fake clock and a fake
 random draw; crawl tests run ``_retry_crawl.py`` in a subprocess against the local site, on two
-"domains" of it (``127.0.0.1`` and ``localhost``), and judge by the site's arrival times.
+"domains" of it (``127.0.0.1`` and ``localhost``), and judge by the site's arrival times, the
+crawl's log and the CPU time the crawl process spent.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -45,6 +45,8 @@ SCRIPT = os.path.join(TESTS_DIR, "_retry_crawl.py")
 #: the meta key DelayedRequests(crawler, "retry") keeps the end of a request's wait in
 NOT_BEFORE = "_ingest_retry_not_before"
 SCRAPY_RETRY = "scrapy.downloadermiddlewares.retry.RetryMiddleware"
+ASYNCIO_REACTOR = "twisted.internet.asyncioreactor.AsyncioSelectorReactor"
+SELECT_REACTOR = "twisted.internet.selectreactor.SelectReactor"
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +183,24 @@ def test_a_paused_domain_holds_its_fresh_requests_only(clock: FakeClock, draw: F
     assert crawler.stats.get_value("ingest/retry/delayed") == 2
 
 
+def test_a_request_back_without_the_scheduler_waits_in_place(
+    clock: FakeClock, draw: FakeRandom
+) -> None:
+    """engine.download_async() hands a request set aside straight back to the downloader: it
+    waits then (a coroutine on a timer), it is not set aside again and again."""
+    mw, crawler = _middleware(INGEST_RETRY_BACKOFF_BASE=3.0)
+    _fail(mw, "http://a.example/x")
+    held = mw.process_request(Request("http://a.example/fresh"))
+    assert isinstance(held, Request)
+    waiting = mw.process_request(held)
+    assert inspect.iscoroutine(waiting), waiting
+    waiting.close()
+    assert crawler.stats is not None
+    assert crawler.stats.get_value("ingest/retry/delayed") == 2  # the retry, the fresh one
+    # a new request for the same URL, never set aside before, is set aside (not kept here)
+    assert isinstance(mw.process_request(Request("http://a.example/fresh")), Request)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
@@ -230,6 +250,50 @@ def test_meta_keys_are_honoured(clock: FakeClock, draw: FakeRandom) -> None:
     assert isinstance(retry, Request)
     assert retry.priority == 13
     assert retry.meta["retry_times"] == 1
+
+
+def test_is_scrapys_retry_middleware_and_honours_its_attributes(
+    clock: FakeClock, draw: FakeRandom
+) -> None:
+    """A subclass of Scrapy's RetryMiddleware: the instance attributes Scrapy's __init__ sets
+    decide what is retried, and a project may change them on the instance."""
+    mw, crawler = _middleware(RETRY_TIMES=5)
+    assert isinstance(mw, RetryMiddleware)
+    assert (mw.max_retry_times, mw.priority_adjust) == (5, -1)
+    assert 503 in mw.retry_http_codes
+    assert crawler.stats is not None
+    mw.max_retry_times = 0
+    request, response = _response("http://a.example/x", 503)
+    assert mw.process_response(request, response) is response
+    assert crawler.stats.get_value("retry/max_reached") == 1
+    mw.max_retry_times = 5
+    mw.retry_http_codes = {418}
+    request, response = _response("http://a.example/x", 503)
+    assert mw.process_response(request, response) is response
+    request, response = _response("http://a.example/teapot", 418)
+    assert isinstance(mw.process_response(request, response), Request)
+    mw.exceptions_to_retry = (KeyError,)
+    assert isinstance(mw.process_exception(request, KeyError("no")), Request)
+    assert mw.process_exception(request, TxConnectionRefusedError()) is None
+    mw.priority_adjust = -7
+    retry = mw.process_response(*_response("http://b.example/teapot", 418))
+    assert isinstance(retry, Request)
+    assert retry.priority == -7
+
+
+def test_one_retrying_line_per_retry(
+    clock: FakeClock, draw: FakeRandom, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scrapy's "Retrying ..." line is the only one per retry; the delay has its own line."""
+    mw, _ = _middleware(RETRY_TIMES=1)
+    with caplog.at_level("DEBUG"):
+        retry = _fail(mw, "http://a.example/x")
+        clock.now += _wait(retry, clock)
+        mw.process_response(retry, Response(retry.url, status=503, request=retry))
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("Retrying" in m for m in messages) == 1, messages
+    assert sum(m.startswith("Backing off a.example for ") for m in messages) == 1, messages
+    assert sum("Gave up retrying" in m for m in messages) == 1, messages
 
 
 def test_retry_exceptions_as_classes_or_paths(clock: FakeClock, draw: FakeRandom) -> None:
@@ -319,6 +383,21 @@ def test_refuses_to_run_next_to_scrapys_retry_middleware() -> None:
     with pytest.raises(ConfigError, match="every failure would be retried by both"):
         _middleware(DOWNLOADER_MIDDLEWARES={BackoffRetryMiddleware: 550, SCRAPY_RETRY: 560})
 
+    class ProjectRetry(RetryMiddleware):
+        pass
+
+    with pytest.raises(ConfigError, match="ProjectRetry and BackoffRetryMiddleware"):
+        _middleware(
+            DOWNLOADER_MIDDLEWARES={
+                SCRAPY_RETRY: None,
+                BackoffRetryMiddleware: 550,
+                ProjectRetry: 560,
+            }
+        )
+    # itself alone, though a subclass of RetryMiddleware, is no second retry middleware
+    mw, _ = _middleware(DOWNLOADER_MIDDLEWARES={SCRAPY_RETRY: None, BackoffRetryMiddleware: 550})
+    assert isinstance(mw, BackoffRetryMiddleware)
+
 
 def _enabled_middlewares(**settings: Any) -> list[type]:
     crawler = get_crawler(
@@ -381,9 +460,19 @@ def test_addon_leaves_the_projects_placements() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _crawl(tmp_path: Path, requests: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
+def _crawl(
+    tmp_path: Path,
+    requests: list[dict[str, Any]],
+    instance: dict[str, Any] | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
     result = tmp_path / f"result-{secrets.token_hex(4)}.json"
-    args = {"requests": requests, "settings": settings, "result": str(result)}
+    args = {
+        "requests": requests,
+        "settings": settings,
+        "instance": instance or {},
+        "result": str(result),
+    }
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [REPO_DIR, os.environ.get("PYTHONPATH")])),
@@ -458,14 +547,13 @@ def test_retry_after_pauses_only_the_failing_domain(site: LocalSite, tmp_path: P
 
 
 def test_retry_after_as_an_http_date(site: LocalSite, tmp_path: Path) -> None:
-    not_before = int(time.time()) + 6  # the crawl starts in about a second
-    date = email.utils.formatdate(not_before, usegmt=True)
-    url = site.url("/ratelimit?key=date&after=" + date.replace(" ", "%20").replace(",", "%2C"))
+    # the site answers with the HTTP date 3 s after the first hit, in whole seconds
+    url = site.url("/ratelimit?key=date&after=3&date=1")
     result = _crawl(tmp_path, [{"url": url}])
     limited = _visits(site, "127.0.0.1", "/ratelimit")
     assert len(limited) == 2, result["log"][-4000:]
-    assert limited[0].time < not_before - 1  # it did have to wait
-    assert not_before <= limited[1].time < not_before + 2
+    not_before = int(limited[0].time + 3)
+    assert not_before <= limited[1].time < not_before + 1.5, (limited[0].time, limited[1].time)
     assert result["stats"]["ingest/retry/retry_after"] == 1
     assert result["seen"] == [[url, 200]]
 
@@ -498,6 +586,12 @@ def test_backoff_between_attempts_and_scrapys_stats(site: LocalSite, tmp_path: P
     assert retry_stats[0] == retry_stats[1]
     assert retry_stats[0]["retry/count"] == 3
     assert retry_stats[0]["retry/max_reached"] == 1
+    # one "Retrying ..." line per retry, Scrapy's, as without us; the delays have lines of
+    # their own that do not read like one
+    for crawl in (ours, scrapys):
+        assert crawl["log"].count("Retrying") == 3, crawl["log"][-4000:]
+        assert crawl["log"].count("Gave up retrying") == 1
+    assert ours["log"].count("] DEBUG: Backing off 127.0.0.1 for ") == 3, ours["log"][-4000:]
 
 
 def test_a_crawl_whose_last_request_waits_does_not_close(site: LocalSite, tmp_path: Path) -> None:
@@ -507,3 +601,61 @@ def test_a_crawl_whose_last_request_waits_does_not_close(site: LocalSite, tmp_pa
     assert result["seen"] == [[url, 200]]
     assert len(site.hits) == 2
     assert "ingest/retry/waiting_dropped" not in result["stats"]
+
+
+def test_get_downloader_middleware_finds_it(site: LocalSite, tmp_path: Path) -> None:
+    """``crawler.get_downloader_middleware(RetryMiddleware)`` finds the add-on's middleware,
+    and ``max_retry_times = 0`` set on that instance switches retries off."""
+    url = site.url("/status/503")
+    result = _crawl(tmp_path, [{"url": url}], instance={"max_retry_times": 0}, RETRY_TIMES=3)
+    assert (
+        result["retry_middleware"]
+        == "scrapy_ingest.downloadermiddlewares.retry.BackoffRetryMiddleware"
+    )
+    assert site.hits == ["/status/503"], result["log"][-4000:]
+    assert result["seen"] == [[url, 503]]
+    stats = result["stats"]
+    assert stats["retry/max_reached"] == 1
+    assert "retry/count" not in stats
+    assert "ingest/retry/delayed" not in stats
+
+
+@pytest.mark.parametrize("reactor", [ASYNCIO_REACTOR, SELECT_REACTOR])
+def test_robots_txt_retry_after_waits_without_spinning(
+    site: LocalSite, tmp_path: Path, reactor: str
+) -> None:
+    """robots.txt comes through engine.download_async(), not the scheduler: under
+    ROBOTSTXT_OBEY, a 503 with ``Retry-After: 2`` on it is retried once, 2 s later, the wait
+    costing next to no CPU (measured against the same crawl without the 503), and the other
+    domain is crawled meanwhile."""
+    requests = [
+        {"url": site.url("/items?n=0")},
+        *({"url": _other_domain(site, f"/delay?ms=50&k={k}")} for k in range(10)),
+    ]
+    settings = {"ROBOTSTXT_OBEY": True, "TWISTED_REACTOR": reactor}
+    site.fail_robots("2")
+    paused = _crawl(tmp_path, requests, **settings)
+    visits = site.visits
+    site.reset()
+    plain = _crawl(tmp_path, requests, **settings)
+
+    robots = [v for v in visits if v.path == "/robots.txt"]
+    assert len(robots) == 3, paused["log"][-4000:]  # one domain's twice, the other's once
+    hosts = [v.host for v in robots]
+    failing = max(hosts, key=hosts.count)
+    first, retried = (v.time for v in robots if v.host == failing)
+    assert 2.0 <= retried - first < 3.5
+    assert paused["cpu"] - plain["cpu"] < 0.1, (paused["cpu"], plain["cpu"])
+    pages = [v for v in visits if v.path != "/robots.txt"]
+    assert len(pages) == 11
+    # the failing domain waited for its robots.txt; the other one did not wait for it
+    assert all(v.time > retried for v in pages if v.host == failing)
+    assert all(v.time < retried for v in pages if v.host != failing)
+    stats = paused["stats"]
+    assert stats["finish_reason"] == "finished"
+    assert stats["retry/count"] == 1
+    assert stats["ingest/retry/retry_after"] == 1
+    assert stats["ingest/retry/delayed"] == 1, stats  # the retry, set aside once: no spin
+    assert stats["ingest/retry/delay_seconds"] == pytest.approx(2.0, abs=0.1)
+    assert "ingest/retry/waiting_dropped" not in stats
+    assert len(paused["seen"]) == len(plain["seen"]) == 11

@@ -69,14 +69,18 @@ def test_records_of_this_crawl_at_the_level_are_kept(extension: Any) -> None:
     assert extension.handler.counts == {"INFO": 1, "WARNING": 1}
 
 
-def test_scrapy_ingest_records_are_counted_never_kept(extension: Any) -> None:
-    # a failing database logs through scrapy_ingest's loggers: storing those lines in that same
-    # database would feed a loop
+def test_storage_records_are_counted_never_kept(extension: Any) -> None:
+    # a failing database logs through the storage layer's loggers: storing those lines in that
+    # same database would feed a loop; the middlewares' records are about the crawl: kept
     _log(logging.ERROR, "the database is down", name="scrapy_ingest.backends.base")
     _log(logging.ERROR, "writing failed", name="scrapy_ingest.batching")
+    _log(logging.ERROR, "spilling failed", name="scrapy_ingest.spill")
+    proxy_logger = "scrapy_ingest.downloadermiddlewares.proxy"
+    _log(logging.WARNING, "every proxy is benched", name=proxy_logger)
     _log(logging.ERROR, "not ours", name="scrapy_ingestion_lookalike")
-    assert [entry[4] for entry in extension.handler.entries] == ["not ours"]
-    assert extension.handler.counts == {"ERROR": 3}
+    kept = [entry[4] for entry in extension.handler.entries]
+    assert kept == ["every proxy is benched", "not ours"]
+    assert extension.handler.counts == {"ERROR": 4, "WARNING": 1}
 
 
 def test_errors_are_counted_even_above_the_storing_level(tmp_path: Path) -> None:

@@ -11,10 +11,12 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import services
 from _helpers import REPO_DIR, Crawl, Database, run_list_crawl, wait_for
 from conftest import service_missing
 from services import free_port, port_answers, stop_process
@@ -74,10 +76,28 @@ def _value(text: str, name: str) -> float | None:
     return float(match[1]) if match else None
 
 
-def dashboard_metrics() -> set[str]:
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query of the example dashboard, with Grafana's variables
+    replaced as Grafana does for "All" spiders."""
     dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return [
+        (panel["title"], t["expr"].replace("$spider", ".*").replace("$__rate_interval", "1m"))
+        for panel in dashboard["panels"]
+        for t in panel.get("targets", [])  # a row has none
+    ]
+
+
+def dashboard_metrics() -> set[str]:
+    exprs = [expr for _, expr in dashboard_queries()]
     return set(re.findall(r"scrapy_ingest_\w+", " ".join(exprs)))
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample of *name* that has *labels* (among others), if served."""
+    for match in re.finditer(rf"^{re.escape(name)}{{([^}}]*)}} (\S+)$", text, re.MULTILINE):
+        if all(f'{key}="{value}"' in match[1].split(",") for key, value in labels.items()):
+            return float(match[2])
+    return None
 
 
 def test_the_example_prometheus_configuration_is_valid() -> None:
@@ -108,16 +128,20 @@ def test_metrics_and_health_over_http_while_the_crawl_runs(
         assert status == 200 and content_type.startswith("text/plain")
         assert 'spider="ingest_test"' in text and 'team="pricing"' in text
         assert "scrapy_ingest_download_latency_seconds_bucket" in text
-        # every metric of the example Grafana dashboard is served
+        # every metric of the example Grafana dashboard is served (the proxies' only with
+        # proxies: test_a_real_prometheus_scrapes_the_crawl_for_the_dashboard has some)
         served = set(re.findall(r"^(scrapy_ingest_\w+?)(?:{| )", text, re.MULTILINE))
         for name, kind in re.findall(r"^# TYPE (scrapy_ingest_\w+) (\w+)", text, re.MULTILINE):
             # families with no sample yet (no retries so far) are declared all the same
             suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
             served |= {name + suffix for suffix in suffixes}
             served.add(name if kind != "counter" or name.endswith("_total") else name + "_total")
-        assert dashboard_metrics() <= served, dashboard_metrics() - served
-        status, _, body = _get(f"{base}/healthz")
-        assert (status, json.loads(body)["status"]) == (200, "ok")
+        expected = {name for name in dashboard_metrics() if "_prox" not in name}
+        assert expected <= served, expected - served
+        status, content_type, body = _get(f"{base}/healthz")
+        # as docs/metrics.md shows it
+        assert (status, content_type) == (200, "application/json")
+        assert json.loads(body) == {"status": "ok", "reason": "ok"}
         later = wait_for(
             lambda: (
                 (v := _value(_get(f"{base}/metrics")[2], "scrapy_ingest_items_scraped_total"))
@@ -146,9 +170,44 @@ def test_metrics_and_health_over_http_while_the_crawl_runs(
         urllib.request.urlopen(f"{base}/metrics", timeout=2)
 
 
-def test_health_goes_unhealthy_when_postgresql_stops(site: LocalSite, tmp_path: Path) -> None:
-    import services
+def test_counters_with_known_labels_are_at_zero_before_the_first_event(
+    site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    # pages of 3 s: the tables are ready long before the first item, and a dashboard shows 0
+    # for them, not "No data"
+    crawl = _slow_crawl(site, sqlite_url, tmp_path, pages=4, delay_ms=3000)
+    try:
+        metrics = f"http://127.0.0.1:{_port(crawl)}/metrics"
+        where = {"backend": sqlite_url, "table": "ingest_items"}
+        text = wait_for(
+            lambda: (
+                (answer := _get(metrics)[2])
+                and _sample(answer, "scrapy_ingest_ingest_rows_failed_total", **where) is not None
+                and answer
+            ),
+            timeout=30,
+            what="the items table's rows-failed series",
+        )
+        result = crawl.wait()
+    finally:
+        crawl.kill()
+    result.assert_clean()
+    assert _value(text, "scrapy_ingest_items_scraped_total") == 0, text  # no event yet
+    for table in ("ingest_items", "ingest_requests", "ingest_logs", "ingest_dead_letters"):
+        where = {"backend": sqlite_url, "table": table}
+        for name in ("rows_written", "rows_failed"):
+            assert _sample(text, f"scrapy_ingest_ingest_{name}_total", **where) == 0, table
+    for kind in ("items", "requests", "logs"):
+        assert _sample(text, "scrapy_ingest_ingest_dead_letters_total", kind=kind) == 0, text
+    # what RetryMiddleware retries: RETRY_HTTP_CODES and RETRY_EXCEPTIONS
+    retries = "scrapy_ingest_retries_total"
+    assert _sample(text, retries, reason="503 Service Unavailable") == 0, text
+    assert _sample(text, retries, reason="builtins.OSError") == 0, text
+    assert _sample(text, "scrapy_ingest_download_exceptions_total", exception="OSError") == 0
+    assert "scrapy_ingest_proxies" not in text  # no proxy, no proxy metrics
 
+
+def test_health_goes_unhealthy_when_postgresql_stops(site: LocalSite, tmp_path: Path) -> None:
     bindir = services.find_pg_bindir()
     if bindir is None:
         service_missing("no PostgreSQL binaries (apt-get install -y postgresql)")
@@ -173,7 +232,10 @@ def test_health_goes_unhealthy_when_postgresql_stops(site: LocalSite, tmp_path: 
                 timeout=30,
                 what="/healthz to say 503",
             )
-            assert "waited" in json.loads(body)["reason"]
+            answer = json.loads(body)
+            assert answer.keys() == {"status", "reason"} and answer["status"] == "unhealthy"
+            waited = r"a batch has waited \d+ s for its database \(limit 1 s\)"
+            assert re.fullmatch(waited, answer["reason"]), answer
             assert _value(_get(f"{base}/metrics")[2], "scrapy_ingest_healthy") == 0
             server.resume()  # back: the crawl ends normally, nothing lost
             result = crawl.wait()
@@ -204,9 +266,16 @@ def _start(command: list[str], port: int, stack: contextlib.ExitStack) -> None:
         time.sleep(0.1)
 
 
-def test_a_real_prometheus_scrapes_the_crawl(
+def test_a_real_prometheus_scrapes_the_crawl_for_the_dashboard(
     site: LocalSite, sqlite_url: str, tmp_path: Path, prometheus_binary: str
 ) -> None:
+    """A healthy crawl through a proxy, as the dashboard expects: every query of every panel
+    has a sample (0 when nothing happened, never "No data")."""
+    try:
+        proxy = services.Proxy(None, None)
+        proxy.start()
+    except services.ServiceUnavailable as exc:
+        service_missing(str(exc))
     metrics_port, prometheus_port = free_port(), free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
@@ -215,6 +284,7 @@ def test_a_real_prometheus_scrapes_the_crawl(
         f"      - targets: ['127.0.0.1:{metrics_port}']\n"
     )
     with contextlib.ExitStack() as stack:
+        stack.callback(proxy.remove)
         _start(
             [prometheus_binary, f"--config.file={config}",
              f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -223,25 +293,42 @@ def test_a_real_prometheus_scrapes_the_crawl(
             stack,
         )  # fmt: skip
         # long enough for a Prometheus that starts slowly on a busy machine to scrape it
-        crawl = _slow_crawl(site, sqlite_url, tmp_path, pages=90, INGEST_METRICS_PORT=metrics_port)
-        stack.callback(crawl.kill)
-        query = (
-            f"http://127.0.0.1:{prometheus_port}/api/v1/query?"
-            "query=scrapy_ingest_items_scraped_total"
+        crawl = _slow_crawl(
+            site,
+            sqlite_url,
+            tmp_path,
+            pages=90,
+            INGEST_METRICS_PORT=metrics_port,
+            INGEST_PROXY_LIST=[proxy.url],
         )
+        stack.callback(crawl.kill)
+        api = f"http://127.0.0.1:{prometheus_port}/api/v1/query?"
 
-        def scraped() -> float | None:
-            status, _, body = _get(query)
+        def query(expr: str) -> list[dict[str, Any]] | None:
+            status, _, body = _get(api + urllib.parse.urlencode({"query": expr}))
             if status != 200:  # still starting ("Service Unavailable")
                 return None
-            answer = json.loads(body)
-            results = answer["data"]["result"]
+            results: list[dict[str, Any]] = json.loads(body)["data"]["result"]
+            return results
+
+        def scraped() -> float | None:
+            results = query("scrapy_ingest_items_scraped_total")
             value = float(results[0]["value"][1]) if results else 0.0
             return value if value > 0 else None
 
         value = wait_for(scraped, timeout=60, interval=0.5, what="Prometheus to see items")
         assert value > 0
-        crawl.wait().assert_clean()
+        # while the crawl runs (its series go stale once it ends): rate() needs two scrapes,
+        # a latency quantile some responses, which the crawl has by now
+        empty = dashboard_queries()
+        deadline = time.monotonic() + 20
+        while empty and time.monotonic() < deadline and crawl.running:
+            empty = [(title, expr) for title, expr in empty if not query(expr)]
+            time.sleep(0.5)
+        assert not empty, "dashboard queries without a sample:\n" + "\n".join(map(str, empty))
+        result = crawl.wait()
+    result.assert_clean()
+    assert result.stats["ingest/proxy/good"] > 0  # through the proxy
 
 
 def test_metrics_are_pushed_to_a_real_pushgateway(
@@ -326,7 +413,11 @@ def test_proxy_gauges_and_bans_reach_the_pushgateway(site: LocalSite, tmp_path: 
     assert result["stats"]["finish_reason"] == "ingest_no_proxies"
     benched = re.search(r'^scrapy_ingest_proxies{[^}]*state="benched"[^}]*} (\S+)$', text, re.M)
     assert benched and float(benched[1]) == 2, text
-    bans = re.findall(r'^scrapy_ingest_proxy_bans_total{.*reason="(\w+)".*} (\S+)$', text, re.M)
-    assert bans and all("Refused" in reason for reason, _ in bans), bans
-    assert sum(float(count) for _, count in bans) >= 2
+    found = re.findall(r'^scrapy_ingest_proxy_bans_total{.*reason="(\w+)".*} (\S+)$', text, re.M)
+    bans = {reason: float(count) for reason, count in found}
+    counted = {reason: count for reason, count in bans.items() if count}
+    assert counted and all("Refused" in reason for reason in counted), bans
+    assert sum(counted.values()) >= 2
+    # the statuses of INGEST_PROXY_BAN_CODES are served at 0 from the start
+    assert bans["403"] == 0 and all(bans[r] == 0 for r in bans if r.isdigit()), bans
     assert "127.0.0.1" not in "".join(line for line in text.splitlines() if "proxy" in line)

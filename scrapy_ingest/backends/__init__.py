@@ -124,12 +124,19 @@ def local_host(
     spill_dir: str | None = None,
     require_backend: bool = True,
     on_replayed: Callable[[int], None] | None = None,
+    spill_min_free: int | None = None,
+    on_stuck: Callable[[bool], None] | None = None,
 ) -> LocalHost:
     """Return a host that runs the backend of *url* in the calling thread; with *spill_dir*,
     one that spills to a journal there what the database does not take (see LocalHost), and
-    calls *on_replayed* with the rows of each batch it replays from there."""
+    calls *on_replayed* with the rows of each batch it replays from there. *spill_min_free*:
+    the journal's minimum free space (SpillJournal); *on_stuck*: see LocalHost."""
     backend = make_backend(url, tables, create_tables=create_tables)
-    journal = SpillJournal(spill_dir, url, on_replayed=on_replayed) if spill_dir else None
+    journal = (
+        SpillJournal(spill_dir, url, on_replayed=on_replayed, min_free=spill_min_free)
+        if spill_dir
+        else None
+    )
     return LocalHost(
         backend,
         retry_timeout,
@@ -137,6 +144,7 @@ def local_host(
         tables=tables,
         journal=journal,
         require_backend=require_backend,
+        on_stuck=on_stuck,
     )
 
 

@@ -91,7 +91,7 @@ def main() -> None:
             operation, args = receive(requests)
             try:
                 if operation == "open":
-                    url, tables, create_tables, retry_timeout, spill_dir, require = args
+                    url, tables, create_tables, retry_timeout, spill_dir, require, min_free = args
                     # kept even if opening fails: its next operation opens it again
                     host = local_host(
                         url,
@@ -101,6 +101,8 @@ def main() -> None:
                         abort=lambda: os.getppid() != parent,
                         spill_dir=spill_dir,
                         require_backend=require,
+                        spill_min_free=min_free,
+                        on_stuck=lambda stuck: reply(("stuck", stuck)),
                     )
                     result: Any = host.open()
                 else:

@@ -95,10 +95,12 @@ class Backend(Protocol):
         """Update columns of a job row (only while its status is not ``finished`` if asked:
         a heartbeat revives a row another process took for crashed, never a closed one)."""
 
-    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
+    def mark_crashed(
+        self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
+    ) -> list[str]:
         """Set status and close reason ``crashed`` (and ``finished_at`` to its last refresh) on
         each ``running`` job row last refreshed before *stale_before*, except *alive* (the job
-        of the crawl asking); return their ids."""
+        of the crawl asking), only those of *crawl_id* if given; return their ids."""
 
     # what the ``scrapy ingest`` commands ask of a database (scrapy_ingest.commands)
 
@@ -197,6 +199,11 @@ class WriteOutcome:
     #: rows put in the spill journal, and the bytes of the journal's batches after that
     spilled: int = 0
     journal_bytes: int = 0
+    #: the disk under the journal has less than its minimum free space: why (the crawl
+    #: takes the journal for full)
+    journal_low: str = ""
+    #: the journal could not take the rows given up on (``lost``) either: why
+    spill_failed: str = ""
     #: spilled batches (of any table) replayed into the database after this one was written
     replayed_batches: int = 0
     replayed_rows: int = 0
@@ -743,8 +750,12 @@ class LocalHost:
         tables: Sequence[TableSpec] = (),
         journal: SpillJournal | None = None,
         require_backend: bool = True,
+        on_stuck: Callable[[bool], None] | None = None,
     ) -> None:
         self.backend = backend
+        #: called with True when neither the database nor the journal takes rows (the crawl
+        #: must stop taking work), with False once one of them does again
+        self._on_stuck = on_stuck
         #: names of the tables prepared by open(); others are created at their first write
         self._ready = {table.name for table in tables}
         #: where replayed records refused for their content go
@@ -769,6 +780,8 @@ class LocalHost:
         #: a replay stopped part way while the database answered again (it failed once more):
         #: tried again at the next probe time, and at the end of the crawl
         self._replay_pending = False
+        #: since when neither the database nor the journal takes rows (monotonic), if so
+        self._stuck_since: float | None = None
 
     # lifecycle
 
@@ -1055,19 +1068,106 @@ class LocalHost:
     def _spill(
         self, table: TableSpec, rows: list[Row], outcome: WriteOutcome, reason: str
     ) -> WriteOutcome:
-        assert self._journal is not None
         try:
-            size = self._journal.spill(table, rows)
+            return self._spill_now(table, rows, outcome, reason)
         except OSError as exc:
-            return self._give_up(table, rows, f"{reason}; spilling failed too: {exc}", outcome)
+            return self._keep(table, rows, outcome, reason, exc)
+
+    def _spill_now(
+        self, table: TableSpec, rows: list[Row], outcome: WriteOutcome, reason: str
+    ) -> WriteOutcome:
+        """Put *rows* in the journal; raise OSError when it cannot take them."""
+        journal = self._journal
+        assert journal is not None
+        size = journal.spill(table, rows)
+        journal.keep_reserve()
+        self._unstuck()
         outcome.lost = 0
         outcome.unwritten = []
         outcome.spilled += len(rows)
-        outcome.journal_bytes = self._journal.add_bytes(size)
+        outcome.journal_bytes = journal.add_bytes(size)
+        outcome.journal_low = journal.low_on_space() or ""
         logger.warning(
-            "Spilled %d rows for %s to %s (%s)", len(rows), table.name, self._journal.dir, reason
+            "Spilled %d rows for %s to %s (%s)", len(rows), table.name, journal.dir, reason
         )
         return outcome
+
+    def _keep(
+        self,
+        table: TableSpec,
+        rows: list[Row],
+        outcome: WriteOutcome,
+        reason: str,
+        error: OSError,
+    ) -> WriteOutcome:
+        """Neither the database nor the journal takes *rows* (its disk is full, say): try both
+        again, with backoff, until ``retry_timeout`` after the journal first failed.
+
+        The batch waits meanwhile, and the batches behind it: the crawl's buffer fills and
+        its engine pauses, so the crawl stops taking work instead of dropping it. The time
+        counts once for all batches: once it is up, each batch gets one try of each, and
+        what neither takes is given up on (``lost``, with ``spill_failed`` saying why)."""
+        assert self._journal is not None
+        if self._stuck_since is None:
+            self._stuck_since = time.monotonic()
+            if self._on_stuck is not None:
+                self._on_stuck(True)
+            logger.error(
+                "Neither the database at %s (%s) nor the spill journal in %s (%s) takes rows: "
+                "the crawl waits, and tries both again for up to %s s (INGEST_RETRY_TIMEOUT)",
+                self.url,
+                reason,
+                self._journal.dir,
+                error,
+                self._retry_timeout,
+            )
+        deadline = self._stuck_since + self._retry_timeout
+        delay = _FIRST_RETRY_DELAY
+        while time.monotonic() + delay <= deadline and not (self._abort and self._abort()):
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_RETRY_DELAY)
+            rows = self._try_database(table, rows, outcome)
+            if not rows:
+                self._unstuck()
+                return outcome
+            try:
+                return self._spill_now(table, rows, outcome, reason)
+            except OSError as exc:
+                error = exc
+        outcome.spill_failed = f"the spill journal in {self._journal.dir} failed too: {error}"
+        return self._give_up(table, rows, f"{reason}; {outcome.spill_failed}", outcome)
+
+    def _unstuck(self) -> None:
+        if self._stuck_since is not None:
+            self._stuck_since = None
+            if self._on_stuck is not None:
+                self._on_stuck(False)
+
+    def _try_database(self, table: TableSpec, rows: list[Row], outcome: WriteOutcome) -> list[Row]:
+        """One attempt to write *rows* (no waiting), added to *outcome*; return those not
+        written. A database that answers again gets its journal replayed."""
+        if self._refused is not None:
+            return rows
+        try:
+            self._ensure_open()
+            self._prepare(table)
+        except Exception:
+            return rows
+        result = store_batch(
+            self.backend, table, rows, 0, outage=Outage(), abort=self._abort, idempotent=True
+        )
+        outcome.written += result.written
+        outcome.dead.extend(result.dead)
+        outcome.retries += result.retries
+        add_changes(outcome.changes, result.changes)
+        if result.refused:
+            self._refused = outcome.refused = result.refused
+            return result.unwritten
+        if result.written and self._down:
+            self._came_back()
+            outcome.replayed_batches, outcome.replayed_rows = self._unreported
+            self._unreported = (0, 0)
+        return result.unwritten
 
     def _give_up(
         self, table: TableSpec, rows: list[Row], reason: str, outcome: WriteOutcome | None = None
@@ -1150,11 +1250,14 @@ class LocalHost:
             self._came_back()
         return result
 
-    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
+    def mark_crashed(
+        self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
+    ) -> list[str]:
         if self._down or self._refused is not None:
             return []  # the next crawl will see them
         return self._retry(
-            lambda: self.backend.mark_crashed(table, stale_before, alive), "Marking crashed jobs"
+            lambda: self.backend.mark_crashed(table, stale_before, alive, crawl_id),
+            "Marking crashed jobs",
         )
 
     def _save_job(self, job_id: str) -> None:

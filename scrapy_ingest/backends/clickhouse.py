@@ -820,12 +820,15 @@ class ClickHouseBackend:
                 job[name] = value.encode() if isinstance(value, str) else _json_bytes(value)
         return job
 
-    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
+    def mark_crashed(
+        self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
+    ) -> list[str]:
         assert self._client is not None, "mark_crashed() before open()"
         found = self._client.query(
             f"SELECT job_id FROM {_quote(table.name)} FINAL WHERE status = 'running' "
-            "AND toFloat64(updated_at) < {stale:Float64} AND job_id != {alive:String}",
-            parameters={"stale": stale_before, "alive": alive},
+            "AND toFloat64(updated_at) < {stale:Float64} AND job_id != {alive:String}"
+            + (" AND crawl_id = {crawl:String}" if crawl_id is not None else ""),
+            parameters={"stale": stale_before, "alive": alive, "crawl": crawl_id or ""},
         )
         ids = [row[0] for row in found.result_rows]
         for job_id in ids:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -83,6 +84,7 @@ class PostgresBackend:
         self._versions = next(t for t in tables if t.kind == "schema_version")
         self._create_tables = create_tables
         self._pool: ConnectionPool | None = None
+        self._pool_lock = threading.Lock()
         #: the role and schema the connections use (read at open, for messages)
         self._role: str | None = None
         self._schema: str | None = None
@@ -108,7 +110,11 @@ class PostgresBackend:
             raise BackendUnavailable(
                 f"cannot connect to PostgreSQL at {self.url}: {reason}"
             ) from None
-        self._pool = ConnectionPool(
+        self._pool = self._new_pool()
+        self._pool.open(wait=True, timeout=_CONNECT_TIMEOUT)
+
+    def _new_pool(self) -> ConnectionPool:
+        return ConnectionPool(
             self._conninfo,
             min_size=1,
             max_size=self.threads + 1,
@@ -119,7 +125,20 @@ class PostgresBackend:
             name="scrapy_ingest",
             open=False,
         )
-        self._pool.open(wait=True, timeout=_CONNECT_TIMEOUT)
+
+    def _renew_pool(self) -> None:
+        """The server answers, but the pool gave no connection: after an outage, psycopg_pool
+        tries to reconnect with a backoff of its own (1, 2, 4, 8... s), and its next try may
+        come long after the server is back. A new pool connects now; the old one is closed
+        (a write that still holds it fails once, as transient, and is retried)."""
+        with self._pool_lock:
+            old = self._pool
+            if old is None:
+                return
+            self._pool = self._new_pool()
+            self._pool.open(wait=False)
+        old.close(timeout=0)
+        logger.info("PostgreSQL at %s answers again: its connection pool is renewed", self.url)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -533,6 +552,7 @@ class PostgresBackend:
             psycopg.connect(self._conninfo, connect_timeout=_DIAGNOSE_TIMEOUT).close()
         except psycopg.Error as exc:
             return exc
+        self._renew_pool()
         return None
 
     def explain_refusal(  # noqa: PLR0911 - one return per kind of refusal
@@ -642,15 +662,18 @@ class PostgresBackend:
         with self._pool.connection() as conn:
             conn.execute(query, [*(self._param(table, n, values[n]) for n in names), job_id])
 
-    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
+    def mark_crashed(
+        self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
+    ) -> list[str]:
         assert self._pool is not None, "mark_crashed() before open()"
         query = sql.SQL(
             "UPDATE {} SET status = 'crashed', close_reason = 'crashed', "
             "finished_at = updated_at WHERE status = 'running' AND updated_at < %s "
-            "AND job_id <> %s RETURNING job_id"
+            "AND job_id <> %s AND (%s::text IS NULL OR crawl_id = %s) RETURNING job_id"
         ).format(sql.Identifier(table.name))
+        params = [utc_from_epoch(stale_before), alive, crawl_id, crawl_id]
         with self._pool.connection() as conn:
-            return [row[0] for row in conn.execute(query, [utc_from_epoch(stale_before), alive])]
+            return [row[0] for row in conn.execute(query, params)]
 
     def recent_jobs(
         self, table: TableSpec, *, running: bool, spider: str | None, limit: int

@@ -952,13 +952,17 @@ class SqlAlchemyBackend:
         with self._engine.begin() as conn:
             conn.execute(stmt.values(self._convert_values(table, values)))
 
-    def mark_crashed(self, table: TableSpec, stale_before: float, alive: str) -> list[str]:
+    def mark_crashed(
+        self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
+    ) -> list[str]:
         assert self._engine is not None, "mark_crashed() before open()"
         jobs = self._tables[table.name]
         stale = self._convert_values(table, {"updated_at": stale_before})["updated_at"]
         running = (
             (jobs.c.status == "running") & (jobs.c.updated_at < stale) & (jobs.c.job_id != alive)
         )
+        if crawl_id is not None:
+            running = running & (jobs.c.crawl_id == crawl_id)
         with self._engine.begin() as conn:
             ids = [row[0] for row in conn.execute(sa.select(jobs.c.job_id).where(running))]
             if ids:

@@ -8,7 +8,11 @@ A proxy is *unchecked* until a response through it is not a ban, then *good*;
 a ban or a connection failure *benches* it for a randomised exponential
 backoff (``base * 2 ** (failures - 1)``, capped, times a random factor in
 [0.5, 1]), after which it is *reanimated*: unchecked again, and benched for
-twice as long if it fails again. A success resets its failures.
+twice as long if it fails again. A success resets its failures, unless the
+request was sent before the proxy's last ban, or the proxy is still benched: a
+request that was under way when the proxy was banned says nothing about the
+proxy since (with concurrent downloads, one usually is), and a ban of such a
+request belongs to the ban already counted.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Proxy:
     http: bool  # usable by Scrapy's HTTP download handler (not socks)
     failures: int = 0  # consecutive
     benched_until: float | None = None
+    banned_at: float = -math.inf  # when it was last benched
     good: bool = False
     uses: int = 0
     in_flight: int = 0
@@ -208,16 +213,26 @@ class ProxyPool:
         if current is not None and current.proxy is proxy:
             current.in_flight -= 1
 
-    def succeeded(self, proxy: Proxy) -> None:
+    def succeeded(self, proxy: Proxy, sent: float) -> None:
+        """A request sent through *proxy* at *sent* was not banned. Ignored while the proxy is
+        benched, and for a request sent before its last ban, which would otherwise reset the
+        failures that make each ban's bench twice as long as the last one's."""
+        if proxy.benched_until is not None or sent < proxy.banned_at:
+            return
         proxy.good = True
         proxy.failures = 0
 
-    def bench(self, proxy: Proxy, now: float) -> float:
-        """Bench *proxy* after a ban or failure; return for how many seconds. A proxy that is
-        benched already (several requests failed at once) keeps its time."""
+    def bench(self, proxy: Proxy, now: float, sent: float | None = None) -> float:
+        """Bench *proxy* after a ban or failure of a request sent at *sent* (None: unknown);
+        return for how many seconds (0: not benched). A proxy that is benched already (several
+        requests failed at once) keeps its time; a request sent before its last ban, failing
+        after its reanimation, belongs to that ban."""
         if proxy.benched_until is not None and proxy.benched_until > now:
             return proxy.benched_until - now
+        if sent is not None and sent < proxy.banned_at:
+            return 0.0
         proxy.failures += 1
+        proxy.banned_at = now
         proxy.good = False
         delay: float = min(self.backoff_max, self.backoff_base * 2.0 ** (proxy.failures - 1))
         delay *= self.rng.uniform(0.5, 1.0)

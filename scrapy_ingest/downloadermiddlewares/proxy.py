@@ -23,16 +23,29 @@ since scrapy-playwright ignores ``meta["proxy"]``; their headers never carry a
 
 A banned request is retried through another proxy, up to
 ``INGEST_PROXY_MAX_TRIES`` tries; a proxy that is banned or fails to connect is
-benched (see :mod:`scrapy_ingest.downloadermiddlewares._proxypool`). When no
+benched (see :mod:`scrapy_ingest.downloadermiddlewares._proxypool`). A 429 or
+503 with a valid ``Retry-After`` is a rate limit of the site, never a ban,
+whatever the ban policy says: the proxy is not benched. With
+:class:`~scrapy_ingest.downloadermiddlewares.retry.BackoffRetryMiddleware`
+enabled (``INGEST_RETRY_ENABLED``), which sees the response next (550 < 740),
+the response is left to it: it pauses the domain for what the server asked.
+Without it, this middleware retries the request itself once the
+``Retry-After`` time (capped by ``INGEST_RETRY_AFTER_MAX``) is over, the
+request waiting outside the downloader meanwhile, within the same
+``INGEST_PROXY_MAX_TRIES``. Every retry it makes comes from Scrapy's
+``get_retry_request``: ``retry_times`` grows, and Scrapy's ``retry/*`` stats
+count it. When no
 proxy can take a request, it waits outside the downloader for the first
-reanimation; when every proxy has been benched for
+reanimation (a request that bypasses the scheduler, robots.txt or a media
+pipeline's download, waits in the downloader on a timer); when every proxy has been benched for
 ``INGEST_PROXY_ALL_DEAD_TIMEOUT`` seconds, the spider closes with reason
 ``ingest_no_proxies``. A request is never sent without a proxy unless
 ``ingest_proxy=False`` says so.
 
 Stats (``ingest/proxy/...``): ``requests``, ``good`` (responses that were not
 bans), ``bans/<status or exception>``, ``benched``, ``reanimated``,
-``retried``, ``gave_up``, ``waited``, ``bypassed``, ``pinned``, the gauges
+``retried``, ``rate_limited`` (429 or 503 with ``Retry-After``; also per proxy),
+``gave_up``, ``waited``, ``bypassed``, ``pinned``, the gauges
 ``state/good``, ``state/unchecked`` and ``state/benched``, and per proxy
 ``ingest/proxy/<proxy>/{good,benched,reanimated,bans/<status>}``, where
 ``<proxy>`` is its URL without the password.
@@ -47,15 +60,21 @@ from typing import TYPE_CHECKING, Any
 
 from scrapy import signals
 from scrapy.core.downloader.handlers.http11 import TunnelError
+from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.exceptions import IgnoreRequest
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler, load_object
+from scrapy.utils.response import response_status_message
 from twisted.internet.error import ConnectError, ConnectionLost
-from twisted.internet.task import LoopingCall
 from twisted.web._newclient import ResponseNeverReceived
 
-from scrapy_ingest._compat import DOWNLOAD_CONNECTION_ERRORS, DOWNLOAD_TIMEOUTS, close_spider
+from scrapy_ingest._compat import (
+    DOWNLOAD_CONNECTION_ERRORS,
+    DOWNLOAD_TIMEOUTS,
+    close_spider,
+    looping_call,
+)
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.downloadermiddlewares._delay import DelayedRequests
@@ -65,10 +84,11 @@ from scrapy_ingest.downloadermiddlewares._proxypool import (
     check_proxy_url,
     proxy_name,
 )
+from scrapy_ingest.downloadermiddlewares.retry import BackoffRetryMiddleware, parse_retry_after
 from scrapy_ingest.exceptions import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable
+    from collections.abc import Coroutine, Hashable
 
     from scrapy import Request, Spider
     from scrapy.crawler import Crawler
@@ -92,6 +112,8 @@ _PROXY_FAILURES = (
 #: what Chromium says when the proxy, not the site, failed
 _BROWSER_PROXY_ERRORS = ("ERR_PROXY", "ERR_TUNNEL_CONNECTION_FAILED", "ERR_NO_SUPPORTED_PROXIES")
 _META_KEYS = ("proxy", "_auth_proxy", "_ingest_proxy")
+#: statuses that, with a valid Retry-After, are the site's rate limit rather than a ban
+RATE_LIMIT_CODES = frozenset({429, 503})
 
 
 class BanPolicy:
@@ -146,11 +168,14 @@ class ProxyMiddleware:
         #: scrapy-playwright's named contexts, whose options a per-proxy context copies
         self._playwright_contexts = crawler.settings.getdict("PLAYWRIGHT_CONTEXTS")
         self._delayed = DelayedRequests(crawler, "proxy")
-        #: requests in the downloader with a proxy of ours, and their sticky session
-        self._assigned: dict[Request, tuple[Proxy, Hashable | None]] = {}
+        #: requests in the downloader with a proxy of ours, their sticky session, and when
+        #: they got the proxy (time.monotonic())
+        self._assigned: dict[Request, tuple[Proxy, Hashable | None, float]] = {}
+        #: the retry middleware that waits out Retry-After per domain, if enabled
+        self._backoff_retry: BackoffRetryMiddleware | None = None
         self._dead_since: float | None = None
         self._closing = False
-        self._ticks = LoopingCall(self._tick)
+        self._ticks = looping_call(self._tick)
         crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
 
@@ -216,6 +241,7 @@ class ProxyMiddleware:
     # lifecycle
 
     def _spider_opened(self) -> None:
+        self._backoff_retry = self.crawler.get_downloader_middleware(BackoffRetryMiddleware)
         c = self.config
         logger.info(
             "Rotating %d proxies (policy %s, sticky %s%s)",
@@ -255,7 +281,9 @@ class ProxyMiddleware:
 
     # downloader middleware methods
 
-    def process_request(self, request: Request, spider: Spider | None = None) -> Request | None:
+    def process_request(
+        self, request: Request, spider: Spider | None = None
+    ) -> Request | Coroutine[Any, Any, None] | None:
         meta = request.meta
         if "_ingest_proxy" in meta:  # a retry, a redirect: it gets a proxy afresh
             self._forget(request)
@@ -280,6 +308,11 @@ class ProxyMiddleware:
         session = self._session(request)
         proxy = self.pool.choose(session, now, http=not playwright)
         if proxy is None:
+            if self._delayed.came_back(request):
+                # Set aside already, and handed straight back by engine.download_async()
+                # (robots.txt, media pipelines), which bypasses the scheduler: deferring it again
+                # would spin until a proxy is free, so it waits here, on a timer (see _delay.py).
+                return self._wait_here(request, session, playwright, now)
             return self._wait(request, now, http=not playwright)
         self._inc("requests")
         self._apply(request, proxy, session, playwright)
@@ -288,23 +321,29 @@ class ProxyMiddleware:
     def process_response(
         self, request: Request, response: Response, spider: Spider | None = None
     ) -> Request | Response:
-        proxy = self._done(request)
+        proxy, sent = self._done(request)
         if proxy is None:
             return response
+        delay = self._retry_after(response)
+        if delay is not None:
+            # the site asks to slow down: the proxy reached it, and is not to blame
+            self._inc("rate_limited", proxy)
+            return self._rate_limited(request, proxy, response, delay) or response
         if not self._is_ban(response=(request, response)):
-            self.pool.succeeded(proxy)
+            self.pool.succeeded(proxy, sent)
             self._dead_since = None
             self._inc("good", proxy)
             return response
-        return self._banned(request, proxy, str(response.status)) or response
+        reason = response_status_message(response.status)
+        return self._banned(request, proxy, sent, str(response.status), reason) or response
 
     def process_exception(
         self, request: Request, exception: Exception, spider: Spider | None = None
     ) -> Request | None:
-        proxy = self._done(request)
+        proxy, sent = self._done(request)
         if proxy is None or not self._is_ban(exception=(request, exception)):
             return None
-        return self._banned(request, proxy, type(exception).__name__)
+        return self._banned(request, proxy, sent, type(exception).__name__, exception)
 
     # helpers
 
@@ -319,7 +358,7 @@ class ProxyMiddleware:
     def _apply(
         self, request: Request, proxy: Proxy, session: Hashable | None, playwright: bool
     ) -> None:
-        self._assigned[request] = (proxy, session)
+        self._assigned[request] = (proxy, session, time.monotonic())
         meta = request.meta
         meta["_ingest_proxy"] = proxy.name  # for the request log, and a copy's marker
         if not playwright:
@@ -344,13 +383,43 @@ class ProxyMiddleware:
             meta.pop(key, None)
         request.headers.pop(b"Proxy-Authorization", None)
 
-    def _done(self, request: Request) -> Proxy | None:
+    def _done(self, request: Request) -> tuple[Proxy | None, float]:
+        """The proxy of *request* (None: not one of ours) and when the request got it."""
         assigned = self._assigned.pop(request, None)
         if assigned is None:
-            return None
-        proxy, session = assigned
+            return None, 0.0
+        proxy, session, sent = assigned
         self.pool.done(proxy, session)
-        return proxy
+        return proxy, sent
+
+    def _retry_after(self, response: Response) -> float | None:
+        """The seconds a rate limit (429 or 503 with a valid Retry-After) asks for, capped by
+        INGEST_RETRY_AFTER_MAX; None for any other response."""
+        if response.status not in RATE_LIMIT_CODES:
+            return None
+        value = response.headers.get(b"Retry-After")
+        if not value:
+            return None
+        delay = parse_retry_after(value.decode("latin-1"), time.time())
+        return None if delay is None else min(delay, self.config.retry_after_max)
+
+    def _rate_limited(
+        self, request: Request, proxy: Proxy, response: Response, delay: float
+    ) -> Request | None:
+        """A rate limit: left to BackoffRetryMiddleware when it is enabled (it pauses the
+        domain), else the request is tried again once *delay* is over."""
+        if self._backoff_retry is not None or request.meta.get("dont_retry", False):
+            return None
+        reason = response_status_message(response.status)
+        retry = self._retry(request, reason, f"last: {proxy.name}, {response.status}, Retry-After")
+        if retry is None:
+            return None
+        logger.debug(
+            "%(request)s is rate limited (%(status)d, Retry-After): tried again in %(delay).2f s",
+            {"request": request, "status": response.status, "delay": delay},
+            extra={"spider": self.crawler.spider},
+        )
+        return self._delayed.defer(retry, time.monotonic() + delay)
 
     def _is_ban(
         self,
@@ -367,46 +436,82 @@ class ProxyMiddleware:
         check = getattr(spider, "exception_is_ban", None) or self._policy.exception_is_ban
         return bool(check(*exception))
 
-    def _banned(self, request: Request, proxy: Proxy, reason: str) -> Request | None:
-        """Bench *proxy*; return the request to try through another one, if any."""
+    def _banned(
+        self, request: Request, proxy: Proxy, sent: float, reason: str, cause: str | Exception
+    ) -> Request | None:
+        """Bench *proxy*; return the request to try through another one, if any. *cause* is
+        the reason as Scrapy's retry stats name it."""
         now = time.monotonic()
         was_benched = proxy.benched_until is not None and proxy.benched_until > now
         self._inc(f"bans/{reason}", proxy)
         if not was_benched:
-            seconds = self.pool.bench(proxy, now)
-            self._inc("benched", proxy)
-            logger.info("Proxy %s benched for %.1f s (%s)", proxy.name, seconds, reason)
-            if self._dead_since is None and self.pool.all_benched(now, http=False):
-                self._all_dead(now)
+            seconds = self.pool.bench(proxy, now, sent)
+            if seconds:  # 0: the request was sent before the ban it belongs to
+                self._inc("benched", proxy)
+                logger.info("Proxy %s benched for %.1f s (%s)", proxy.name, seconds, reason)
+                if self._dead_since is None and self.pool.all_benched(now, http=False):
+                    self._all_dead(now)
         if request.meta.get("ingest_proxy"):
             return None  # pinned: no other proxy to try
+        return self._retry(request, cause, f"last: {proxy.name}, {reason}")
+
+    def _retry(self, request: Request, cause: str | Exception, last: str) -> Request | None:
+        """The request to try again through a proxy, or None after INGEST_PROXY_MAX_TRIES.
+        Made by Scrapy's get_retry_request(), like every retry of the crawl: its retry_times
+        grows by one, and retry/count and retry/reason_count/* count it. The limit is
+        INGEST_PROXY_MAX_TRIES, checked here, not RETRY_TIMES."""
         tries = request.meta.get("ingest_proxy_tries", 1)
         if tries >= self.config.proxy_max_tries:
             self._inc("gave_up")
             logger.warning(
-                "Gave up on %s after %d tries through proxies (last: %s, %s)",
-                request,
-                tries,
-                proxy.name,
-                reason,
+                "Gave up on %s after %d tries through proxies (%s)", request, tries, last
             )
             return None
+        assert self.crawler.spider is not None
+        retry = get_retry_request(
+            request,
+            spider=self.crawler.spider,
+            reason=cause,
+            max_retry_times=request.meta.get("retry_times", 0) + 1,
+        )
+        assert retry is not None  # within max_retry_times by construction
         self._inc("retried")
-        retry = request.copy()
         self._forget(retry)
         retry.meta["ingest_proxy_tries"] = tries + 1
-        retry.dont_filter = True
         return retry
 
     def _wait(self, request: Request, now: float, *, http: bool) -> Request:
         """No proxy can take *request* now: it waits outside the downloader."""
-        self._inc("waited")
+        return self._delayed.defer(request, self._wake(now, http=http))
+
+    async def _wait_here(
+        self, request: Request, session: Hashable | None, playwright: bool, now: float
+    ) -> None:
+        """Wait on a timer until a proxy can take *request*, then give it that proxy; each
+        wait after the first one (counted when the request was set aside) is counted too."""
+        until = self._wake(now, http=not playwright, count=False)
+        while True:
+            await self._delayed.wait(request, until)
+            now = time.monotonic()
+            if now >= self.pool.next_reanimation:
+                self._reanimate(now)
+            proxy = self.pool.choose(session, now, http=not playwright)
+            if proxy is not None:
+                self._inc("requests")
+                self._apply(request, proxy, session, playwright)
+                return
+            until = self._wake(now, http=not playwright)
+
+    def _wake(self, now: float, *, http: bool, count: bool = True) -> float:
+        """When a request that no proxy can take now should look again."""
+        if count:
+            self._inc("waited")
         wake = self.pool.next_change(now) or now + TICK
         if self._dead_since is None and self.pool.all_benched(now, http=http):
             self._all_dead(now)
         if self._dead_since is not None:
             wake = min(wake, self._check_dead_timeout(now))
-        return self._delayed.defer(request, max(wake, now + 0.05))
+        return max(wake, now + 0.05)
 
     def _all_dead(self, now: float) -> None:
         """Every proxy is benched: the INGEST_PROXY_ALL_DEAD_TIMEOUT clock starts, and runs

@@ -22,9 +22,13 @@ Which records a crawl stores:
   keep their logs apart;
 * those that name no spider (other libraries, Twisted): by every crawl of
   the process, since nothing says which one they belong to;
-* never scrapy_ingest's own records: they report on the storage itself, and
+* never the records of scrapy_ingest's storage layer (:data:`STORAGE_LOGGERS`:
+  the backends, the writers and their hosts, the spill journal and its replay,
+  the runtime and the job row): they report on the storage itself, and
   storing a "the database is failing" line in that failing database would
-  feed a loop. They still go to Scrapy's log.
+  feed a loop. They still go to Scrapy's log. scrapy_ingest's other records
+  (the proxy and retry middlewares, the pipeline, the scheduler, metrics) are
+  stored like any other.
 
 ``emit()`` does no I/O: it formats the message, takes a summary of the
 traceback (without its source lines, which would be read from disk), and
@@ -56,9 +60,18 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from typing_extensions import Self
 
-#: loggers whose records are never stored (see the module docstring)
-OWN_LOGGER = "scrapy_ingest"
-OWN_PREFIX = OWN_LOGGER + "."
+#: loggers whose records are never stored, with the loggers under them (see the module
+#: docstring): those that report on the storage itself
+STORAGE_LOGGERS = (
+    "scrapy_ingest.backends",
+    "scrapy_ingest.batching",
+    "scrapy_ingest.commands",
+    "scrapy_ingest.extensions.jobs",
+    "scrapy_ingest.hosting",
+    "scrapy_ingest.runtime",
+    "scrapy_ingest.spill",
+)
+_STORAGE_PREFIXES = tuple(f"{name}." for name in STORAGE_LOGGERS)
 #: largest message or traceback stored, in characters
 MAX_TEXT = 100_000
 #: records kept for the reactor thread at most; it takes them 4 times per
@@ -80,10 +93,20 @@ class IngestLogHandler(logging.Handler):
         self.crawler = crawler
         self.store_level = level
         self.entries: deque[LogEntry] = deque()
-        #: records of this crawl seen per level name, stored or not (scrapy_ingest's own too)
+        #: records of this crawl seen per level name, stored or not (the storage layer's too)
         self.counts: dict[str, int] = {}
+        #: logger name -> whether its records are the storage layer's (a dict lookup per record)
+        self._storage: dict[str, bool] = {}
         #: records not kept because MAX_PENDING were waiting
         self.dropped = 0
+
+    def _is_storage(self, name: str) -> bool:
+        storage = self._storage.get(name)
+        if storage is None:
+            storage = self._storage[name] = name in STORAGE_LOGGERS or name.startswith(
+                _STORAGE_PREFIXES
+            )
+        return storage
 
     def emit(self, record: logging.LogRecord) -> None:
         spider = record.__dict__.get("spider")
@@ -91,8 +114,7 @@ class IngestLogHandler(logging.Handler):
             return  # another crawler's
         counts = self.counts
         counts[record.levelname] = counts.get(record.levelname, 0) + 1
-        name = record.name
-        if record.levelno < self.store_level or name.startswith(OWN_PREFIX) or name == OWN_LOGGER:
+        if record.levelno < self.store_level or self._is_storage(record.name):
             return
         if len(self.entries) >= MAX_PENDING:
             self.dropped += 1
@@ -108,7 +130,7 @@ class IngestLogHandler(logging.Handler):
         if record.stack_info:
             exception = f"{_format(exception) if exception else ''}{record.stack_info}"
         self.entries.append(
-            (record.created, record.levelno, record.levelname, name, message, exception)
+            (record.created, record.levelno, record.levelname, record.name, message, exception)
         )
 
 

@@ -21,6 +21,14 @@ reactor thread only adds each response's download latency and each batch's
 write time to two histograms (a bucket increment each). Each crawler has its
 own ``CollectorRegistry`` and server, so two crawlers in one process never
 collide. ``docs/metrics.md`` lists every metric.
+
+Counters whose label values are known when the crawl opens are exported at 0
+from the start, so that a dashboard shows 0 rather than "No data": responses
+per status class, rows written and failed per open database and table, dead
+letters per record kind, retries per reason and download errors per exception
+that RetryMiddleware expects (``RETRY_HTTP_CODES``, ``RETRY_EXCEPTIONS``),
+and, when ProxyMiddleware runs, the pool's states and bans per
+``INGEST_PROXY_BAN_CODES`` status.
 """
 
 from __future__ import annotations
@@ -32,15 +40,15 @@ import re
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import make_server
 
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.defer import maybe_deferred_to_future
-from twisted.internet import threads
-from twisted.internet.task import LoopingCall
 
+from scrapy_ingest._compat import Looping, in_thread, looping_call
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest.runtime import IngestRuntime
 
@@ -60,6 +68,8 @@ PREFIX = "scrapy_ingest"
 #: seconds
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FLUSH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+#: the status classes of responses, exported at 0 until one comes (an error rate is then 0)
+_STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 #: Scrapy stats that have metrics of their own (the generic bridge leaves them out)
 _COVERED = re.compile(
     r"^(item_scraped_count|item_dropped_count|response_received_count"
@@ -88,6 +98,42 @@ class _Histogram:
         return out
 
 
+@dataclass(frozen=True)
+class _KnownLabels:
+    """Label values known once the spider opens, exported at 0 until counted."""
+
+    #: Scrapy's retry reasons: "503 Service Unavailable", "builtins.OSError"...
+    retry_reasons: tuple[str, ...] = ()
+    #: the class names of the download errors retried
+    exceptions: tuple[str, ...] = ()
+    #: INGEST_PROXY_BAN_CODES, when ProxyMiddleware runs (None: it does not)
+    proxy_bans: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, crawler: Crawler, runtime: IngestRuntime) -> _KnownLabels:
+        from scrapy.downloadermiddlewares.retry import RetryMiddleware
+        from scrapy.utils.python import global_object_name
+        from scrapy.utils.response import response_status_message
+
+        from scrapy_ingest.downloadermiddlewares.proxy import ProxyMiddleware
+
+        reasons: list[str] = []
+        exceptions: list[type[BaseException]] = []
+        retry = crawler.get_downloader_middleware(RetryMiddleware)
+        if retry is not None:
+            reasons = [response_status_message(code) for code in sorted(retry.retry_http_codes)]
+            exceptions = list(retry.exceptions_to_retry)
+            reasons += [global_object_name(exception) for exception in exceptions]
+        bans = None
+        if crawler.get_downloader_middleware(ProxyMiddleware) is not None:
+            bans = tuple(str(code) for code in sorted(runtime.config.proxy_ban_codes))
+        return cls(
+            tuple(dict.fromkeys(reasons)),
+            tuple(sorted({exception.__name__ for exception in exceptions})),
+            bans,
+        )
+
+
 class PrometheusExtension:
     def __init__(self, crawler: Crawler) -> None:
         runtime = IngestRuntime.of(crawler)
@@ -108,9 +154,10 @@ class PrometheusExtension:
         #: (backend, table) -> write times of its batches
         self.flush: dict[tuple[str, str], _Histogram] = {}
         self.items_errored = 0
+        self.known = _KnownLabels()
         self.port: int | None = None
         self._server: Any = None
-        self._push_loop: LoopingCall | None = None
+        self._push_loop: Looping | None = None
         self.registry.register(_Collector(self))
         runtime.on_outcome(self._batch_answered)
         crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
@@ -151,11 +198,12 @@ class PrometheusExtension:
     # serving
 
     async def _spider_opened(self) -> None:
+        self.known = _KnownLabels.of(self.crawler, self._runtime)
         config = self._runtime.config
         if config.metrics_port is not None:
             self._serve(config.metrics_host, config.metrics_port)
         if config.metrics_pushgateway:
-            self._push_loop = LoopingCall(self._push)
+            self._push_loop = looping_call(self._push)
             self._push_loop.start(config.metrics_push_interval, now=False)
 
     def _serve(self, host: str, ports: list[int]) -> None:
@@ -193,7 +241,7 @@ class PrometheusExtension:
         logger.info("Prometheus metrics on http://%s:%s/metrics", host, self.port)
 
     def _push(self) -> Any:
-        return threads.deferToThread(self._push_now).addErrback(self._push_failed)
+        return in_thread(self._push_now).addErrback(self._push_failed)
 
     def _push_now(self) -> None:
         from prometheus_client import push_to_gateway
@@ -226,7 +274,7 @@ class PrometheusExtension:
             await maybe_deferred_to_future(self._push())
         if self._server is not None:
             server, self._server = self._server, None
-            await maybe_deferred_to_future(threads.deferToThread(_shut_down, server))
+            await maybe_deferred_to_future(in_thread(_shut_down, server))
 
     # health
 
@@ -304,17 +352,26 @@ class _Collector:
         responses = family.counter("responses", "Responses, by status class", ("status_class",))
         retries = family.counter("retries", "Requests retried, by reason", ("reason",))
         exceptions = family.counter("download_exceptions", "Download errors", ("exception",))
-        by_class: dict[str, float] = {}
+        by_class: dict[str, float] = dict.fromkeys(_STATUS_CLASSES, 0.0)
+        by_reason = dict.fromkeys(ext.known.retry_reasons, 0.0)
+        # two classes of one name (Twisted's TimeoutErrors) share their sample
+        by_exception = dict.fromkeys(ext.known.exceptions, 0.0)
         for key, value in stats.items():
             if key.startswith("downloader/response_status_count/"):
                 status_class = key.rsplit("/", 1)[1][:1] + "xx"
                 by_class[status_class] = by_class.get(status_class, 0) + value
             elif key.startswith("retry/reason_count/"):
-                retries.add_metric([*base, key.split("/", 2)[2]], value)
+                reason = key.split("/", 2)[2]
+                by_reason[reason] = by_reason.get(reason, 0) + value
             elif key.startswith("downloader/exception_type_count/"):
-                exceptions.add_metric([*base, key.split("/", 2)[2].rsplit(".", 1)[-1]], value)
+                name = key.split("/", 2)[2].rsplit(".", 1)[-1]
+                by_exception[name] = by_exception.get(name, 0) + value
         for status_class, value in sorted(by_class.items()):
             responses.add_metric([*base, status_class], value)
+        for reason, value in by_reason.items():
+            retries.add_metric([*base, reason], value)
+        for name, value in sorted(by_exception.items()):
+            exceptions.add_metric([*base, name], value)
         yield from (responses, retries, exceptions)
         in_flight = family.gauge("requests_in_flight", "Requests in the downloader, unanswered")
         in_flight.add_metric(
@@ -351,9 +408,12 @@ class _Collector:
         buffered = family.gauge("ingest_buffered_bytes", "Bytes of rows buffered or in flight")
         buffered.add_metric(base, runtime.budget.used)
         dead = family.counter("ingest_dead_letters", "Records sent to dead letters", ("kind",))
+        by_kind = dict.fromkeys(runtime.record_kinds(), 0)
         for key, value in stats.items():
             if key.startswith("ingest/") and key.endswith("/dead_letter"):
-                dead.add_metric([*base, key.split("/")[1]], value)
+                by_kind[key.split("/")[1]] = value
+        for kind, value in by_kind.items():
+            dead.add_metric([*base, kind], value)
         healthy = family.gauge("healthy", "1 while /healthz answers 200, else 0")
         healthy.add_metric(base, 1.0 if ext.health()[0] else 0.0)
         spilled = family.counter(
@@ -371,16 +431,20 @@ class _Collector:
 
     def _proxies(self, family: _Families, stats: dict[str, Any]) -> Iterator[Any]:
         """ProxyMiddleware's pool, when it runs (its per-proxy stats stay out: they name hosts)."""
-        if "ingest/proxy/state/good" not in stats:
+        known = self._extension.known.proxy_bans
+        if known is None:
             return
         base = family.values
         proxies = family.gauge("proxies", "Proxies of the pool, by state", ("state",))
         for state in ("good", "unchecked", "benched"):
             proxies.add_metric([*base, state], stats.get(f"ingest/proxy/state/{state}", 0))
         bans = family.counter("proxy_bans", "Bans and failures seen through proxies", ("reason",))
+        by_reason = dict.fromkeys(known, 0)
         for key, value in stats.items():
             if key.startswith("ingest/proxy/bans/"):
-                bans.add_metric([*base, key[len("ingest/proxy/bans/") :]], value)
+                by_reason[key[len("ingest/proxy/bans/") :]] = value
+        for reason, value in by_reason.items():
+            bans.add_metric([*base, reason], value)
         yield from (proxies, bans)
 
     def _bridge(self, family: _Families, stats: dict[str, Any]) -> Iterator[Any]:
