@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import services  # noqa: E402  (tests/services.py: the site and the throwaway PostgreSQL)
-from _helpers import Crawl, CrawlResult, Database, ingest_replay  # noqa: E402
+from _helpers import Crawl, CrawlResult, ingest_replay, stored_items  # noqa: E402
 
 SCENARIOS = ("no-fault", "restart", "down-middle", "down-whole", "locked")
 
@@ -53,17 +53,8 @@ def crawl_args(site: services.LocalSite, url: str, spill: Path, items: int) -> d
     }
 
 
-def stored(url: str) -> tuple[int, int]:
-    """(rows, distinct ids) of ingest_items."""
-    db = Database(url)
-    if not db.table_exists("ingest_items"):
-        return 0, 0
-    [(rows, distinct)] = db.query("SELECT count(*), count(DISTINCT id) FROM ingest_items")
-    return int(rows), int(distinct)
-
-
 def wait_for_items(url: str, crawl: Crawl) -> None:
-    while crawl.running and stored(url)[0] == 0:
+    while crawl.running and stored_items(url)[0] == 0:
         time.sleep(0.05)
 
 
@@ -136,7 +127,7 @@ def main() -> None:
         stack.callback(site.stop)
         for name in names:
             result, url, spill, took = run(name, server, admin, site, options.items)
-            rows, distinct = stored(url)
+            rows, distinct = stored_items(url)
             left = len(list(spill.rglob("*.batch")))
             stats = result.stats
             reference = reference or took

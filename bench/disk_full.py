@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import services  # noqa: E402  (tests/services.py: the site and the throwaway PostgreSQL)
-from _helpers import Crawl, Database, ingest_replay  # noqa: E402
+from _helpers import Crawl, Database, ingest_replay, stored_items  # noqa: E402
 
 GUARDS = {"off": 0, "default": None}
 
@@ -49,15 +49,6 @@ def tmpfs(path: Path, size: str) -> Any:
     finally:
         if subprocess.run(["umount", str(path)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def stored(url: str) -> tuple[int, int]:
-    """(rows, distinct ids) of ingest_items."""
-    db = Database(url)
-    if not db.table_exists("ingest_items"):
-        return 0, 0
-    [(rows, distinct)] = db.query("SELECT count(*), count(DISTINCT id) FROM ingest_items")
-    return int(rows), int(distinct)
 
 
 def run(
@@ -98,11 +89,11 @@ def run(
                 server.resume()
         finally:
             crawl.kill()
-        before = stored(url)[0]
+        before = stored_items(url)[0]
         replayed = ingest_replay({"INGEST_DATABASE_URL": url, "INGEST_SPILL_DIR": spill}, workdir)
         if replayed.returncode:
             sys.exit(f"scrapy ingest replay failed:\n{replayed.stdout}{replayed.stderr}")
-        rows, distinct = stored(url)
+        rows, distinct = stored_items(url)
     stats = result.stats
     jobs = Database(url).jobs()
     job = jobs[0] if jobs else {}

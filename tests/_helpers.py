@@ -211,6 +211,15 @@ def ingest_command(
     )
 
 
+def stored_items(url: str) -> tuple[int, int]:
+    """(rows, distinct ids) of ingest_items at *url*; (0, 0) before the table exists."""
+    db = Database(url)
+    if not db.table_exists("ingest_items"):
+        return 0, 0
+    [(rows, distinct)] = db.query("SELECT count(*), count(DISTINCT id) FROM ingest_items")
+    return int(rows), int(distinct)
+
+
 def wait_for(
     condition: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = ""
 ) -> Any:
