@@ -32,14 +32,14 @@ RUNS = {
     "redact": (["redact.py", "--rounds", "1", "--number", "200"], "log line"),
     "chaos": (["chaos.py", "--items", "2000", "--scenario", "down-whole"], "down-whole"),
     "locked-table": (
-        ["locked_table.py", "--pages", "200", "--buffer-mib", "4", "--lock-seconds", "3"],
+        ["locked_table.py", "--pages", "1000", "--buffer-mib", "4", "--lock-seconds", "3"],
         "ratio",
     ),
     "distributed": (
         ["distributed.py", "--pages", "60", "--latency-ms", "5", "--rounds", "1"],
         "scaling",
     ),
-    "disk-full": (["disk_full.py", "--pages", "200", "--stop-after", "5"], "ingest_spill_full"),
+    "disk-full": (["disk_full.py", "--pages", "600", "--stop-after", "2"], "ingest_spill_full"),
 }
 
 
