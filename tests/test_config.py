@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from scrapy.settings import Settings
@@ -14,6 +13,9 @@ from scrapy.settings import Settings
 from scrapy_ingest import settings as defaults
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import ConfigError, IngestError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _config(values: dict[str, Any] | None = None) -> IngestConfig:
@@ -268,11 +270,11 @@ def test_bad_metrics_settings_are_named_with_the_fix(name: str, value: Any) -> N
     assert "Fix:" in str(info.value)
 
 
-def test_the_spill_root_when_another_crawl_creates_the_data_dir_at_the_same_moment(
+def test_the_spill_root_is_named_without_creating_the_data_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Scrapy's project_data_dir() checks that .scrapy/ exists, then creates it: two crawls of
-    # one fresh project that start together can both find it missing
+    # Scrapy's data_path() creates .scrapy/ (and two crawls of one fresh project starting together
+    # raced to create it); the journal's directory is made only when a batch is first spilled
     (tmp_path / "scrapy.cfg").write_text("[settings]\ndefault = project.settings\n")
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "__init__.py").write_text("")
@@ -281,17 +283,6 @@ def test_the_spill_root_when_another_crawl_creates_the_data_dir_at_the_same_mome
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SCRAPY_SETTINGS_MODULE", "project.settings")
     data_dir = tmp_path / ".scrapy"
-    exists = Path.exists
-    raced = []
-
-    def exists_but_created_meanwhile(path: Path) -> bool:
-        if path == data_dir and not raced:  # missing when checked; made by the other crawl
-            raced.append(path)
-            data_dir.mkdir()
-            return False
-        return exists(path)
-
-    monkeypatch.setattr(Path, "exists", exists_but_created_meanwhile)
     config = IngestConfig.from_settings(Settings())
     assert config.spill_root() == str(data_dir / "ingest-spill")
-    assert raced == [data_dir]
+    assert not data_dir.exists()
