@@ -163,7 +163,9 @@ def test_the_free_space_guard_closes_the_crawl_before_the_disk_is_full(
     # INGEST_SPILL_MIN_FREE_BYTES at its default, 256 MiB: 4 times the buffer's default, 64 MiB.
     # On this 2 MB disk, the buffer must be smaller than what is left, as the default is on a
     # real disk: what the crawl holds when the guard fires still fits
-    args = disk_full_args(site, url, tmp_path, INGEST_MAX_BUFFER_BYTES=1024 * 1024)
+    args = disk_full_args(
+        site, url, tmp_path, INGEST_MAX_BUFFER_BYTES=1024 * 1024, INGEST_BATCH_BYTES=256 * 1024
+    )
     crawl = Crawl(args, tmp_path / "crawl")
     try:
         stop_when_stored(local, url, crawl)
