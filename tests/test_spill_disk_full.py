@@ -103,6 +103,17 @@ def stop_when_stored(local: services.LocalPostgres, url: str, crawl: Crawl) -> N
     local.pause()
 
 
+def replay_all(url: str, tmp_path: Path) -> tuple[list[Any], dict[str, Any]]:
+    """Run ``scrapy ingest replay`` once the database is back; return the stored item ids (none
+    stored twice) and the crawl's one job row."""
+    answer = replay(url, tmp_path)
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    ids = stored_ids(url)
+    assert len(ids) == len(set(ids)), "an item was stored twice"
+    [job] = Database(url).jobs()
+    return ids, job
+
+
 def lost(result: CrawlResult) -> dict[str, int]:
     return {k: n for k in KINDS if (n := result.stats.get(f"ingest/{k}/lost", 0))}
 
@@ -142,12 +153,8 @@ def test_a_full_disk_with_the_database_down_fails_the_crawl_and_counts_every_row
     assert f"items {lost_rows['items']}" in last_error, last_error
 
     local.resume()
-    answer = replay(url, tmp_path)
-    assert answer.returncode == 0, answer.stdout + answer.stderr
-    ids = stored_ids(url)
-    assert len(ids) == len(set(ids)), "an item was stored twice"
+    ids, job = replay_all(url, tmp_path)
     assert len(ids) + lost_rows["items"] == stats["item_scraped_count"], (len(ids), stats)
-    [job] = Database(url).jobs()
     assert (job["status"], job["close_reason"]) == ("finished", "ingest_spill_failed"), job
     assert job["stats"]["ingest/items/lost"] == lost_rows["items"], job["stats"]
     assert journal_files(small_disk) == []  # no temporary file, no RESERVE
@@ -180,11 +187,8 @@ def test_the_free_space_guard_closes_the_crawl_before_the_disk_is_full(
     assert "INGEST_SPILL_MIN_FREE_BYTES" in result.output
 
     local.resume()
-    answer = replay(url, tmp_path)
-    assert answer.returncode == 0, answer.stdout + answer.stderr
-    ids = stored_ids(url)
-    assert len(ids) == len(set(ids)) == stats["item_scraped_count"], (len(ids), stats)
-    [job] = Database(url).jobs()
+    ids, job = replay_all(url, tmp_path)
+    assert len(ids) == stats["item_scraped_count"], (len(ids), stats)
     assert (job["status"], job["close_reason"]) == ("finished", "ingest_spill_full"), job
     assert journal_files(small_disk) == []
 
@@ -236,11 +240,8 @@ def test_rows_wait_while_neither_takes_them_and_the_crawl_goes_on_when_one_does_
     assert stats["ingest/buffer/pauses"] >= 1, result.describe()  # the engine was held
     assert stats["item_scraped_count"] == 10_000, result.describe()
 
-    answer = replay(url, tmp_path)  # what was spilled, if the crawl did not replay it itself
-    assert answer.returncode == 0, answer.stdout + answer.stderr
-    ids = stored_ids(url)
-    assert len(ids) == len(set(ids)) == stats["item_scraped_count"], (len(ids), stats)
-    [job] = Database(url).jobs()
+    ids, job = replay_all(url, tmp_path)  # what was spilled, if the crawl did not replay it
+    assert len(ids) == stats["item_scraped_count"], (len(ids), stats)
     assert (job["status"], job["close_reason"]) == ("finished", "finished"), job
     assert [name for name in journal_files(small_disk) if name != filler.name] == []
 
