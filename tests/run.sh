@@ -5,7 +5,7 @@
 # Installs what the tests start when it is missing (Debian, as root: PostgreSQL binaries,
 # tinyproxy, redis-server, Chromium for scrapy-playwright), creates/reuses <repo>/.venv,
 # installs the package with its [test] extra, then runs pytest from the repo root.
-# The exit code is pytest's.
+# The exit code is pytest's. SCRAPY_INGEST_SETUP_ONLY=1 stops after the set-up.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,7 +50,7 @@ ensure_postgres_binaries() {
 
 # tinyproxy (a real HTTP proxy with a password) and Chromium (scrapy-playwright's browser;
 # `playwright install` cannot download one here) for the request-log tests; Prometheus and its
-# pushgateway for the metrics tests; MariaDB, unless a server is given through
+# pushgateway for the metrics tests, and Alertmanager for the alerting tests; MariaDB, unless a server is given through
 # SCRAPY_INGEST_TEST_MYSQL_URL; redis-server (the distributed crawl tests), unless a server is
 # given through SCRAPY_INGEST_TEST_REDIS_URL.
 ensure_other_services() {
@@ -62,6 +62,7 @@ ensure_other_services() {
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     command -v prometheus >/dev/null || missing+=(prometheus)
     command -v prometheus-pushgateway >/dev/null || missing+=(prometheus-pushgateway)
+    command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
     if [[ -z "${SCRAPY_INGEST_TEST_REDIS_URL:-}" ]] && ! command -v redis-server >/dev/null \
         && [[ ! -x /usr/bin/redis-server ]]; then
         missing+=(redis-server)
@@ -86,5 +87,9 @@ ensure_venv() {
 ensure_postgres_binaries
 ensure_other_services
 ensure_venv
+# .ci/run sets up every venv first, then runs the suites side by side
+if [[ -n "${SCRAPY_INGEST_SETUP_ONLY:-}" ]]; then
+    exit 0
+fi
 cd "$repo"
 exec "$venv/bin/python" -m pytest "$@"
