@@ -29,6 +29,13 @@ letters per record kind, retries per reason and download errors per exception
 that RetryMiddleware expects (``RETRY_HTTP_CODES``, ``RETRY_EXCEPTIONS``),
 and, when ProxyMiddleware runs, the pool's states and bans per
 ``INGEST_PROXY_BAN_CODES`` status.
+
+``scrapy_ingest_finished`` tells a crawl that ended from one that crashed
+(its target is down either way): it turns 1 once the spider has closed and
+its rows are written or spilled. So that Prometheus sees that 1, a crawl that
+is being scraped regularly keeps serving, at close, until the next scrape
+(at most one and a half of its scrape intervals, and never more than
+``_FINAL_SCRAPE_MAX`` seconds); nobody scraping, no wait.
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
@@ -69,6 +77,8 @@ PREFIX = "scrapy_ingest"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FLUSH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 #: the status classes of responses, exported at 0 until one comes (an error rate is then 0)
+#: seconds a closing crawl waits at most for a last scrape (that sees scrapy_ingest_finished 1)
+_FINAL_SCRAPE_MAX = 60.0
 _STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 #: Scrapy stats that have metrics of their own (the generic bridge leaves them out)
 _COVERED = re.compile(
@@ -156,6 +166,12 @@ class PrometheusExtension:
         self.items_errored = 0
         self.known = _KnownLabels()
         self.port: int | None = None
+        #: set once the spider has closed and its rows are written or spilled
+        self.finished = False
+        #: monotonic times of the last two scrapes of /metrics
+        self._scrapes: list[float] = []
+        #: set when a scrape that saw finished = 1 has been sent
+        self._final_scrape = threading.Event()
         self._server: Any = None
         self._push_loop: Looping | None = None
         self.registry.register(_Collector(self))
@@ -207,15 +223,13 @@ class PrometheusExtension:
             self._push_loop.start(config.metrics_push_interval, now=False)
 
     def _serve(self, host: str, ports: list[int]) -> None:
-        from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
-
         app = _App(self)
         first, last = ports[0], ports[-1]
         error: OSError | None = None
         for port in range(first, last + 1):
             try:
                 server = make_server(
-                    host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler
+                    host, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler
                 )
             except OSError as exc:
                 error = exc
@@ -265,16 +279,37 @@ class PrometheusExtension:
         logger.warning("Could not push metrics to %s: %s", gateway, failure.value)
 
     async def _spider_closed(self) -> None:
-        if self._push_loop is not None:
-            if self._push_loop.running:
-                self._push_loop.stop()
-            # one last push, with the final counts (once every batch is written or spilled),
-            # for short crawls
-            await self._runtime.wait_closed()
+        if self._push_loop is not None and self._push_loop.running:
+            self._push_loop.stop()
+        if self._push_loop is None and self._server is None:
+            return
+        # the final counts: once every batch is written or spilled
+        await self._runtime.wait_closed()
+        self.finished = True
+        if self._push_loop is not None:  # one last push, for short crawls
             await maybe_deferred_to_future(self._push())
         if self._server is not None:
+            wait = self._final_scrape_wait()
+            if wait > 0:
+                await maybe_deferred_to_future(in_thread(self._final_scrape.wait, wait))
             server, self._server = self._server, None
             await maybe_deferred_to_future(in_thread(_shut_down, server))
+
+    # scrapes
+
+    def scraped(self, finished: bool) -> None:
+        """A scrape of /metrics has been sent (*finished*: it said scrapy_ingest_finished 1)."""
+        if finished:
+            self._final_scrape.set()
+        self._scrapes = [*self._scrapes[-1:], time.monotonic()]
+
+    def _final_scrape_wait(self) -> float:
+        """Seconds to wait for the scraper's next visit: none unless it comes regularly."""
+        if len(self._scrapes) < 2:
+            return 0.0
+        before, last = self._scrapes
+        interval = last - before
+        return min(last + 1.5 * interval - time.monotonic(), _FINAL_SCRAPE_MAX)
 
     # health
 
@@ -296,6 +331,20 @@ def _shut_down(server: Any) -> None:
     server.server_close()
 
 
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """A thread per request, as prometheus-client's own server: a slow scrape does not hold
+    the next one. Daemon threads, which the server does not keep to join at close."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Requests are not logged: each scrape would print a line to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 class _App:
     """The WSGI app: ``/healthz`` here, everything else is prometheus-client's ``/metrics``."""
 
@@ -314,8 +363,24 @@ class _App:
             status = "200 OK" if healthy else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json")])
             return [body.encode()]
-        answer: Iterable[bytes] = self._metrics(environ, start_response)
-        return answer
+        finished = self._extension.finished
+        return _Sent(self._metrics(environ, start_response), self._extension, finished)
+
+
+class _Sent:
+    """A /metrics answer that tells the extension once the server has sent it (WSGI calls
+    ``close()`` then)."""
+
+    def __init__(self, body: Iterable[bytes], extension: PrometheusExtension, finished: bool):
+        self._body = body
+        self._extension = extension
+        self._finished = finished
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        self._extension.scraped(self._finished)
 
 
 class _Collector:
@@ -426,7 +491,21 @@ class _Collector:
         replayed.add_metric(base, stats.get("ingest/spill/replayed_batches", 0))
         journal = family.gauge("ingest_spill_bytes", "Bytes in the spill journal, as last seen")
         journal.add_metric(base, stats.get("ingest/spill/bytes", 0))
+        config = runtime.config
+        buffer_max = family.gauge(
+            "ingest_max_buffer_bytes", "INGEST_MAX_BUFFER_BYTES: the bound of buffered bytes"
+        )
+        buffer_max.add_metric(base, config.max_buffer_bytes)
+        spill_max = family.gauge(
+            "ingest_spill_max_bytes", "INGEST_SPILL_MAX_BYTES: the bound of the spill journal"
+        )
+        spill_max.add_metric(base, config.spill_max_bytes)
+        finished = family.gauge(
+            "finished", "1 once the spider has closed and its rows are written or spilled"
+        )
+        finished.add_metric(base, 1.0 if ext.finished else 0.0)
         yield from (rows, failed, flush, buffered, dead, healthy, spilled, replayed, journal)
+        yield from (buffer_max, spill_max, finished)
         yield from self._proxies(family, stats)
 
     def _proxies(self, family: _Families, stats: dict[str, Any]) -> Iterator[Any]:
