@@ -1,10 +1,14 @@
-"""Differences between the Scrapy versions we support (2.13 and later)."""
+"""Differences between the Scrapy versions we support (2.13 and later), and every private name
+of Scrapy, Twisted, scrapy-redis, prometheus_client and scrapyd the package uses, each with the
+versions it holds for; tests/test_compat.py checks them against the installed versions, and
+tests/test_private_names.py that no other module uses one."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import inspect
+import os
 import sys
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
@@ -20,8 +24,11 @@ from twisted.python.failure import Failure
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
+    from scrapy import Request, Spider
     from scrapy.crawler import Crawler
+    from scrapy.pipelines import ItemPipelineManager
     from scrapy.settings import BaseSettings
+    from scrapy.statscollectors import StatsCollector
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -137,6 +144,110 @@ def wake_engine(crawler: Crawler) -> None:
 def _engine_slot(crawler: Crawler) -> Any:
     """The engine's private slot (``inprogress``, ``nextcall``), or None while it has none."""
     return getattr(getattr(crawler, "engine", None), "_slot", None)
+
+
+def drop_last_process_item(manager: ItemPipelineManager) -> bool:
+    """Take the last pipeline's ``process_item`` out of the chain that *manager* (Scrapy's item
+    pipeline manager, or a subclass) runs for each item; return whether the chain still has
+    any.
+
+    Scrapy has no public API for it: the chain is ``MiddlewareManager.methods["process_item"]``
+    (2.13 to 2.19), a deque of the pipelines' ``process_item`` in order, wrapped on 2.13.
+    """
+    chain = manager.methods["process_item"]
+    chain.pop()
+    return bool(chain)
+
+
+def time_downloads(
+    crawler: Crawler,
+    started: Callable[[Request], _T],
+    ended: Callable[[Request, _T, bool], None],
+) -> bool:
+    """Call ``started(request)`` when the downloader hands a request to its download handler
+    (after its wait in the per-domain queue), and ``ended(request, what started returned,
+    failed)`` when the handler is done with it; return False on a Scrapy whose downloader this
+    does not know (nothing is called then).
+
+    Scrapy sends no signal at that moment (``request_reached_downloader`` comes before the
+    queue). So the crawler's own download handlers object (``engine.downloader.handlers``,
+    one per crawler, nothing global) gets the method the downloader calls replaced on the
+    instance: ``download_request_async(request)``, a coroutine (2.14 to 2.19), or
+    ``download_request(request, spider)``, which returns a Deferred (2.13).
+    """
+    engine = crawler.engine
+    handlers = getattr(getattr(engine, "downloader", None), "handlers", None)
+    original_async = getattr(handlers, "download_request_async", None)
+    if original_async is not None and inspect.iscoroutinefunction(original_async):
+
+        async def download_request_async(request: Request, *args: Any, **kwargs: Any) -> Any:
+            token = started(request)
+            try:
+                response = await original_async(request, *args, **kwargs)
+            except BaseException:
+                ended(request, token, True)
+                raise
+            ended(request, token, False)
+            return response
+
+        handlers.download_request_async = download_request_async  # type: ignore[union-attr]
+        return True
+    original = getattr(handlers, "download_request", None)
+    if original is not None:
+
+        def download_request(request: Request, *args: Any, **kwargs: Any) -> Any:
+            token = started(request)
+
+            def done(result: Any) -> Any:
+                ended(request, token, isinstance(result, Failure))
+                return result
+
+            return original(request, *args, **kwargs).addBoth(done)
+
+        handlers.download_request = download_request  # type: ignore[union-attr]
+        return True
+    return False
+
+
+def replace_stats_method(collector: StatsCollector, name: str, method: Callable[..., Any]) -> None:
+    """Make *method* the *name* method (``set_value``, ``inc_value``...) of this one stats
+    collector object.
+
+    Scrapy 2.19's ``StatsCollector.__getattribute__`` (not 2.13's) wraps those methods, to
+    warn about their ``spider`` argument, and keeps each wrapper as the instance attribute
+    ``_cached_<name>``, which it returns before the method itself: a wrapper cached already
+    must be replaced too.
+    """
+    setattr(collector, name, method)
+    cached = f"_cached_{name}"
+    if cached in vars(collector):
+        setattr(collector, cached, method)
+
+
+def encode_queued_request(queue: Any, request: Request) -> bytes | str:
+    """*request* encoded as the scrapy-redis *queue* stores it (bytes, or str with a JSON
+    serializer), by the queue's own ``_encode_request`` (scrapy-redis 0.7 to 0.9.1), which a
+    queue class may override: scrapy-redis has no public API for it."""
+    data: bytes | str = queue._encode_request(request)
+    return data
+
+
+def decode_queued_request(queue: Any, data: bytes | str) -> Request:
+    """The request that the scrapy-redis *queue* stored as *data*, decoded by the queue's own
+    ``_decode_request`` (scrapy-redis 0.7 to 0.9.1): see :func:`encode_queued_request`."""
+    request: Request = queue._decode_request(data)
+    return request
+
+
+def scrapyd_job_id(spider: Spider) -> str | None:
+    """The job id scrapyd gave this crawl, or None when scrapyd did not start it.
+
+    scrapyd has no documented API for it: it passes the id as the ``_job`` spider argument
+    (``-a _job=...``, 1.0 to 1.6), which Scrapy makes a spider attribute; scrapyd 1.3 and
+    older also set ``SCRAPY_JOB`` in the environment.
+    """
+    job = os.environ.get("SCRAPY_JOB") or getattr(spider, "_job", None)
+    return str(job) if job else None
 
 
 def scrapy_command() -> tuple[str, list[str]] | None:

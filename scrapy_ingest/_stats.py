@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from scrapy.utils.python import global_object_name
 
+from scrapy_ingest._compat import replace_stats_method
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -51,12 +53,7 @@ class ProcessStats:
             self._values = {}
             for name in _WRITERS:
                 tee = self._tee(getattr(collector, name), getattr(self, f"_{name}"))
-                setattr(collector, name, tee)
-                # newer Scrapy keeps its own wrapper of each method as _cached_<name>, which
-                # attribute lookups return first
-                cached = f"_cached_{name}"
-                if cached in vars(collector):
-                    setattr(collector, cached, tee)
+                replace_stats_method(collector, name, tee)
 
     @property
     def shared(self) -> bool:

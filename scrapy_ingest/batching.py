@@ -5,7 +5,7 @@ only appends rows to a list; a batch leaves when it reaches
 ``INGEST_BATCH_ROWS`` rows or ``INGEST_BATCH_BYTES`` bytes, when it is older
 than ``INGEST_FLUSH_INTERVAL``, or at close, to the backend's host (writer
 threads or a writer process, see :mod:`scrapy_ingest.hosting`); see
-:func:`scrapy_ingest.backends.base.store_batch` for retries and for how a
+:func:`scrapy_ingest.backends._retry.store_batch` for retries and for how a
 batch with one bad record is split so that the others are stored.
 
 A :class:`BufferBudget` is shared by all writers of a crawler: while the bytes
@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, 
 from twisted.python.failure import Failure
 
 from scrapy_ingest._compat import call_later
-from scrapy_ingest.backends.base import Batch, WriteOutcome
+from scrapy_ingest._shapes import Batch, WriteOutcome
 from scrapy_ingest.exceptions import NotKept
 from scrapy_ingest.hosting import run_in_thread
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from scrapy_ingest._compat import Cancellable
-    from scrapy_ingest.backends.base import Row
+    from scrapy_ingest._shapes import Row
     from scrapy_ingest.hosting import Host
     from scrapy_ingest.schema import TableSpec
     from scrapy_ingest.spill import SpillJournal

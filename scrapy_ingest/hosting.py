@@ -12,10 +12,12 @@ every method returns a Deferred that fires on the reactor thread.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import pickle
+import selectors
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -43,9 +45,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from concurrent.futures import Future
 
+    from scrapy_ingest._shapes import OpenOutcome, ReplayOutcome
     from scrapy_ingest.backends import Batch, LocalHost, WriteOutcome
     from scrapy_ingest.schema import TableSpec
-    from scrapy_ingest.spill import OpenOutcome, ReplayOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +210,11 @@ class ProcessHost:
     batch over itself, in a few hundred microseconds: it pickles the rows
     (small tuples; the JSON stays one buffer) into a file in a private
     directory (in ``/dev/shm`` where there is one, so nothing waits for a
-    disk), and writes a short request to the child's stdin. One thread in
-    this process only waits for answers and passes them to the reactor.
+    disk), and writes a short request to the child's stdin, without waiting:
+    while the child is busy (a lock, an outage) and its stdin is full, the
+    requests wait in a queue that a thread writes out as the child reads
+    (:class:`_Feed`). One thread in this process only waits for answers and
+    passes them to the reactor.
 
     Once its file is written, the batch is not kept in this process: the
     file is the batch until the child has answered for it (the child removes
@@ -246,6 +251,9 @@ class ProcessHost:
             spill_min_free,
         )
         self._process: subprocess.Popen[bytes] | None = None
+        #: writes requests to the process's stdin
+        self._feed: _Feed | None = None
+        #: requests not answered yet, sent or still queued in the feed, in order
         self._pending: deque[_Request] = deque()
         self._dir: Path | None = None
         self._sequence = itertools.count()
@@ -285,6 +293,8 @@ class ProcessHost:
             start_new_session=True,
         )
         self._process = process
+        assert process.stdin is not None
+        self._feed = _Feed(process.stdin)
         threading.Thread(
             target=self._read_answers,
             args=(process, thread_caller()),
@@ -311,8 +321,9 @@ class ProcessHost:
 
     def _stop_process(self) -> subprocess.Popen[bytes] | None:
         process, self._process = self._process, None
-        if process is not None and process.stdin is not None:
-            process.stdin.close()
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.close()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -357,13 +368,10 @@ class ProcessHost:
         return request.deferred
 
     def _send(self, request: _Request) -> None:
-        process = self._process
-        assert process is not None and process.stdin is not None
-        try:
-            process.stdin.write(frame((request.operation, request.args)))
-            process.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # the answer reader sees the end of the stream and restarts the writer
+        assert self._feed is not None
+        # a write that fails (the writer died) is dropped: the answer reader sees the end of
+        # the stream and starts the writer again, which is sent every unanswered request
+        self._feed.send(frame((request.operation, request.args)))
 
     # answers
 
@@ -398,6 +406,9 @@ class ProcessHost:
         if process is not self._process or (self._closing and not self._pending):
             return
         code = process.poll()
+        if self._feed is not None:
+            self._feed.abandon()  # what is queued for the dead writer goes to the next one
+            self._feed = None
         if self._restarts >= _MAX_RESTARTS or self._closing:
             error = WriterProcessDied(
                 f"the writer process for {self.url} exited (code {code}) "
@@ -425,6 +436,118 @@ class ProcessHost:
         for request in pending:
             self._pending.append(request)
             self._send(request)
+
+
+class _Feed:
+    """Write requests to a writer process's stdin without ever blocking the crawl's thread.
+
+    The writer reads a request only once it has answered the one before, so while it waits
+    (for a lock, or for a database that is down, up to ``INGEST_RETRY_TIMEOUT``) its stdin, a
+    pipe of 64 KiB (about 90 store requests), fills. The crawl's thread writes a request
+    itself while the pipe has room: one non-blocking write, what the blocking one it replaces
+    cost. What the pipe does not take waits here, in order, and a thread of the feed's own,
+    started the first time, writes it as the writer reads. The queue needs no bound of its
+    own: each store request in it names a batch whose rows count against the buffer budget
+    until the batch is answered (see :class:`~scrapy_ingest.batching.BufferBudget`), so a
+    full budget stops it growing; the other requests are a few per crawl and per heartbeat.
+    """
+
+    def __init__(self, stdin: IO[bytes]) -> None:
+        self._stdin = stdin
+        self._fd = stdin.fileno()
+        os.set_blocking(self._fd, False)
+        self._lock = threading.Lock()
+        self._more = threading.Condition(self._lock)
+        #: what the pipe has not taken yet, in order (the first one maybe in part)
+        self._backlog: deque[bytes | memoryview] = deque()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        #: the writer is gone: nothing more is written
+        self._broken = False
+
+    def send(self, data: bytes) -> None:
+        """Write *data* to the pipe, or queue it if the pipe is full (crawl's thread)."""
+        with self._lock:
+            if self._broken or self._closing:
+                return
+            if not self._backlog:
+                written = self._write(data)
+                if written == len(data) or self._broken:
+                    return
+                self._backlog.append(memoryview(data)[written:])
+            else:
+                self._backlog.append(data)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._drain, name="scrapy_ingest_feed", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._more.notify()
+
+    def close(self) -> None:
+        """Close the pipe once all that is queued is written: the writer exits at its end."""
+        with self._lock:
+            self._closing = True
+            if self._thread is not None:
+                self._more.notify()
+                return  # the thread closes it
+        self._close_pipe()
+
+    def abandon(self) -> None:
+        """The writer is gone: drop what is queued and close the pipe."""
+        with self._lock:
+            self._broken = True
+            self._backlog.clear()
+            if self._thread is not None:
+                self._more.notify()
+                return
+        self._close_pipe()
+
+    def _write(self, data: bytes | memoryview) -> int:
+        """Write what the pipe takes of *data* now; how much it took (the lock is held)."""
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:  # the writer is gone: its answer reader sees it and acts
+            self._broken = True
+            self._backlog.clear()
+            return 0
+
+    def _write_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog:
+            chunk = backlog[0]
+            written = self._write(chunk)
+            if self._broken:
+                return
+            if written < len(chunk):
+                backlog[0] = memoryview(chunk)[written:]
+                return
+            backlog.popleft()
+
+    def _drain(self) -> None:
+        """Thread: write the backlog as the writer reads; close the pipe when done."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._fd, selectors.EVENT_WRITE)
+            while True:
+                with self._lock:
+                    while not (self._backlog or self._closing or self._broken):
+                        self._more.wait()
+                    self._write_backlog()
+                    if self._broken or not self._backlog:
+                        if self._broken or self._closing:
+                            break
+                        continue
+                # until the pipe has room, or the writer is gone (then the write fails); the
+                # timeout only bounds how long an abandoned feed's thread lingers
+                selector.select(1.0)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        with contextlib.suppress(OSError):  # the writer is gone
+            self._stdin.close()
 
 
 def _rebuild(name: str, text: str) -> Exception:

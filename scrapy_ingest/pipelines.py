@@ -33,7 +33,7 @@ from scrapy.exceptions import DropItem
 from scrapy.pipelines import ItemPipelineManager
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 
-from scrapy_ingest._compat import ITEM_PROCESSOR_IS_ASYNC, pipeline_hook
+from scrapy_ingest._compat import ITEM_PROCESSOR_IS_ASYNC, drop_last_process_item, pipeline_hook
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.exceptions import IngestError, NotKept
@@ -349,17 +349,19 @@ class IngestItemProcessor(ItemPipelineManager):
     def __init__(self, *middlewares: Any, **kwargs: Any) -> None:
         super().__init__(*middlewares, **kwargs)
         self._capture: Callable[[Any], Awaitable[None] | None] | None = None
+        #: whether Scrapy's chain of process_item methods has any left to run
+        self._chain = True
         last = next((mw for mw in reversed(middlewares) if hasattr(mw, "process_item")), None)
         # not isinstance() alone: a subclass's own process_item must be called
         if (
             isinstance(last, IngestPipeline)
             and getattr(last.process_item, "__func__", None) is IngestPipeline.process_item
         ):
-            self.methods["process_item"].pop()
+            self._chain = drop_last_process_item(self)
             self._capture = last.capture
 
     async def process_item_async(self, item: Any) -> Any:
-        if self.methods["process_item"]:
+        if self._chain:
             item = await super().process_item_async(item)
         capture = self._capture
         if capture is not None:

@@ -60,7 +60,7 @@ class Checked(NamedTuple):
     data: bytes
     key: str | None = None
     #: for a keyed item, the INGEST_HASH_EXCLUDE fields it has: its ``content_hash`` column
-    #: holds them until the writer computes the hash (``backends.base.split_keyed``); None
+    #: holds them until the writer computes the hash (``backends._upsert.split_keyed``); None
     #: for an item without a key
     content_hash: tuple[str, ...] | None = None
     #: the validation errors as JSON (INGEST_VALIDATION = "warn"), or None
@@ -180,7 +180,7 @@ class ItemChecks:
             return Checked(self._encode(data), errors=errors)
         key = checks.key(data)
         # the hash itself is computed where the batch is written, off the reactor thread
-        # (backends.base.content_hash); the row carries the fields it leaves out
+        # (backends._upsert.content_hash); the row carries the fields it leaves out
         leave_out = self._leave_out(data) if self._exclude else ()
         return Checked(self._encode(data, sort_keys=True), key, leave_out, errors)
 

@@ -43,10 +43,14 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from scrapy.utils.misc import build_from_crawler, load_object
+
 from scrapy_ingest.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from scrapy.crawler import Crawler
 
 #: the record kinds a route can name
 ROUTED_KINDS = ("items", "requests", "logs", "jobs")
@@ -229,3 +233,23 @@ class Router:
         if url == self.default.url:
             sources.insert(0, "INGEST_DATABASE_URL")
         return ", ".join(sources) or "INGEST_ROUTER"
+
+
+def custom_router(path: Any, crawler: Crawler) -> Any:
+    """The ``INGEST_ROUTER`` of *crawler* (an import path or a class), built; None if unset."""
+    if path is None:
+        return None
+    try:
+        cls = load_object(path) if isinstance(path, str) else path
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"INGEST_ROUTER ({path!r}) is invalid: it cannot be imported ({exc}). Fix: give "
+            "the import path of a class with a route(kind, record) method."
+        ) from None
+    router = build_from_crawler(cls, crawler) if hasattr(cls, "from_crawler") else cls()
+    if not callable(getattr(router, "route", None)):
+        raise ConfigError(
+            f"INGEST_ROUTER ({path!r}) is invalid: it has no route(kind, record) method. "
+            "Fix: give it one that returns a scrapy_ingest.router.Route or None."
+        )
+    return router

@@ -55,6 +55,8 @@ from scrapy_redis.scheduler import Scheduler
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._compat import (
     Looping,
+    decode_queued_request,
+    encode_queued_request,
     in_thread,
     looping_call,
     requests_in_progress,
@@ -227,7 +229,7 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         data = self._pop(keys=keys, args=args)
         if data is None:
             return None
-        request: Request = self.queue._decode_request(data)
+        request = decode_queued_request(self.queue, data)
         self._leases[request] = lease
         if self.stats:
             self.stats.inc_value("scheduler/dequeued/redis")
@@ -317,7 +319,7 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         lease = str(next(self._lease_ids))
         # put back where a pop finds it next, as a popped request (see _POP_SORTED)
         how = f"z{-request.priority}" if self._pop_how == "z" else self._pop_how
-        data = self.queue._encode_request(request)  # bytes, or str with a JSON serializer
+        data = encode_queued_request(self.queue, request)
         entry = how.encode() + b"\n" + (data.encode() if isinstance(data, str) else data)
         keys = [self._lease_key(self.worker), self._key("leased")]
         self._hold_script(keys=keys, args=[lease, entry])

@@ -4,9 +4,9 @@ Column kinds are logical: each backend maps them to its own types (see
 ``docs/tables.md``). Rows travel from capture to backend as tuples in column
 order, with ``uuid``/``text`` as ``str``, ``timestamp`` as epoch seconds
 (``float``), ``json`` as UTF-8 JSON ``bytes`` (``str`` for a backend whose ``json_as_text``
-is set, see ``backends.base.Batch.rows``) and ``int``/``float``/``bool`` as such;
+is set, see ``_shapes.Batch.rows``) and ``int``/``float``/``bool`` as such;
 the ``content_hash`` of a keyed item is a tuple (the fields its hash leaves out) until
-``backends.base.split_keyed`` computes it, where the batch is written.
+``backends._upsert.split_keyed`` computes it, where the batch is written.
 
 Schema versions (``SCHEMA_VERSION``), each applied by the backends under
 their creation lock: 1, the first tables; 2, the ``requests`` and ``logs``

@@ -49,16 +49,16 @@ import os
 import pickle
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scrapy_ingest._redact import redact_url
+from scrapy_ingest._shapes import ReplayOutcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
 
-    from scrapy_ingest.backends.base import Row, WriteOutcome
+    from scrapy_ingest._shapes import Row, WriteOutcome
     from scrapy_ingest.schema import TableSpec
 
 logger = logging.getLogger(__name__)
@@ -109,41 +109,6 @@ def journal_dir(root: str | os.PathLike[str], url: str) -> Path:
     and the replay run after the fix share it."""
     digest = hashlib.sha256(database_identity(url).encode()).hexdigest()[:16]
     return Path(root) / digest
-
-
-@dataclass
-class OpenOutcome:
-    """What opening a host found: what it replayed, and why the database is unavailable if it
-    is (the host spills until it answers)."""
-
-    replayed: ReplayOutcome | None = None
-    unavailable: str | None = None
-    journal: str | None = None
-
-
-@dataclass
-class ReplayOutcome:
-    batches: int = 0
-    rows: int = 0
-    #: rows (and job rows) the database refused for their content, put in its dead-letter table
-    dead_lettered: int = 0
-    #: rows refused for their content that the dead-letter table refused too (or that have no
-    #: dead-letter table): kept in ``refused-*`` files beside the journal
-    kept: int = 0
-    #: why rows were set aside (dead-lettered or kept): reason -> rows
-    reasons: dict[str, int] = field(default_factory=dict)
-    #: batch and job files left in the journal, because the database failed again
-    left: int = 0
-    #: the replay stopped at a job row or batch the database did not take
-    failed: bool = False
-    #: the database refuses the replay (a permanent failure, not the content of a row): the
-    #: cause and the fix; the batches wait until it is fixed
-    refused: str = ""
-
-    @property
-    def set_aside(self) -> int:
-        """Rows refused for their content: dead-lettered, or kept in ``refused-*`` files."""
-        return self.dead_lettered + self.kept
 
 
 class SpillJournal:

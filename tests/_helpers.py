@@ -264,6 +264,11 @@ def item_row(*values: Any, **more: Any) -> tuple[Any, ...]:
     return tuple(given.get(name) for name in table_spec("items", "").column_names)
 
 
+class NoTable(AssertionError):
+    """A test counted (or read) the rows of a table that was never created: "no rows" and
+    "no table" are different answers, and an absence check must say which it means."""
+
+
 class Database:
     """Read (and prepare) the database a crawl writes to, from the test process."""
 
@@ -377,8 +382,12 @@ class Database:
         )
 
     def count(self, table: str, where: str = "TRUE", params: tuple[Any, ...] = ()) -> int:
+        """The rows of *table* (that match *where*). Raises :class:`NoTable` when the table
+        does not exist, so that ``count(...) == 0`` means "created, and empty": a test that
+        means "never created" says so with :meth:`table_exists`, and one that waits for rows
+        checks :meth:`table_exists` first."""
         if not self.table_exists(table):
-            return 0
+            raise NoTable(f"{table} does not exist in {self.kind}: no rows to count")
         return int(self.query(f"SELECT count(*) FROM {table} WHERE {where}", params)[0][0])
 
     def items(self, where: str = "TRUE", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -465,10 +474,12 @@ class Database:
         return self.query("SELECT * FROM ingest_jobs ORDER BY job_id")
 
     def dead_letters(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The rows of ingest_dead_letters (of *kind*); raises :class:`NoTable` when there is
+        no such table (see :meth:`count`)."""
         names = ("id", "job_id", "kind", "reason", "payload", "created_at")
         where, params = ("kind = %s", (kind,)) if kind else ("TRUE", ())
         if not self.table_exists("ingest_dead_letters"):
-            return []
+            raise NoTable("ingest_dead_letters does not exist: no dead letters to read")
         rows = self.query(
             f"SELECT {', '.join(names)} FROM ingest_dead_letters WHERE {where}", params
         )

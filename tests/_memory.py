@@ -293,7 +293,7 @@ def run_locked_table(
     sampler = MemorySampler(crawl.process.pid).start()
     try:
         deadline = time.monotonic() + 60
-        while database.count("ingest_items") == 0:
+        while not (database.table_exists("ingest_items") and database.count("ingest_items")):
             if not crawl.running or time.monotonic() > deadline:
                 raise AssertionError(f"no item stored: {crawl.wait(10).describe()}")
             time.sleep(0.05)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -76,6 +77,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
     if not is_reactor_installed():
         install_reactor("twisted.internet.asyncioreactor.AsyncioSelectorReactor")
+
+
+@pytest.fixture(autouse=True)
+def _machine_to_itself(request: pytest.FixtureRequest) -> Iterator[None]:
+    """With ``SCRAPY_INGEST_SUITE_LOCK`` (a file; .ci/run runs two suites side by side), a test
+    marked ``exclusive`` (it measures time, memory or gaps) runs while no test of the other suite
+    does: it holds the file's lock exclusively, every other test holds it shared."""
+    path = os.environ.get("SCRAPY_INGEST_SUITE_LOCK")
+    if not path:
+        yield
+        return
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -551,7 +551,7 @@ def test_rows_are_visible_before_the_crawl_ends(
     try:
         visible = 0
         while crawl.running:
-            visible = db.count("ingest_items")
+            visible = db.table_exists("ingest_items") and db.count("ingest_items")
             if visible:
                 break
             time.sleep(0.05)

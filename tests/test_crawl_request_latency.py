@@ -73,6 +73,7 @@ def _crawl(
     return by_url, json.loads(record.read_text(encoding="utf-8"))
 
 
+@pytest.mark.exclusive
 def test_latency_is_scrapys_download_latency_without_the_queue_wait(
     site: LocalSite, tmp_path: Path
 ) -> None:
@@ -98,6 +99,7 @@ def test_latency_is_scrapys_download_latency_without_the_queue_wait(
     assert waited >= (QUEUED - 1) * DELAY * 0.5, starts
 
 
+@pytest.mark.exclusive
 def test_latency_without_a_download_latency_of_its_own_is_the_handlers_time(
     site: LocalSite, tmp_path: Path
 ) -> None:

@@ -80,6 +80,7 @@ def _by_path(requests: list[dict[str, Any]], base_url: str) -> dict[str, list[di
     return rows
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("reactor", ["asyncio", "default"])
 def test_each_download_attempt_is_one_row_and_the_logs_are_stored(
     site: LocalSite, db: Database, tmp_path: Path, reactor: str

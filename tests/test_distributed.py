@@ -390,6 +390,7 @@ def test_live_workers_mark_a_killed_worker_crashed(
     assert db.count("ingest_items") == 500
 
 
+@pytest.mark.exclusive
 @pytest.mark.crawl
 @pytest.mark.slow
 def test_a_worker_killed_while_it_holds_retries_loses_none(

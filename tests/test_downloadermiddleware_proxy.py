@@ -350,6 +350,7 @@ def test_a_stopped_proxy_is_benched_then_reanimated_once_it_is_back(
     assert "direct" not in via(site)
 
 
+@pytest.mark.exclusive
 @pytest.mark.crawl
 def test_when_every_proxy_is_down_the_spider_closes_and_nothing_goes_direct(
     site: LocalSite, tmp_path: Path
@@ -374,6 +375,7 @@ def test_when_every_proxy_is_down_the_spider_closes_and_nothing_goes_direct(
     assert "INGEST_PROXY_ALL_DEAD_TIMEOUT" in result["log"]
 
 
+@pytest.mark.exclusive
 @pytest.mark.crawl
 def test_robots_txt_waits_for_a_benched_proxy_without_spinning(
     site: LocalSite, proxies: list[Proxy], tmp_path: Path
@@ -432,6 +434,7 @@ def retried_rows(workdir: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, 
         return rows, db.execute(query).fetchall()
 
 
+@pytest.mark.exclusive
 @pytest.mark.crawl
 def test_a_rate_limit_is_waited_out_by_the_retry_middleware_and_benches_no_proxy(
     site: LocalSite, proxies: list[Proxy], tmp_path: Path
@@ -469,6 +472,7 @@ def test_a_rate_limit_is_waited_out_by_the_retry_middleware_and_benches_no_proxy
     assert [(r[0], r[1], r[2]) for r in retried] == [(url, 0, "429"), (url, 1, "200")]
 
 
+@pytest.mark.exclusive
 @pytest.mark.crawl
 def test_without_the_retry_middleware_the_proxy_middleware_waits_out_a_rate_limit(
     site: LocalSite, proxies: list[Proxy], tmp_path: Path
@@ -711,3 +715,35 @@ def test_a_playwright_request_gets_a_context_per_proxy_with_the_options_of_its_o
     retry = request.copy()
     assert middleware.process_request(retry) is None
     assert retry.meta["playwright_context"] == "mobile@ingest-proxy-1"
+
+
+def test_a_retry_through_another_proxy_carries_that_proxys_credentials_only() -> None:
+    import base64
+    import inspect
+
+    from scrapy import Request, Spider
+    from scrapy.downloadermiddlewares.httpproxy import HttpProxyMiddleware
+
+    urls = [URLS[0], "http://10.0.0.9:3128", URLS[2]]  # the second one without credentials
+    crawler = get_crawler(settings_dict={"INGEST_PROXY_LIST": urls})
+    ours = ProxyMiddleware.from_crawler(crawler)
+    scrapys = HttpProxyMiddleware.from_crawler(crawler)
+    # Scrapy 2.13 wants the spider; later versions warn about it
+    default = inspect.signature(scrapys.process_request).parameters["spider"].default
+    spider_args = () if default is None else (Spider("s"),)
+
+    def send(request: Request) -> tuple[str, bytes | None]:
+        assert ours.process_request(request) is None
+        assert scrapys.process_request(request, *spider_args) is None
+        return request.meta["proxy"], request.headers.get(b"Proxy-Authorization")
+
+    def basic(credentials: str) -> bytes:
+        return b"Basic " + base64.b64encode(credentials.encode())
+
+    request = Request("https://example.com/")
+    assert send(request) == ("http://10.0.0.0:3128", basic("u:pw0"))
+    retry = request.copy()  # a retry or a redirect copies the meta and the headers
+    assert send(retry) == ("http://10.0.0.9:3128", None)
+    again = retry.copy()
+    assert send(again) == ("http://10.0.0.2:3128", basic("u:pw2"))
+    assert send(again.copy()) == ("http://10.0.0.0:3128", basic("u:pw0"))

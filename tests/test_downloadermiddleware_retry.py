@@ -558,6 +558,7 @@ def test_retry_after_as_an_http_date(site: LocalSite, tmp_path: Path) -> None:
     assert result["seen"] == [[url, 200]]
 
 
+@pytest.mark.exclusive
 def test_backoff_between_attempts_and_scrapys_stats(site: LocalSite, tmp_path: Path) -> None:
     """Four attempts (RETRY_TIMES = 3) at a failing URL: the gap before retry n is within
     [0, base * 2 ** (n - 1)] plus the crawl's own latency, the waits the stats count are
@@ -620,6 +621,7 @@ def test_get_downloader_middleware_finds_it(site: LocalSite, tmp_path: Path) -> 
     assert "ingest/retry/delayed" not in stats
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("reactor", [ASYNCIO_REACTOR, SELECT_REACTOR])
 def test_robots_txt_retry_after_waits_without_spinning(
     site: LocalSite, tmp_path: Path, reactor: str

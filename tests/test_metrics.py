@@ -207,6 +207,36 @@ def test_counters_with_known_labels_are_at_zero_before_the_first_event(
     assert "scrapy_ingest_proxies" not in text  # no proxy, no proxy metrics
 
 
+def test_a_finished_crawl_tells_its_last_scrape(
+    site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    """scrapy_ingest_finished is 0 while the crawl runs and 1 in the last scrape, which a crawl
+    scraped regularly waits for at close: an alert tells a finished crawl from a crashed one
+    (docs/alerting.md). The bounds of the buffer and of the spill journal are served too."""
+    crawl = _slow_crawl(
+        site, sqlite_url, tmp_path, pages=10, INGEST_MAX_BUFFER_BYTES=32 * 1024 * 1024
+    )
+    scrapes: list[str] = []
+    try:
+        metrics = f"http://127.0.0.1:{_port(crawl)}/metrics"
+        while True:  # a scraper every second, as Prometheus with scrape_interval: 1s
+            try:
+                scrapes.append(_get(metrics)[2])
+            except OSError:  # the crawl no longer serves
+                break
+            time.sleep(1)
+        result = crawl.wait()
+    finally:
+        crawl.kill()
+    result.assert_clean()
+    assert len(scrapes) >= 2, scrapes
+    assert _value(scrapes[0], "scrapy_ingest_finished") == 0, scrapes[0]
+    assert _value(scrapes[-1], "scrapy_ingest_finished") == 1, scrapes[-1]
+    assert _value(scrapes[-1], "scrapy_ingest_items_scraped_total") == 30  # the final counts
+    assert _value(scrapes[0], "scrapy_ingest_ingest_max_buffer_bytes") == 32 * 1024 * 1024
+    assert _value(scrapes[0], "scrapy_ingest_ingest_spill_max_bytes") == 5 * 1024**3
+
+
 def test_health_goes_unhealthy_when_postgresql_stops(site: LocalSite, tmp_path: Path) -> None:
     bindir = services.find_pg_bindir()
     if bindir is None:
@@ -360,6 +390,7 @@ def test_metrics_are_pushed_to_a_real_pushgateway(
     # the last push, at close, holds the final count
     value = _value(text, "scrapy_ingest_items_scraped_total")
     assert value == result.stats["item_scraped_count"] == 90
+    assert _value(text, "scrapy_ingest_finished") == 1
     assert 'job="scrapy_ingest"' in text
 
 

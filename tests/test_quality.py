@@ -15,7 +15,7 @@ import orjson
 import pytest
 from _helpers import Crawl, CrawlResult, Database, run_crawl
 
-from scrapy_ingest.backends.base import StoredItem, content_hash, plan_upsert
+from scrapy_ingest.backends._upsert import StoredItem, content_hash, plan_upsert
 from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import ConfigError
 from scrapy_ingest.quality import ItemChecks, key_text

@@ -6,14 +6,9 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from scrapy_ingest._redact import redact_url
-from scrapy_ingest.backends.base import (
-    Backend,
-    Batch,
-    Failure,
-    LocalHost,
-    Row,
-    WriteOutcome,
-)
+from scrapy_ingest._shapes import Batch, Row, WriteOutcome
+from scrapy_ingest.backends._local import LocalHost
+from scrapy_ingest.backends.base import Backend, Failure
 from scrapy_ingest.exceptions import ConfigError
 from scrapy_ingest.spill import SpillJournal
 

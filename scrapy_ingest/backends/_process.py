@@ -24,10 +24,10 @@ import threading
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from scrapy_ingest.backends.base import Batch
+from scrapy_ingest._shapes import Batch
 
 if TYPE_CHECKING:
-    from scrapy_ingest.backends.base import LocalHost
+    from scrapy_ingest.backends._local import LocalHost
 
 HEADER = struct.Struct(">I")
 

@@ -35,7 +35,7 @@ sorting key (``FINAL``, or a merge) should a duplicate slip through.
 
 Keyed items. ClickHouse cannot update a row in place, so a batch of keyed
 items reads the current rows of its keys (``FINAL``), decides with
-:func:`~scrapy_ingest.backends.base.plan_upsert`, and inserts: the previous
+:func:`~scrapy_ingest.backends._upsert.plan_upsert`, and inserts: the previous
 versions of changed items into the history table first, then into the items
 table, in one ``INSERT``, the rows of new keys (version 1), the next version
 of changed items, and the current row of unchanged ones again with its new
@@ -82,19 +82,16 @@ from clickhouse_connect.driver import exceptions as ch_errors
 
 from scrapy_ingest._ids import format_uuid
 from scrapy_ingest._redact import redact_secrets_of, redact_url
+from scrapy_ingest.backends._upsert import StoredItem, plan_upsert, split_keyed
 from scrapy_ingest.backends.base import (
     PRUNED_JOB_STATUSES,
     Failure,
-    Row,
-    StoredItem,
     conversions_by_kind,
     is_same_job,
     log_migration,
     needs_migration,
-    plan_upsert,
     retention_columns,
     safe_text,
-    split_keyed,
 )
 from scrapy_ingest.exceptions import BackendRefused, BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
@@ -105,6 +102,7 @@ if TYPE_CHECKING:
     from clickhouse_connect.datatypes.base import ClickHouseType
     from clickhouse_connect.driver.client import Client
 
+    from scrapy_ingest._shapes import Row
     from scrapy_ingest.schema import Column, ColumnKind, TableSpec
 
 logger = logging.getLogger(__name__)

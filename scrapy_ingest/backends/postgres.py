@@ -28,20 +28,17 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from scrapy_ingest._redact import redact_secrets_of, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
+from scrapy_ingest.backends._upsert import StoredItem, plan_upsert, split_keyed
 from scrapy_ingest.backends.base import (
     PRUNED_JOB_STATUSES,
     Failure,
-    Row,
-    StoredItem,
     conversions_by_kind,
     describe_error,
     is_same_job,
     log_migration,
     needs_migration,
-    plan_upsert,
     retention_columns,
     safe_text,
-    split_keyed,
 )
 from scrapy_ingest.exceptions import BackendRefused, BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION
@@ -49,6 +46,7 @@ from scrapy_ingest.schema import SCHEMA_VERSION
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
 
+    from scrapy_ingest._shapes import Row
     from scrapy_ingest.schema import ColumnKind, TableSpec
 
 logger = logging.getLogger(__name__)

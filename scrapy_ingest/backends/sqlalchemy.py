@@ -13,7 +13,7 @@ twice stores its rows once. JSON is stored as text (``json_extract`` reads
 it); timestamps as ISO 8601 text in UTC, which SQLite's date functions read.
 
 Keyed items (``INGEST_ITEM_KEYS``) are upserted in the transaction of their
-batch, as :func:`~scrapy_ingest.backends.base.plan_upsert` says: the current
+batch, as :func:`~scrapy_ingest.backends._upsert.plan_upsert` says: the current
 rows of the batch's keys are read (``SELECT ... FOR UPDATE`` in key order on
 MySQL; SQLite's ``BEGIN IMMEDIATE`` transactions run one at a time anyway), new
 keys are inserted, replaced versions copied to the history table, changed rows
@@ -57,20 +57,17 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from scrapy_ingest._ids import format_uuid
 from scrapy_ingest._redact import redact_text, redact_url
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
+from scrapy_ingest.backends._retry import add_changes
+from scrapy_ingest.backends._upsert import StoredItem, plan_upsert, split_keyed
 from scrapy_ingest.backends.base import (
     PRUNED_JOB_STATUSES,
     Failure,
-    Row,
-    StoredItem,
-    add_changes,
     describe_error,
     is_same_job,
     log_migration,
     needs_migration,
-    plan_upsert,
     retention_columns,
     safe_text,
-    split_keyed,
 )
 from scrapy_ingest.exceptions import BackendRefused, BackendUnavailable, SchemaError
 from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
@@ -78,6 +75,7 @@ from scrapy_ingest.schema import SCHEMA_VERSION, TABLE_KINDS, table_spec
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
 
+    from scrapy_ingest._shapes import Row
     from scrapy_ingest.schema import ColumnKind, TableSpec
 
 logger = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ if TYPE_CHECKING:
     import argparse
     from pathlib import Path
 
-    from scrapy_ingest.backends.base import LocalHost
+    from scrapy_ingest._shapes import OpenOutcome, ReplayOutcome
+    from scrapy_ingest.backends._local import LocalHost
     from scrapy_ingest.commands._common import Context, Database
     from scrapy_ingest.config import IngestConfig
-    from scrapy_ingest.spill import OpenOutcome, ReplayOutcome
 
 HELP = "write the batches waiting in the spill journal into their databases"
 DESCRIPTION = """\

@@ -67,7 +67,7 @@ from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler, load_object
 from scrapy.utils.response import response_status_message
 from twisted.internet.error import ConnectError, ConnectionLost
-from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.client import ResponseNeverReceived
 
 from scrapy_ingest._compat import (
     DOWNLOAD_CONNECTION_ERRORS,
@@ -111,7 +111,10 @@ _PROXY_FAILURES = (
 )
 #: what Chromium says when the proxy, not the site, failed
 _BROWSER_PROXY_ERRORS = ("ERR_PROXY", "ERR_TUNNEL_CONNECTION_FAILED", "ERR_NO_SUPPORTED_PROXIES")
-_META_KEYS = ("proxy", "_auth_proxy", "_ingest_proxy")
+#: what a copy keeps of the proxy it was sent through. HttpProxyMiddleware's own record of the
+#: proxy whose credentials are in the header it set, which it compares with meta["proxy"], is
+#: left to it: with the header gone, it sets the new proxy's, or none
+_META_KEYS = ("proxy", "_ingest_proxy")
 #: statuses that, with a valid Retry-After, are the site's rate limit rather than a ban
 RATE_LIMIT_CODES = frozenset({429, 503})
 

@@ -52,7 +52,6 @@ Stats: ``ingest/requests/queued``, ``ingest/requests/stored``,
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -61,8 +60,8 @@ import orjson
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.httpobj import urlparse_cached
-from twisted.python.failure import Failure
 
+from scrapy_ingest._compat import time_downloads
 from scrapy_ingest._redact import REDACTED, redact_text
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.runtime import ROW_OVERHEAD, IngestRuntime
@@ -135,43 +134,13 @@ class RequestLogMiddleware:
         reaches this middleware only after the downloader has started the next
         download and the event loop has run whatever else was ready. So we wrap
         this crawler's download handlers (``engine.downloader.handlers``, one
-        object per crawler, nothing global): the wrapper notes when the download
-        starts and how long it took (:meth:`_download_ended`). If a Scrapy
-        version has neither method we know, the time at which the request
-        reached this middleware is used, queue wait included, until the
+        object per crawler, nothing global; see :func:`~scrapy_ingest._compat.time_downloads`):
+        the wrapper notes when the download starts and how long it took
+        (:meth:`_download_ended`). If a Scrapy version has neither method we know, the time at
+        which the request reached this middleware is used, queue wait included, until the
         response or error reached it.
         """
-        engine = self.crawler.engine
-        handlers = getattr(getattr(engine, "downloader", None), "handlers", None)
-        started, ended = self._download_started, self._download_ended
-        original_async = getattr(handlers, "download_request_async", None)  # Scrapy 2.14+
-        if original_async is not None and inspect.iscoroutinefunction(original_async):
-
-            async def download_request_async(request: Request, *args: Any, **kwargs: Any) -> Any:
-                clock, earlier = started(request)
-                try:
-                    response = await original_async(request, *args, **kwargs)
-                except BaseException:
-                    ended(request, clock, earlier, failed=True)
-                    raise
-                ended(request, clock, earlier, failed=False)
-                return response
-
-            handlers.download_request_async = download_request_async  # type: ignore[union-attr]
-            return
-        original = getattr(handlers, "download_request", None)  # Scrapy 2.13
-        if original is not None:
-
-            def download_request(request: Request, *args: Any, **kwargs: Any) -> Any:
-                clock, earlier = started(request)
-
-                def done(result: Any) -> Any:
-                    ended(request, clock, earlier, failed=isinstance(result, Failure))
-                    return result
-
-                return original(request, *args, **kwargs).addBoth(done)
-
-            handlers.download_request = download_request  # type: ignore[union-attr]
+        if time_downloads(self.crawler, self._download_started, self._download_ended):
             return
         logger.warning(
             "This Scrapy version's downloader is unknown to scrapy_ingest: started_at and "
@@ -185,8 +154,9 @@ class RequestLogMiddleware:
         return time.monotonic(), request.meta.get("download_latency")
 
     def _download_ended(
-        self, request: Request, clock: float, earlier: object, *, failed: bool
+        self, request: Request, started: tuple[float, object], failed: bool
     ) -> None:
+        clock, earlier = started
         latency = request.meta.get("download_latency")
         if failed or latency is None or latency is earlier or not isinstance(latency, float):
             # an error (which may come after the headers, e.g. a timeout reading the body),

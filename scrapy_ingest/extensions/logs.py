@@ -63,6 +63,10 @@ if TYPE_CHECKING:
 #: loggers whose records are never stored, with the loggers under them (see the module
 #: docstring): those that report on the storage itself
 STORAGE_LOGGERS = (
+    "scrapy_ingest._closing",
+    "scrapy_ingest._counters",
+    "scrapy_ingest._databases",
+    "scrapy_ingest._job",
     "scrapy_ingest.backends",
     "scrapy_ingest.batching",
     "scrapy_ingest.commands",
