@@ -19,9 +19,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
-from twisted.internet.defer import Deferred
 
 from scrapy_ingest._compat import wake_engine
+from scrapy_ingest._event import Event
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.backends import check_driver, check_url, is_best_effort
@@ -34,7 +34,7 @@ from scrapy_ingest.schema import table_spec
 from scrapy_ingest.spill import SpillJournal
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Iterable
+    from collections.abc import Awaitable, Callable, Coroutine, Iterable
 
     from scrapy.crawler import Crawler
     from scrapy.statscollectors import StatsCollector
@@ -184,7 +184,7 @@ class Databases:
         #: databases that could not be opened during the crawl, with the error
         self._unusable: dict[str, IngestError] = {}
         #: databases being opened during the crawl -> who waits for that
-        self._opening: dict[str, list[Deferred[None]]] = {}
+        self._opening: dict[str, Event] = {}
         self._writers: dict[tuple[str, str], BatchWriter] = {}
         self._durable_executor: ThreadPoolExecutor | None = None
 
@@ -208,14 +208,11 @@ class Databases:
         that in a task of its own, and every caller waits for it. A database that cannot be
         opened is not tried again for every record: its error is kept and raised again."""
         if url not in self._open and url not in self._unusable:
-            waiter: Deferred[None] = Deferred()
-            waiters = self._opening.get(url)
-            if waiters is not None:
-                waiters.append(waiter)
-            else:
-                self._opening[url] = [waiter]
+            opening = self._opening.get(url)
+            if opening is None:
+                self._opening[url] = opening = Event()
                 deferred_from_coro(self._open_late(url))
-            await maybe_deferred_to_future(waiter)
+            await opening.wait()
         known = self._unusable.get(url)
         if known is not None:
             raise known
@@ -232,11 +229,7 @@ class Databases:
                 await _close_host(entry.host)
             if isinstance(exc, IngestError):
                 self._unusable[url] = exc
-        for waiter in self._opening.pop(url):
-            if error is None:
-                waiter.callback(None)
-            else:
-                waiter.errback(error)
+        self._opening.pop(url).fire(error)
 
     async def _start(self, url: str) -> None:
         """Start the host of *url*: connect, prepare its tables, replay its journal."""
@@ -371,7 +364,13 @@ class Databases:
         return RecordSink(info.job_id, info.spider, self._new_id, self.writer(kind).add)
 
     def dead_letter(
-        self, kind: str, reason: str, payload: str | None, url: str | None, *, warn: bool
+        self,
+        kind: str,
+        reason: str,
+        payload: str | None,
+        url: str | None = None,
+        *,
+        warn: bool = True,
     ) -> None:
         """Store a record that cannot be stored where it belongs, with the reason: in the
         database it was meant for (*url*), by default ``INGEST_DATABASE_URL``'s. Each one is
@@ -413,6 +412,25 @@ class Databases:
         )
 
     # closing
+
+    async def finish(self, close_job: Callable[[], Awaitable[None]]) -> bool:
+        """At the spider's close: write every buffered row, close the job row with
+        *close_job*, then release every database. Return whether the job row was closed
+        (written, or kept in the spill journal while its database is down)."""
+        await self.recover()  # a database down during the crawl gets one more try
+        await self.drain_all()
+        try:
+            await close_job()
+        except Exception:
+            logger.exception("Could not close the job row of %s", self._job.info)
+            closed = False
+        else:
+            closed = True
+        # the job row's write may be what found a database up again, and replayed its
+        # journal: that replay is counted now (no batch is left to report it with)
+        await self.recover()
+        await self.close()
+        return closed
 
     async def recover(self) -> None:
         """A database that went down during the crawl gets one more try before the last

@@ -55,49 +55,44 @@ from scrapy.utils.python import global_object_name
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._redis import SCRAPY_REDIS_SCHEDULER
 from scrapy_ingest.config import skipped_command
-from scrapy_ingest.downloadermiddlewares.proxy import ProxyMiddleware
-from scrapy_ingest.downloadermiddlewares.requestlog import RequestLogMiddleware
-from scrapy_ingest.downloadermiddlewares.retry import BackoffRetryMiddleware
-from scrapy_ingest.extensions.jobs import IngestJobsExtension
-from scrapy_ingest.extensions.logs import IngestLogsExtension
-from scrapy_ingest.extensions.metrics import PrometheusExtension
-from scrapy_ingest.pipelines import IngestPipeline
-from scrapy_ingest.spidermiddlewares.source import SourceMiddleware
 
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
 
+# By import path: a component's module is imported only when the add-on places it, so that a
+# crawl without metrics, proxies or retries does not import them (nor the metrics' web server,
+# nor the Scrapy HTTP/1.1 handler the proxy middleware needs).
+PIPELINE = "scrapy_ingest.pipelines.IngestPipeline"
+JOBS = "scrapy_ingest.extensions.jobs.IngestJobsExtension"
+LOGS = "scrapy_ingest.extensions.logs.IngestLogsExtension"
+METRICS = "scrapy_ingest.extensions.metrics.PrometheusExtension"
+REQUEST_LOG = "scrapy_ingest.downloadermiddlewares.requestlog.RequestLogMiddleware"
+RETRY = "scrapy_ingest.downloadermiddlewares.retry.BackoffRetryMiddleware"
+PROXY = "scrapy_ingest.downloadermiddlewares.proxy.ProxyMiddleware"
+SOURCE = "scrapy_ingest.spidermiddlewares.source.SourceMiddleware"
+
 #: (setting, component, order, the INGEST_* switch that must be on for it, if any: a boolean
 #: setting, or settings of which one must be non-empty)
-COMPONENTS: tuple[tuple[str, type, int, str | tuple[str, ...] | None], ...] = (
-    ("ITEM_PIPELINES", IngestPipeline, 900, None),
-    ("EXTENSIONS", IngestJobsExtension, 500, None),
-    ("EXTENSIONS", IngestLogsExtension, 500, "INGEST_LOGS_ENABLED"),
-    ("EXTENSIONS", PrometheusExtension, 500, "INGEST_METRICS_ENABLED"),
-    ("DOWNLOADER_MIDDLEWARES", RequestLogMiddleware, 950, "INGEST_REQUESTS_ENABLED"),
-    ("DOWNLOADER_MIDDLEWARES", BackoffRetryMiddleware, 550, "INGEST_RETRY_ENABLED"),
-    ("DOWNLOADER_MIDDLEWARES", ProxyMiddleware, 740, ("INGEST_PROXY_LIST", "INGEST_PROXY_FILE")),
-    ("SPIDER_MIDDLEWARES", SourceMiddleware, 10, None),
+COMPONENTS: tuple[tuple[str, str, int, str | tuple[str, ...] | None], ...] = (
+    ("ITEM_PIPELINES", PIPELINE, 900, None),
+    ("EXTENSIONS", JOBS, 500, None),
+    ("EXTENSIONS", LOGS, 500, "INGEST_LOGS_ENABLED"),
+    ("EXTENSIONS", METRICS, 500, "INGEST_METRICS_ENABLED"),
+    ("DOWNLOADER_MIDDLEWARES", REQUEST_LOG, 950, "INGEST_REQUESTS_ENABLED"),
+    ("DOWNLOADER_MIDDLEWARES", RETRY, 550, "INGEST_RETRY_ENABLED"),
+    ("DOWNLOADER_MIDDLEWARES", PROXY, 740, ("INGEST_PROXY_LIST", "INGEST_PROXY_FILE")),
+    ("SPIDER_MIDDLEWARES", SOURCE, 10, None),
 )
 
 #: the components that store (or report on storing): left out where the running ``scrapy``
 #: command is not a crawl (INGEST_SKIP_COMMANDS); the proxy and retry middlewares stay, so
 #: that ``scrapy shell`` and ``scrapy fetch`` download the way a crawl does
-STORING: frozenset[type] = frozenset(
-    {
-        IngestPipeline,
-        IngestJobsExtension,
-        IngestLogsExtension,
-        PrometheusExtension,
-        RequestLogMiddleware,
-        SourceMiddleware,
-    }
-)
+STORING: frozenset[str] = frozenset({PIPELINE, JOBS, LOGS, METRICS, REQUEST_LOG, SOURCE})
 
 #: our component -> the import path of the Scrapy component it takes the place of (set to
 #: None where ours is enabled, unless the project placed Scrapy's itself)
-REPLACES: dict[type, str] = {
-    BackoffRetryMiddleware: "scrapy.downloadermiddlewares.retry.RetryMiddleware",
+REPLACES: dict[str, str] = {
+    RETRY: "scrapy.downloadermiddlewares.retry.RetryMiddleware",
 }
 
 #: Scrapy's item processor (ITEM_PROCESSOR), and ours, which calls IngestPipeline directly
@@ -117,16 +112,17 @@ class IngestAddon:
         if not settings.getbool("INGEST_ENABLED", defaults.INGEST_ENABLED):
             return
         not_a_crawl = skipped_command(settings) is not None
-        for setting, component, order, switch in COMPONENTS:
-            if not_a_crawl and component in STORING:
+        for setting, path, order, switch in COMPONENTS:
+            if not_a_crawl and path in STORING:
                 continue
             # a component switched off is not placed (placed, it would only say it is disabled)
             if _switched_on(settings, switch):
+                component = load_object(path)
                 settings.setdefault_in_component_priority_dict(setting, component, order)
-                replaced = REPLACES.get(component)
-                if replaced is not None and _enabled(settings, setting, component):
+                replaced = REPLACES.get(path)
+                if replaced is not None and _enabled(settings, setting, path):
                     _disable_by_default(settings, setting, replaced)
-        if _enabled(settings, "ITEM_PIPELINES", IngestPipeline):
+        if _enabled(settings, "ITEM_PIPELINES", PIPELINE):
             _replace_default(settings, "ITEM_PROCESSOR", SCRAPY_ITEM_PROCESSOR, ITEM_PROCESSOR)
         _replace_default(settings, "LOG_FORMATTER", SCRAPY_LOG_FORMATTER, LOG_FORMATTER)
         if settings.getbool("INGEST_REDIS_LEASES", defaults.INGEST_REDIS_LEASES):
@@ -160,10 +156,15 @@ def _switched_on(settings: BaseSettings, switch: str | tuple[str, ...] | None) -
     return any(settings.get(name, getattr(defaults, name)) for name in switch)
 
 
-def _enabled(settings: BaseSettings, setting: str, component: type) -> bool:
-    """*component* has an order (not None) in the *setting* component dict."""
+def _enabled(settings: BaseSettings, setting: str, path: str) -> bool:
+    """The component at *path* has an order (not None) in the *setting* component dict.
+
+    Compared by the import path of each key's class, so that asking does not import the
+    component: under ``scrapy shell``, for instance, the pipeline is not placed.
+    """
     return any(
-        order is not None and (load_object(key) if isinstance(key, str) else key) is component
+        order is not None
+        and global_object_name(load_object(key) if isinstance(key, str) else key) == path
         for key, order in settings.getdict(setting).items()
     )
 

@@ -10,6 +10,8 @@ the rule and the fix, e.g.::
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -28,6 +30,8 @@ from scrapy_ingest.router import Rule, parse_routes
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
 
+#: the attribute of a Settings object that keeps its IngestConfig, with the values it is of
+_KEPT = "_scrapy_ingest_config"
 _PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]*\Z")
 
 # setting suffix -> (rule, fix) used in error messages
@@ -405,11 +409,27 @@ class IngestConfig(BaseModel):
 
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> IngestConfig:
-        """Build the config from *settings*; raise :class:`ConfigError` on bad values."""
+        """The config of *settings*; raise :class:`ConfigError` on bad values.
+
+        Validated once per crawler: the config is kept on *settings* with the values it was
+        made from, and given again while they are the same (each component of a crawler
+        gets the same one)."""
         raw = {
             name: settings.get(setting_name(name), getattr(defaults, setting_name(name)))
             for name in cls.model_fields
         }
+        kept: tuple[dict[str, Any], IngestConfig] | None = settings.__dict__.get(_KEPT)
+        if kept is not None and kept[0] == raw:
+            return kept[1]
+        config = cls._validate(raw)
+        # a copy, so that a list or dict setting changed in place is seen as changed; a value
+        # that cannot be copied is validated each time
+        with contextlib.suppress(TypeError, copy.Error):
+            settings.__dict__[_KEPT] = (copy.deepcopy(raw), config)
+        return config
+
+    @classmethod
+    def _validate(cls, raw: dict[str, Any]) -> IngestConfig:
         try:
             config = cls.model_validate(raw)
         except ValidationError as exc:
@@ -454,6 +474,11 @@ class IngestConfig(BaseModel):
         if self.spill_dir:
             return os.path.abspath(self.spill_dir)
         return os.path.abspath(os.path.join(_project_data_dir(), "ingest-spill"))
+
+    def record_kinds(self) -> tuple[str, ...]:
+        """The kinds of records a crawl stores: items, and requests and logs if enabled."""
+        enabled = {"items": True, "requests": self.requests_enabled, "logs": self.logs_enabled}
+        return tuple(kind for kind, on in enabled.items() if on)
 
     def rules(self) -> tuple[Rule, ...]:
         """``INGEST_ROUTES`` as routing rules (raise ConfigError when it is wrong)."""

@@ -37,7 +37,7 @@ import scrapy_ingest
 from scrapy_ingest import exceptions
 from scrapy_ingest._compat import in_thread, thread_caller
 from scrapy_ingest._redact import redact_url
-from scrapy_ingest.backends import local_host, url_scheme
+from scrapy_ingest.backends import check_driver, check_url, local_host, url_scheme
 from scrapy_ingest.backends._process import HEADER, frame, receive
 from scrapy_ingest.exceptions import BackendUnavailable, IngestError
 
@@ -104,7 +104,10 @@ def create_host(
     }
     # network databases, and chDB's engine, get a process of their own; SQLite a thread
     if url_scheme(url) != "sqlite" and writer_process and sys.executable:
-        local_host(url, tables, **options)  # a bad URL or driver fails here, not in the child
+        # a bad URL or driver fails here, not in the child; without building the backend,
+        # whose module imports its driver (psycopg, clickhouse_connect): only the child needs it
+        check_url(url)
+        check_driver(url)
         return ProcessHost(url, tables, on_stuck=on_stuck, **options)
     from_thread = None if on_stuck is None else partial(thread_caller(), on_stuck)
     return ThreadHost(local_host(url, tables, on_stuck=from_thread, **options))

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from typing_extensions import Self
 
+    from scrapy_ingest._databases import Databases
     from scrapy_ingest.batching import BatchWriter
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class IngestPipeline:
         self._queued = 0
         self._published = 0
         self._writer: BatchWriter | None = None
-        self._open = False
+        self._databases: Databases | None = None
         self._warned_not_an_item = False
 
     @classmethod
@@ -82,16 +83,16 @@ class IngestPipeline:
     @pipeline_hook
     async def open_spider(self, spider: Spider | None = None) -> None:
         runtime = self._runtime
-        if not await runtime.opened():
+        self._databases = databases = await runtime.opened()
+        if databases is None:
             return  # the runtime has said why, and closes the spider before its first request
         assert runtime.router is not None and runtime.job is not None
         # with item_type rules or INGEST_ROUTER, each item is routed; else all go to one writer
         self._per_item = runtime.router.per_item
         if not self._per_item:
-            self._writer = runtime.writer("items")
+            self._writer = databases.writer("items")
             self._append_json = self._writer.append_json
             self._add = self._writer.add
-        self._open = True
         # bound once: process_item runs for every item, on the reactor thread
         self._job_id, self._spider_name = runtime.job.job_id, runtime.job.spider
         self._new_id = runtime.new_id
@@ -111,11 +112,11 @@ class IngestPipeline:
     @pipeline_hook
     async def close_spider(self, spider: Spider | None = None) -> None:
         self._runtime.closing = True
-        if not self._open:  # the runtime failed to open; nothing was queued
+        if self._databases is None:  # the runtime failed to open; nothing was queued
             return
         self._publish_stats()
         # every item is written before the spider closes
-        await self._runtime.drain("items")
+        await self._databases.drain("items")
 
     def _publish_stats(self) -> None:
         if self._queued != self._published:
@@ -271,14 +272,14 @@ class IngestPipeline:
 
     def _reject(self, item: Any, exc: EncodeError | ItemRejected) -> None:
         """Dead-letter *item* with the reason; drop it when it is invalid in strict mode."""
-        runtime = self._runtime
-        assert runtime.router is not None
+        runtime, databases = self._runtime, self._databases
+        assert runtime.router is not None and databases is not None
         if isinstance(exc, EncodeError):
             reason = f"the item cannot be encoded: {exc}"
         else:
             reason = f"{type(item).__name__}: {exc}"
         url = runtime.router.item_route(item).url
-        runtime.dead_letter("items", reason, _safe_repr(item), url)
+        databases.dead_letter("items", reason, _safe_repr(item), url)
         if isinstance(exc, ItemRejected) and exc.invalid:
             runtime.stats.inc_value(_REJECTED)
             raise DropItem(f"INGEST_VALIDATION = 'strict': {reason}")
@@ -290,11 +291,12 @@ class IngestPipeline:
         (None included), to the next pipeline and then to ``item_scraped``; so does this
         pipeline, having no row to make of it.
         """
-        runtime = self._runtime
+        runtime, databases = self._runtime, self._databases
+        assert databases is not None
         type_name = _type_name(value)
         cause = _LIKELY_CAUSE_NONE if value is None else _LIKELY_CAUSE_OTHER
         # each one is counted (the stat) and kept (the dead letter); the WARNING is once
-        runtime.dead_letter(
+        databases.dead_letter(
             "items",
             f"not an item but a {type_name}; likely cause: {cause}",
             _safe_repr(value),
@@ -315,18 +317,19 @@ class IngestPipeline:
         )
 
     async def _routed_writer(self, item: Any) -> BatchWriter | None:
-        runtime = self._runtime
-        found = runtime.item_writer(item)
+        databases = self._databases
+        assert databases is not None
+        found = databases.item_writer(item)
         if not isinstance(found, Route):
             return found
         # a database INGEST_ROUTER names for the first time
         try:
-            await runtime.open_backend(found.url)
+            await databases.open(found.url)
         except IngestError as exc:
             reason = f"its route ({redact_url(found.url)}) cannot be used: {exc}"
-            runtime.dead_letter("items", reason, _safe_repr(item))
+            databases.dead_letter("items", reason, _safe_repr(item))
             return None
-        return runtime.writer("items", found)
+        return databases.writer("items", found)
 
 
 class IngestItemProcessor(ItemPipelineManager):

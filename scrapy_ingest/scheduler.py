@@ -345,8 +345,8 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
             runtime = IngestRuntime.of(self.crawler)
         except NotConfigured:
             return
-        if runtime.job is not None and not runtime.closing:
-            await runtime.drain("items")
+        if runtime.databases is not None and not runtime.closing:
+            await runtime.databases.drain("items")
 
 
 def _pop_how(queue: Any, crawler: Crawler) -> str:

@@ -136,6 +136,64 @@ class CountingPipeline:
         self._file.close()
 
 
+class PauseRecorder:
+    """An extension: looks at ``crawler.engine.paused`` every 50 ms from ``engine_started``
+    and appends each change to the file ``TEST_PAUSES_FILE``, as ``<time.monotonic()>
+    paused`` or ``<time.monotonic()> running``, a line each, flushed: a test reads it while
+    the crawl runs (see :func:`_helpers.engine_pauses`)."""
+
+    INTERVAL = 0.05
+
+    def __init__(self, crawler: Any) -> None:
+        from scrapy import signals
+
+        self._crawler = crawler
+        path = crawler.settings["TEST_PAUSES_FILE"]
+        self._file = open(path, "a", encoding="ascii")  # noqa: SIM115 (closed at engine_stopped)
+        self._paused = False
+        self._loop: Any = None
+        self._task: Any = None
+        crawler.signals.connect(self._start, signal=signals.engine_started)
+        crawler.signals.connect(self._stop, signal=signals.engine_stopped)
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> PauseRecorder:
+        return cls(crawler)
+
+    def _look(self) -> None:
+        engine = self._crawler.engine
+        paused = bool(engine is not None and engine.paused)
+        if paused != self._paused:
+            self._paused = paused
+            self._file.write(f"{time.monotonic():.4f} {'paused' if paused else 'running'}\n")
+            self._file.flush()
+
+    def _start(self) -> None:
+        if "twisted.internet.reactor" in sys.modules:
+            from twisted.internet.task import LoopingCall
+
+            self._loop = LoopingCall(self._look)
+            self._loop.start(self.INTERVAL)
+        else:  # no reactor (TWISTED_REACTOR_ENABLED = False)
+            import asyncio
+
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        import asyncio
+
+        while True:
+            self._look()
+            await asyncio.sleep(self.INTERVAL)
+
+    def _stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._task is not None:
+            self._task.cancel()
+        self._file.close()
+
+
 class Product(scrapy.Item):
     title = scrapy.Field()
     idx = scrapy.Field()

@@ -143,25 +143,54 @@ def run_crawl(
 LIST_CRAWL_SCRIPT = TESTS_DIR / "_proxy_crawl.py"
 
 
-def start_list_crawl(plan: dict[str, Any], workdir: Path) -> subprocess.Popen[str]:
+class ListCrawl:
+    """A list crawl (``_proxy_crawl.py``) running in a subprocess; its log goes to a file, which
+    a test may read while the crawl runs (:meth:`log`)."""
+
+    def __init__(self, plan: dict[str, Any], workdir: Path) -> None:
+        plan = {"workdir": str(workdir), "result": str(workdir / "result.json"), **plan}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), str(TESTS_DIR)])}
+        self.log_path = workdir / f"list-crawl-{secrets.token_hex(4)}.log"
+        with self.log_path.open("wb") as log:  # the child has its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, str(LIST_CRAWL_SCRIPT), json.dumps(plan)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=workdir,
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        """The crawl's log so far."""
+        return self.log_path.read_bytes().decode("utf-8", "backslashreplace")
+
+    def kill(self) -> None:
+        if self.running:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_list_crawl(plan: dict[str, Any], workdir: Path) -> ListCrawl:
     """Start ``_proxy_crawl.py`` with *plan* (see its docstring); :func:`finish_list_crawl`."""
-    plan = {"workdir": str(workdir), "result": str(workdir / "result.json"), **plan}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), str(TESTS_DIR)])}
-    return subprocess.Popen(
-        [sys.executable, str(LIST_CRAWL_SCRIPT), json.dumps(plan)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=workdir,
-    )
+    return ListCrawl(plan, workdir)
 
 
-def finish_list_crawl(crawl: subprocess.Popen[str], workdir: Path) -> dict[str, Any]:
+def finish_list_crawl(crawl: ListCrawl, workdir: Path) -> dict[str, Any]:
     """Wait for a list crawl to end; its result, with the crawl log in ``log``."""
-    output, _ = crawl.communicate(timeout=120)
+    try:
+        crawl.process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        crawl.kill()
+        raise AssertionError(
+            f"the crawl did not end within 120 s:\n{crawl.log()[-6000:]}"
+        ) from None
+    output = crawl.log()
     result_path = workdir / "result.json"
-    assert crawl.returncode == 0 and result_path.exists(), output[-6000:]
+    assert crawl.process.returncode == 0 and result_path.exists(), output[-6000:]
     result: dict[str, Any] = json.loads(result_path.read_text())
     result["log"] = output
     return result
@@ -176,18 +205,24 @@ def run_list_crawl(plan: dict[str, Any], workdir: Path) -> dict[str, Any]:
         crawl.kill()
 
 
-def wait_for_round(pause_file: Path, crawl: subprocess.Popen[str], number: int) -> None:
+def wait_for_round(pause_file: Path, crawl: ListCrawl, number: int) -> None:
     """Wait until the list crawl has finished round *number* (0 first) and waits for
     *pause_file*."""
     ready = Path(f"{pause_file}.ready")
     deadline = time.monotonic() + 60
     while not (ready.exists() and ready.read_text() == str(number + 1)):
-        if crawl.poll() is not None:
-            output = crawl.stdout.read() if crawl.stdout else ""
-            raise AssertionError(f"the crawl ended early:\n{output[-6000:]}")
+        if not crawl.running:
+            raise AssertionError(f"the crawl ended early:\n{crawl.log()[-6000:]}")
         if time.monotonic() > deadline:
             raise AssertionError(f"the crawl did not finish round {number}")
         time.sleep(0.05)
+
+
+def wait_for_log(crawl: ListCrawl, condition: Callable[[str], Any], *, what: str) -> None:
+    """Wait until *condition* holds for the list crawl's log so far (60 s at most); fail at
+    once if the crawl ends meanwhile."""
+    wait_for(lambda: not crawl.running or condition(crawl.log()), timeout=60, what=what)
+    assert crawl.running, f"the crawl ended before {what}:\n{crawl.log()[-6000:]}"
 
 
 def ingest_replay(settings: dict[str, Any], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -231,6 +266,21 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def engine_pauses(path: Path) -> list[tuple[float, bool]]:
+    """What ``_crawl_script.PauseRecorder`` has written to *path* so far: each change of the
+    crawl's ``engine.paused``, as ``(time.monotonic(), paused)``; [] before the first."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="ascii").split("\n")[:-1]  # whole lines only
+    return [(float(at), state == "paused") for at, state in (line.split() for line in lines)]
+
+
+def engine_paused(path: Path) -> bool:
+    """Whether the crawl's engine is paused now, as far as ``PauseRecorder`` (*path*) knows."""
+    changes = engine_pauses(path)
+    return bool(changes) and changes[-1][1]
 
 
 # reading the database

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from _helpers import CrawlResult
+    from _helpers import Crawl, CrawlResult
 
 MIB = 1024 * 1024
 SHM = Path("/dev/shm")
@@ -189,6 +189,8 @@ class LockedTableRun:
     yielded: list[float]
     baseline_start: float
     lock_start: float
+    #: when the engine was first paused during the lock (None: never)
+    paused_at: float | None
     lock_end: float
     stored: int  #: rows in ingest_items after the crawl
     distinct: int  #: distinct idx values among them
@@ -213,6 +215,13 @@ class LockedTableRun:
         return self.sampler.peaks(self.lock_start, self.lock_end).total - self.baseline.total
 
     @property
+    def growth_catching_up(self) -> int:
+        """The same, from the lock to 10 s after its release (the backlog written, the engine
+        running again)."""
+        peaks = self.sampler.peaks(self.lock_start, self.lock_end + 10)
+        return peaks.total - self.baseline.total
+
+    @property
     def rate_before(self) -> float:
         """Items yielded per second in the baseline window."""
         seconds = self.lock_start - self.baseline_start
@@ -229,11 +238,19 @@ class LockedTableRun:
             f"{baseline.children / MIB:.1f}, /dev/shm {baseline.shm / MIB:.1f}); peaks: crawl "
             f"{peaks.crawl / MIB:.1f}, writer {peaks.children / MIB:.1f}, /dev/shm "
             f"{peaks.shm / MIB:.1f}; growth during the lock "
-            f"{self.growth_during_lock / MIB:.1f} MiB; items yielded: "
+            f"{self.growth_during_lock / MIB:.1f} MiB, to 10 s after it "
+            f"{self.growth_catching_up / MIB:.1f} MiB; lock held "
+            f"{self.lock_end - self.lock_start:.1f} s, the engine paused {self._paused_after()}; "
+            "items yielded: "
             f"{self.rate_before:.0f}/s before the lock, "
             f"{first} + {second} in its two halves; stored {self.stored} ({self.distinct} "
             f"distinct); {buffer_stats}"
         )
+
+    def _paused_after(self) -> str:
+        if self.paused_at is None:
+            return "never"
+        return f"{self.paused_at - self.lock_start:.1f} s into it"
 
     @property
     def lock_halves(self) -> tuple[int, int]:
@@ -262,13 +279,14 @@ def run_locked_table(
     """Crawl ``pages`` x ``per_page`` items of ``size`` bytes of padding into *url* with
     ``INGEST_MAX_BUFFER_BYTES = buffer``; once items are stored, ``warmup_seconds`` and then
     ``baseline_seconds`` (the baseline's window) have passed, hold ``LOCK TABLE ingest_items
-    IN ACCESS EXCLUSIVE MODE`` for ``lock_seconds`` in another connection; sample the crawl's
-    memory all along."""
+    IN ACCESS EXCLUSIVE MODE`` in another connection (see :func:`_hold_lock`); sample the
+    crawl's memory all along."""
     import psycopg
     from _helpers import Crawl, Database
 
     workdir.mkdir(parents=True, exist_ok=True)
     yielded_file = workdir / "yielded.txt"
+    pauses_file = workdir / "pauses.txt"
     args = {
         "base_url": base_url,
         "pages": pages,
@@ -285,6 +303,8 @@ def run_locked_table(
             # before ours (900): it sees each item as it is yielded
             "ITEM_PIPELINES": {"_crawl_script.CountingPipeline": 100},
             "TEST_YIELDED_FILE": str(yielded_file),
+            "EXTENSIONS": {"_crawl_script.PauseRecorder": 0},
+            "TEST_PAUSES_FILE": str(pauses_file),
             **(settings or {}),
         },
     }
@@ -305,7 +325,7 @@ def run_locked_table(
             lock_start = time.monotonic()
             if not crawl.running:
                 raise AssertionError("the crawl ended before the lock: give it more pages")
-            time.sleep(lock_seconds)
+            paused_at = _hold_lock(crawl, pauses_file, lock_start, lock_seconds)
             lock_end = time.monotonic()
         result = crawl.wait()
     finally:
@@ -320,7 +340,37 @@ def run_locked_table(
         yielded=yielded_times(yielded_file),
         baseline_start=baseline_start,
         lock_start=lock_start,
+        paused_at=paused_at,
         lock_end=lock_end,
         stored=int(stored),
         distinct=int(distinct),
     )
+
+
+def _hold_lock(crawl: Crawl, pauses: Path, lock_start: float, lock_seconds: float) -> float | None:
+    """Return when the lock taken at *lock_start* may go: once it has lasted *lock_seconds*,
+    and the engine (``PauseRecorder`` writes to *pauses*) has been paused for as long as the
+    lock had lasted when it paused, so that the lock's second half (``lock_halves``) begins
+    with the engine paused, however slowly the buffer fills. An engine still running after
+    2 x *lock_seconds* is not waited for. Return when it paused (None: it did not)."""
+    from _helpers import engine_pauses
+
+    paused_at = None
+    while crawl.running:
+        paused_at = _first_pause(engine_pauses(pauses), lock_start)
+        if paused_at is None:
+            release = lock_start + 2 * lock_seconds
+        else:
+            release = max(lock_start + lock_seconds, 2 * paused_at - lock_start)
+        if time.monotonic() >= release:
+            break
+        time.sleep(0.05)
+    return paused_at
+
+
+def _first_pause(changes: list[tuple[float, bool]], since: float) -> float | None:
+    """When the engine was first paused from *since* on (*since* if it was paused then)."""
+    before = [paused for at, paused in changes if at < since]
+    if before and before[-1]:
+        return since
+    return next((at for at, paused in changes if paused and at >= since), None)

@@ -40,6 +40,11 @@ RUNS = {
         "scaling",
     ),
     "disk-full": (["disk_full.py", "--pages", "600", "--stop-after", "2"], "ingest_spill_full"),
+    "empty-crawl": (["empty_crawl.py", "--pairs", "1", "--fresh"], "difference"),
+    "empty-crawl-postgres": (
+        ["empty_crawl.py", "--pairs", "1", "--backend", "postgres"],
+        "difference",
+    ),
 }
 
 

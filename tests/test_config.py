@@ -286,3 +286,50 @@ def test_the_spill_root_is_named_without_creating_the_data_dir(
     config = IngestConfig.from_settings(Settings())
     assert config.spill_root() == str(data_dir / "ingest-spill")
     assert not data_dir.exists()
+
+
+def test_the_config_is_validated_once_per_crawler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scrapy import Spider
+    from scrapy.utils.test import get_crawler
+
+    from scrapy_ingest.downloadermiddlewares.proxy import ProxyMiddleware
+    from scrapy_ingest.downloadermiddlewares.retry import BackoffRetryMiddleware
+    from scrapy_ingest.runtime import IngestRuntime
+
+    validated: list[dict[str, Any]] = []
+    validate = IngestConfig._validate.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[IngestConfig], raw: dict[str, Any]) -> IngestConfig:
+        validated.append(raw)
+        return validate(cls, raw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(IngestConfig, "_validate", classmethod(counting))
+    crawler = get_crawler(
+        Spider,
+        {
+            "ADDONS": {"scrapy_ingest.IngestAddon": 0},
+            "INGEST_DATABASE_URL": "sqlite:///:memory:",
+            "INGEST_PROXY_LIST": ["http://127.0.0.1:3128"],
+            "RETRY_ENABLED": True,
+        },
+    )
+    crawler._apply_settings()  # what Crawler.crawl() does first: add-ons, then frozen
+    assert crawler.settings.frozen
+    runtime = IngestRuntime.of(crawler)
+    ProxyMiddleware.from_crawler(crawler)
+    retry = BackoffRetryMiddleware.from_crawler(crawler)
+    assert retry._base == runtime.config.retry_backoff_base
+    assert IngestConfig.from_settings(crawler.settings) is runtime.config
+    assert len(validated) == 1
+
+
+def test_changed_settings_are_validated_again() -> None:
+    settings = Settings({"INGEST_BATCH_ROWS": 10, "INGEST_PROXY_LIST": []})
+    assert IngestConfig.from_settings(settings).batch_rows == 10
+    settings.set("INGEST_BATCH_ROWS", 20)
+    assert IngestConfig.from_settings(settings).batch_rows == 20
+    settings["INGEST_PROXY_LIST"].append("http://127.0.0.1:3128")  # in place
+    assert IngestConfig.from_settings(settings).proxy_list == ["http://127.0.0.1:3128"]
+    settings.set("INGEST_BATCH_ROWS", -1)
+    with pytest.raises(ConfigError, match="INGEST_BATCH_ROWS"):
+        IngestConfig.from_settings(settings)

@@ -26,6 +26,7 @@ from scrapy import Spider
 from scrapy.utils.test import get_crawler
 
 from scrapy_ingest import IngestAddon
+from scrapy_ingest._job import make_job
 from scrapy_ingest.extensions.metrics import PrometheusExtension
 from scrapy_ingest.runtime import IngestRuntime
 
@@ -176,7 +177,8 @@ def test_crawl_id_defaults_to_the_scrapy_redis_queue_key(
 ) -> None:
     crawler = _crawler(tmp_path, **settings)
     crawler.spider = Spider(name="books")
-    job = IngestRuntime.of(crawler)._make_job()
+    runtime = IngestRuntime.of(crawler)
+    job = make_job(crawler, runtime.config, runtime.new_id)
     assert job.crawl_id == (crawl_id or job.job_id)
 
 

@@ -4,6 +4,7 @@ starts again."""
 
 from __future__ import annotations
 
+import pickle
 import signal
 import time
 from contextlib import ExitStack
@@ -14,6 +15,9 @@ import services
 from _helpers import Crawl, Database, ingest_replay, run_crawl, wait_for
 from _memory import MIB, run_locked_table
 from conftest import service_missing
+
+from scrapy_ingest._compat import _scrapy_version
+from scrapy_ingest._job import STALE_HEARTBEATS
 
 if TYPE_CHECKING:
     import subprocess
@@ -168,6 +172,15 @@ def _spilled_batches(tmp_path: Path) -> list[Path]:
     return [f for f in spill_files(tmp_path) if f.name.endswith(".batch")]
 
 
+def _journaled_refresh(tmp_path: Path) -> float:
+    """The ``updated_at`` (epoch seconds) of the one job row in the spill journal: the last
+    refresh of a crawl that could write none to its database."""
+    [job_file] = [f for f in spill_files(tmp_path) if f.name.startswith("job-")]
+    with job_file.open("rb") as file:
+        _, _, row = pickle.load(file)  # the journal's own format (scrapy_ingest.spill)
+    return float(row["updated_at"])
+
+
 def test_a_restarted_database_loses_nothing_and_stores_nothing_twice(
     site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
 ) -> None:
@@ -281,7 +294,8 @@ def test_after_sigkill_the_next_crawl_marks_the_job_crashed_and_stores_its_spill
 ) -> None:
     local, url = server
     local.pause()
-    args = crawl_args(site, url, tmp_path, INGEST_JOB_HEARTBEAT=1)
+    heartbeat = 1.0  # INGEST_JOB_HEARTBEAT of both crawls
+    args = crawl_args(site, url, tmp_path, INGEST_JOB_HEARTBEAT=heartbeat)
     args.update(pages=400, per_page=10, delay_ms=50)
     crawl = Crawl(args, tmp_path / "killed")
     try:
@@ -296,8 +310,16 @@ def test_after_sigkill_the_next_crawl_marks_the_job_crashed_and_stores_its_spill
         crawl.kill()
     batches = [f for f in spill_files(tmp_path) if f.name.endswith(".batch")]
     local.resume()
-    time.sleep(3.5)  # three heartbeats of the next crawl: the killed job's row is stale
-    result = run_crawl(crawl_args(site, url, tmp_path, INGEST_JOB_HEARTBEAT=1), tmp_path / "next")
+    # the next crawl (the same heartbeat) takes the killed job for crashed once its row, as the
+    # journal keeps it, has not been refreshed for STALE_HEARTBEATS heartbeats
+    last_refresh = _journaled_refresh(tmp_path)
+    wait_for(
+        lambda: time.time() > last_refresh + STALE_HEARTBEATS * heartbeat,
+        timeout=30,
+        what="the killed job's row to be stale",
+    )
+    args = crawl_args(site, url, tmp_path, INGEST_JOB_HEARTBEAT=heartbeat)
+    result = run_crawl(args, tmp_path / "next")
     assert result.returncode == 0, result.describe()
     assert result.stats["ingest/spill/replayed_batches"] >= len(batches)
     jobs = Database(url).query("SELECT status, close_reason FROM ingest_jobs ORDER BY started_at")
@@ -311,9 +333,10 @@ def test_after_sigkill_the_next_crawl_marks_the_job_crashed_and_stores_its_spill
 def test_a_locked_table_slows_the_crawl_and_memory_stays_bounded(
     site: LocalSite, server: tuple[services.LocalPostgres, str], tmp_path: Path
 ) -> None:
-    """Every write to the items table waits for 20 s: the buffer fills, the engine is paused,
-    the items stop coming, and the memory of the crawl (its process, its writer process and
-    the batches in /dev/shm, sampled every 50 ms from here) grows by at most
+    """Every write to the items table waits for 20 s (longer when the engine pauses late in
+    the lock: its second half begins with the engine paused): the buffer fills, the engine is
+    paused, the items stop coming, and the memory of the crawl (its process, its writer
+    process and the batches in /dev/shm, sampled every 50 ms from here) grows by at most
     INGEST_MAX_BUFFER_BYTES and a margin (docs/reliability.md). Measured: +5 MiB (Scrapy 2.19)
     and +11 to 13 MiB (2.13) for 8 MiB, and 0 items in the second half of the lock; with the
     engine not paused, +245 to 294 MiB, and 42,000 to 49,000 items during the lock."""
@@ -347,7 +370,11 @@ def test_a_locked_table_slows_the_crawl_and_memory_stays_bounded(
     # the margin over the setting: the items of the responses downloaded before the pause,
     # waiting in front of the pipeline, the writer process reading a batch, and what Python's
     # allocator keeps (docs/reliability.md)
-    assert run.growth <= BUFFER + MARGIN, figures
+    assert run.growth_during_lock <= BUFFER + MARGIN, figures
+    # catching up after the release, Scrapy 2.13's crawl process grows by up to another
+    # margin (measured 11 to 24 MiB in all, across runs on a busy machine); later Scrapy not
+    catching_up = MARGIN if _scrapy_version() >= (2, 14) else 2 * MARGIN
+    assert run.growth <= BUFFER + catching_up, figures
 
 
 def test_four_processes_one_killed_the_others_items_are_all_stored_once(

@@ -8,6 +8,7 @@ own that it stops mid-crawl (or before it), then starts again and runs ``scrapy 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import time
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import services
-from _helpers import Crawl, CrawlResult, Database, errors, wait_for
+from _helpers import Crawl, CrawlResult, Database, engine_paused, errors, wait_for
 from conftest import service_missing
 from test_spill import PASSWORD, crawl_args, replay, stored_ids
 
@@ -32,9 +33,6 @@ pytestmark = [pytest.mark.crawl, pytest.mark.postgres]
 DISK = "2m"
 #: items stored before the database is stopped: the crawl is well under way
 STORED_BEFORE_STOP = 2000
-#: how long the rows wait (neither the database nor the journal takes them) before the
-#: database comes back
-STUCK_SECONDS = 1.5
 #: the rows the runtime counts as lost, by kind
 KINDS = ("items", "requests", "logs", "dead_letters")
 
@@ -220,16 +218,23 @@ def test_rows_wait_while_neither_takes_them_and_the_crawl_goes_on_when_one_does_
         CONCURRENT_REQUESTS=4,
     )
     args.update(delay_ms=800)  # 5 pages/s: 20 s, still running once the rows are stuck
+    pauses = tmp_path / "pauses.txt"
+    args["settings"].update(
+        EXTENSIONS={"_crawl_script.PauseRecorder": 0}, TEST_PAUSES_FILE=str(pauses)
+    )
     crawl = Crawl(args, tmp_path / "crawl")
     try:
         stop_when_stored(local, url, crawl)
+        # the rows wait, and the crawl with them: its engine is paused while they are stuck
         wait_for(
-            lambda: not crawl.running or "Neither the database" in crawl.log_path.read_text(),
+            lambda: (
+                not crawl.running
+                or ("Neither the database" in crawl.log_path.read_text() and engine_paused(pauses))
+            ),
             timeout=60,
             interval=0.1,
-            what="the rows stuck",
+            what="the rows stuck and the crawl's engine paused",
         )
-        time.sleep(STUCK_SECONDS)  # the rows wait, and the crawl with them
         assert crawl.running, "the crawl did not wait for its rows"
         if "disk" in back:
             filler.unlink()
@@ -293,13 +298,14 @@ def test_with_durable_on_a_full_disk_no_item_is_acknowledged_unless_kept(
 
 @pytest.mark.exclusive
 def test_a_database_back_after_a_long_outage_is_written_to_at_once(
-    server: tuple[services.LocalPostgres, str],
+    server: tuple[services.LocalPostgres, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """psycopg_pool reconnects with a backoff of its own (attempts about 1, 3, 7, 15, 31 s after
     the connection broke): a database back at 16 s would get its next connection at 31 s, long
     after the rows waiting for it were given up on (``LocalHost._keep``). The backend renews its
-    pool as soon as a connection of its own goes through (measured: 15.8 s without, 0.02 s
-    with)."""
+    pool as soon as a connection of its own goes through: the write after the one that found
+    the database back goes through (measured: 1 failed write; without the renewal, 6 failed
+    writes and 13.5 s)."""
     from scrapy_ingest.backends import make_backend
     from scrapy_ingest.schema import all_tables
 
@@ -329,17 +335,26 @@ def test_a_database_back_after_a_long_outage_is_written_to_at_once(
             return exc
         return None
 
+    caplog.set_level(logging.INFO, logger="scrapy_ingest.backends.postgres")
     try:
         local.pause()
         broken = time.monotonic()
-        while time.monotonic() - broken < 16:  # a writer retrying through the outage
+        # a writer retrying through the outage; its length is what is under test: psycopg_pool's
+        # backoff grows with it, and at 16 s its next attempt is some 15 s away
+        while time.monotonic() - broken < 16:
             assert insert("during") is not None
             time.sleep(0.5)
         local.resume()
-        back = time.monotonic()
+        # the first write finds the pool without a connection and the server answering: it
+        # renews the pool (and fails, as transient); the next one goes through
+        failed: list[Exception] = []
         while (error := insert("after")) is not None:
-            assert time.monotonic() - back < 5, f"no connection 5 s after the restart: {error}"
+            failed.append(error)
+            # at once: not at psycopg_pool's next attempt, some 6 writes away
+            assert len(failed) <= 2, f"{len(failed)} writes failed after the restart: {error}"
             time.sleep(0.25)
     finally:
         backend.close()
     assert Database(url).query("SELECT job_id FROM ingest_jobs") == [("after",)]
+    renewed = [r for r in caplog.records if "its connection pool is renewed" in r.getMessage()]
+    assert failed and renewed, (failed, caplog.text)  # the renewal brought the connection

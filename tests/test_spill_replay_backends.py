@@ -300,8 +300,10 @@ backend.close()
 print(json.dumps(found))
 """
 
+#: opens chDB at argv[1] and holds it until its stdin ends (the test is done with it), or says
+#: how the open failed
 _HOLD_SCRIPT = """
-import sys, time
+import sys
 from scrapy_ingest.backends import make_backend
 from scrapy_ingest.schema import all_tables
 tables = list(all_tables("ingest_", keep_versions=False))
@@ -312,7 +314,7 @@ except Exception as exc:
     print(backend.classify(exc.__context__ or exc).value, type(exc).__name__)
     sys.exit(0)
 print("opened", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.read()
 """
 
 
@@ -341,8 +343,10 @@ def test_clickhouse_errors_are_classified_by_their_code(chdb_url: str, tmp_path:
     assert found["bad value"][0] == "data"
     assert found["bad JSON"][0] == "data"
 
+    # the holder keeps the directory for as long as the other one tries, however slow
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_SCRIPT, chdb_url, "20"],
+        [sys.executable, "-c", _HOLD_SCRIPT, chdb_url],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -350,13 +354,15 @@ def test_clickhouse_errors_are_classified_by_their_code(chdb_url: str, tmp_path:
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "opened"
         other = subprocess.run(
-            [sys.executable, "-c", _HOLD_SCRIPT, chdb_url, "0"],
+            [sys.executable, "-c", _HOLD_SCRIPT, chdb_url],
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             env=env,
             timeout=120,
             check=False,
         )
+        assert holder.poll() is None, "the holder let the directory go"
         assert other.stdout.split() == ["transient", "BackendUnavailable"], other
     finally:
         holder.kill()

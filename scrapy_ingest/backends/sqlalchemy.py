@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from scrapy_ingest._ids import format_uuid
@@ -94,6 +93,8 @@ _KEY_COLUMN = "item_key"
 #: the longest item key MySQL and MariaDB store as it is (the length of its VARCHAR)
 _MYSQL_KEY_LENGTH = 255
 _KEY_HASH_DIGITS = 32
+#: the dialects whose unique index on the item key leaves out the rows without a key
+_PARTIAL_INDEXES = frozenset({"sqlite", "postgresql", "mssql"})
 
 
 class ItemKeyConflict(ValueError):
@@ -123,30 +124,42 @@ class _JsonText(sa.types.UserDefinedType[str]):
         return "JSON"
 
 
-def _sa_type(kind: ColumnKind, indexed: bool, *, exact: bool = False) -> sa.types.TypeEngine[Any]:
+def _sa_type(
+    kind: ColumnKind, indexed: bool, *, exact: bool = False, mysql: bool = False
+) -> sa.types.TypeEngine[Any]:
     """The column type of *kind*; *indexed*: in an index (MySQL needs a bounded type then);
     *exact*: compared byte for byte on MySQL too, not by its case-insensitive collation
-    (item keys, see :func:`_bounded_key` for the longer ones)."""
-    mysql_text = (
-        mysql.VARCHAR(_MYSQL_KEY_LENGTH, charset="utf8mb4", collation="utf8mb4_bin")
-        if exact
-        else mysql.VARCHAR(255)
-    )
+    (item keys, see :func:`_bounded_key` for the longer ones); *mysql*: with the types MySQL
+    and MariaDB take (their dialect, imported only then, costs a SQLite crawl's start)."""
     types: dict[ColumnKind, sa.types.TypeEngine[Any]] = {
         "uuid": sa.String(36),
-        # MySQL indexes no TEXT column without a prefix length
-        "text": sa.Text().with_variant(mysql_text, "mysql", "mariadb") if indexed else sa.Text(),
+        "text": sa.Text(),
         "int": sa.Integer(),
         "bigint": sa.BigInteger(),
-        "float": sa.Float().with_variant(mysql.DOUBLE(), "mysql", "mariadb"),
+        "float": sa.Float(),
         "bool": sa.Boolean(),
         # text in SQLite, so that the offset is kept and date functions read it
-        "timestamp": sa.DateTime(timezone=True)
-        .with_variant(sa.String(32), "sqlite")
-        .with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
-        "json": sa.Text().with_variant(_JsonText(), "mysql", "mariadb"),
+        "timestamp": sa.DateTime(timezone=True).with_variant(sa.String(32), "sqlite"),
+        "json": sa.Text(),
     }
-    return types[kind]
+    if not mysql:
+        return types[kind]
+    from sqlalchemy.dialects import mysql as dialect
+
+    text = (
+        dialect.VARCHAR(_MYSQL_KEY_LENGTH, charset="utf8mb4", collation="utf8mb4_bin")
+        if exact
+        else dialect.VARCHAR(255)
+    )
+    variants: dict[ColumnKind, sa.types.TypeEngine[Any]] = {
+        "float": dialect.DOUBLE(),
+        "timestamp": dialect.DATETIME(fsp=6),
+        "json": _JsonText(),
+    }
+    if indexed:
+        variants["text"] = text  # MySQL indexes no TEXT column without a prefix length
+    variant = variants.get(kind)
+    return types[kind] if variant is None else types[kind].with_variant(variant, "mysql", "mariadb")
 
 
 class SqlAlchemyBackend:
@@ -156,6 +169,7 @@ class SqlAlchemyBackend:
     def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
         # mysql:// and mariadb:// with no driver: PyMySQL, which the [mysql] extra installs
         self._url = re.sub(r"^(mysql|mariadb)://", r"\1+pymysql://", url)
+        self._is_mysql = self._url.startswith(("mysql", "mariadb"))
         self.url = redact_url(url)
         self._versions = next(t for t in tables if t.kind == "schema_version")
         self._create_tables = create_tables
@@ -165,7 +179,6 @@ class SqlAlchemyBackend:
         self._engine: sa.Engine | None = None
         self._format_ts = TimestampFormatter()
         self._converters: dict[str, list[Callable[[Any], Any]]] = {}
-        self._is_mysql = self._url.startswith(("mysql", "mariadb"))
         #: MySQL and MariaDB: the server's max_allowed_packet, read by each new connection
         self._max_packet: int | None = None
         #: MySQL and MariaDB: the account of the connections (``'user'@'host'``), for messages
@@ -188,6 +201,7 @@ class SqlAlchemyBackend:
                         or c.name in spec.unique
                         or c.name == spec.primary_key,
                         exact=c.name == _KEY_COLUMN,
+                        mysql=self._is_mysql,
                     ),
                     primary_key=c.name == spec.primary_key,
                     nullable=c.nullable,
@@ -201,13 +215,17 @@ class SqlAlchemyBackend:
         if spec.unique:
             # among the rows that have a key: MySQL's unique indexes skip NULLs anyway
             keyed = table.c[spec.unique[-1]].is_not(None)
+            # only the URL's dialect: naming another makes SQLAlchemy import it (postgresql and
+            # mssql cost a SQLite crawl tens of milliseconds at start)
+            dialect = self._url.split(":", 1)[0].split("+", 1)[0]
+            where: dict[str, Any] = (
+                {f"{dialect}_where": keyed} if dialect in _PARTIAL_INDEXES else {}
+            )
             sa.Index(
                 spec.index_name(spec.unique),
                 *(table.c[name] for name in spec.unique),
                 unique=True,
-                sqlite_where=keyed,
-                postgresql_where=keyed,
-                mssql_where=keyed,
+                **where,
             )
         return table
 
@@ -609,8 +627,12 @@ class SqlAlchemyBackend:
     @staticmethod
     def _insert_ignoring_duplicates(table: sa.Table, dialect: str) -> sa.Insert:
         if dialect == "sqlite":
+            from sqlalchemy.dialects import sqlite
+
             return sqlite.insert(table).on_conflict_do_nothing()
         if dialect in ("mysql", "mariadb"):
+            from sqlalchemy.dialects import mysql
+
             statement = mysql.insert(table)
             key = table.primary_key.columns[0]
             return statement.on_duplicate_key_update({key.name: key})

@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
-from scrapy_ingest.commands._common import Context
-from scrapy_ingest.config import IngestConfig
 from scrapy_ingest.exceptions import IngestError
 
 if TYPE_CHECKING:
@@ -112,6 +110,11 @@ class Command(ScrapyCommand):
         if args:
             raise UsageError(f"unexpected arguments: {' '.join(args)}")
         assert self.settings is not None
+        # imported here: Scrapy imports this module for every command it runs (an entry
+        # point), and a crawl with the add-on off needs neither the settings model nor backends
+        from scrapy_ingest.commands._common import Context
+        from scrapy_ingest.config import IngestConfig
+
         try:
             config = IngestConfig.from_settings(self.settings)
         except IngestError as exc:

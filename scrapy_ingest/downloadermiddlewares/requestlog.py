@@ -113,9 +113,10 @@ class RequestLogMiddleware:
 
     async def _spider_opened(self) -> None:
         runtime = self._runtime
-        if not await runtime.opened():
+        databases = await runtime.opened()
+        if databases is None:
             return
-        sink = runtime.sink("requests")
+        sink = databases.sink("requests")
         self._job_id, self._spider_name = sink.job_id, sink.spider
         self._new_id, self._add = sink.new_id, sink.add
         assert self.crawler.request_fingerprinter is not None

@@ -5,7 +5,7 @@ refreshed every ``INGEST_JOB_HEARTBEAT`` seconds with the current Scrapy stats
 and item count, and is closed (``finished``, with the close reason and final
 stats) when the spider closes. After each refresh, the heartbeat also marks
 ``crashed`` the ``running`` rows of other processes that have not been refreshed
-for three heartbeats (``IngestRuntime.mark_crashed_jobs``): the live workers of a
+for three heartbeats (``JobRow.mark_crawl_crashed``): the live workers of a
 distributed crawl mark a killed worker's row without waiting for a process to
 start against the database (which marks them too). Enabled by the add-on;
 alone::
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from typing_extensions import Self
 
+    from scrapy_ingest._databases import Databases
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,6 +43,7 @@ class IngestJobsExtension:
         self.crawler = crawler
         self._runtime = IngestRuntime.of(crawler)
         self._heartbeat: Looping | None = None
+        self._databases: Databases | None = None
         #: whether the last look for crashed jobs failed (warned once, not at every beat)
         self._crash_check_failed = False
         crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
@@ -51,7 +54,8 @@ class IngestJobsExtension:
         return cls(crawler)
 
     async def _spider_opened(self) -> None:
-        if not await self._runtime.opened():
+        self._databases = await self._runtime.opened()
+        if self._databases is None:
             return  # the runtime has said why, and closes the spider before its first request
         self._heartbeat = looping_call(self._beat)
         self._heartbeat.start(self._runtime.config.job_heartbeat, now=False)
@@ -75,7 +79,10 @@ class IngestJobsExtension:
         # cheap, one UPDATE per database on the indexed status column, no more than the
         # refresh itself
         try:
-            await self._runtime.mark_crashed_jobs()
+            runtime, databases = self._runtime, self._databases
+            # not once the databases close: the next crawl looks again
+            if not runtime.closing and runtime.job_row is not None and databases is not None:
+                await runtime.job_row.mark_crawl_crashed(databases.hosts_with_job())
         except Exception as exc:
             if not self._crash_check_failed:
                 logger.warning(

@@ -160,11 +160,12 @@ class IngestLogsExtension:
 
     async def _spider_opened(self) -> None:
         runtime = self._runtime
-        if not await runtime.opened():
+        databases = await runtime.opened()
+        if databases is None:
             self._detach()
             self.handler.entries.clear()
             return
-        self._sink = runtime.sink("logs")
+        self._sink = databases.sink("logs")
         self._open = True
         runtime.on_tick(self._take)
 

@@ -175,7 +175,7 @@ class PrometheusExtension:
         self._server: Any = None
         self._push_loop: Looping | None = None
         self.registry.register(_Collector(self))
-        runtime.on_outcome(self._batch_answered)
+        runtime.counters.on_outcome(self._batch_answered)
         crawler.signals.connect(self._spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
         crawler.signals.connect(self._response_received, signal=signals.response_received)
@@ -318,7 +318,8 @@ class PrometheusExtension:
         runtime = self._runtime
         if runtime.closing:
             return False, "the crawl is shutting down"
-        oldest = runtime.oldest_pending_write()
+        databases = runtime.databases
+        oldest = None if databases is None else databases.oldest_pending_write()
         limit = runtime.config.metrics_unhealthy_after
         if oldest is not None and time.monotonic() - oldest > limit:
             waited = time.monotonic() - oldest
@@ -462,7 +463,9 @@ class _Collector:
         failed = family.counter(
             "ingest_rows_failed", "Rows not written: refused (dead-lettered) or given up", where
         )
-        for (backend, table), (written, not_written) in sorted(runtime.write_counts().items()):
+        for (backend, table), (written, not_written) in sorted(
+            runtime.counters.write_counts().items()
+        ):
             rows.add_metric([*base, backend, table], written)
             failed.add_metric([*base, backend, table], not_written)
         flush = family.histogram(
@@ -473,7 +476,7 @@ class _Collector:
         buffered = family.gauge("ingest_buffered_bytes", "Bytes of rows buffered or in flight")
         buffered.add_metric(base, runtime.budget.used)
         dead = family.counter("ingest_dead_letters", "Records sent to dead letters", ("kind",))
-        by_kind = dict.fromkeys(runtime.record_kinds(), 0)
+        by_kind = dict.fromkeys(runtime.config.record_kinds(), 0)
         for key, value in stats.items():
             if key.startswith("ingest/") and key.endswith("/dead_letter"):
                 by_kind[key.split("/")[1]] = value

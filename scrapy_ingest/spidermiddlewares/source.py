@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any
 
-from scrapy import Request
+from scrapy import Request, signals
 
 from scrapy_ingest.runtime import IngestRuntime
 
@@ -54,10 +54,16 @@ class SourceMiddleware:
         self._redact = runtime.redact
         # without the request log there are no attempt ids to link
         self._link_requests = runtime.config.requests_enabled
+        # an item that never reaches IngestPipeline is not taken: forget it
+        crawler.signals.connect(self._forget, signal=signals.item_dropped)
+        crawler.signals.connect(self._forget, signal=signals.item_error)
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
         return cls(crawler)
+
+    def _forget(self, item: Any) -> None:
+        self._sources.pop(id(item), None)
 
     # one loop per kind of iterable, kept tight: it runs once per item and request
     def process_spider_output(
