@@ -87,12 +87,10 @@ class IngestPipeline:
         if databases is None:
             return  # the runtime has said why, and closes the spider before its first request
         assert runtime.router is not None and runtime.job is not None
-        # with item_type rules or INGEST_ROUTER, each item is routed; else all go to one writer
-        self._per_item = runtime.router.per_item
-        if not self._per_item:
+        # with item_type rules or INGEST_ROUTER, each item is routed (no one writer); else all
+        # go to one writer
+        if not runtime.router.per_item:
             self._writer = databases.writer("items")
-            self._append_json = self._writer.append_json
-            self._add = self._writer.add
         # bound once: process_item runs for every item, on the reactor thread
         self._job_id, self._spider_name = runtime.job.job_id, runtime.job.spider
         self._new_id = runtime.new_id
@@ -100,13 +98,8 @@ class IngestPipeline:
         self._encode = runtime.encoder.encode_item
         self._budget = runtime.budget
         self._durable = runtime.config.durable
-        #: INGEST_ITEM_SCHEMAS / INGEST_ITEM_KEYS, or None (no item is checked)
+        #: INGEST_ITEM_SCHEMAS / INGEST_ITEM_KEYS, or None (no item is checked, only encoded)
         self._checks = runtime.item_checks
-        # the common case, which capture() queues without a coroutine, and items with
-        # schemas or keys, which also need none with one database and INGEST_DURABLE off
-        one_step = not self._per_item and not self._durable
-        self._direct = one_step and self._checks is None
-        self._checked_now = one_step and self._checks is not None
         runtime.on_tick(self._publish_stats)
 
     @pipeline_hook
@@ -133,22 +126,21 @@ class IngestPipeline:
         """Queue *item* for storage; return what the crawl must await first, if anything.
 
         The synchronous core of :meth:`process_item`, which
-        :class:`IngestItemProcessor` calls directly. With one database and
-        INGEST_DURABLE off, the item is checked (schemas, keys) and queued at
-        once, without a coroutine, and the awaitable, when there is one, is
-        the wait for buffer room (backpressure); with routing per item or
-        INGEST_DURABLE, a coroutine does the rest. An item that
-        ``INGEST_VALIDATION = "strict"`` rejects raises DropItem, here or
-        from the coroutine.
+        :class:`IngestItemProcessor` calls directly, and the one path of every item:
+        checked (schemas and keys, or only encoded), given its writer, queued. The
+        awaitable, when there is one, is what must happen before the item is done:
+        its database opened (a route that only ``INGEST_ROUTER`` names, the first
+        time), its batch journaled (``INGEST_DURABLE``), or room in the buffer
+        (backpressure). An item that ``INGEST_VALIDATION = "strict"`` rejects raises
+        DropItem, here or from the awaitable.
         """
-        if not self._direct:
-            if self._checked_now:
-                return self._capture_checked_now(item)
-            return self._capture_checked(item)
         source = self._take_source(id(item), None)
         try:
-            data = self._encode(item)
-        except EncodeError as exc:
+            if self._checks is None:
+                data, key, leave_out, errors = self._encode(item), None, None, None
+            else:
+                data, key, leave_out, errors = self._checks.check(item)
+        except (EncodeError, ItemRejected) as exc:
             self._reject(item, exc)
             return None
         except TypeError:
@@ -158,117 +150,98 @@ class IngestPipeline:
                 raise
             self._not_an_item(item)
             return None
+        url = source[1] if source is not None and source[0] is item else None
+        writer = self._writer
+        if writer is None:  # routed per item (item_type rules, INGEST_ROUTER)
+            assert self._databases is not None
+            found = self._databases.item_writer(item)
+            if isinstance(found, Route):  # its database is not open yet
+                checked = Checked(data, key, leave_out, errors)
+                return self._queue_once_open(found, item, url, checked)
+            writer = found
+        self._queue(writer, item, url, data, key=key, leave_out=leave_out, errors=errors)
+        if self._durable:
+            return self._acknowledged(writer)
+        budget = self._budget
+        if budget.used >= budget.limit:
+            return self._wait_for_room()
+        return None
+
+    def _queue(
+        self,
+        writer: BatchWriter,
+        item: Any,
+        url: str | None,
+        data: bytes,
+        *,
+        key: str | None,
+        leave_out: tuple[str, ...] | None,
+        errors: bytes | None,
+    ) -> None:
+        """Add the row of a checked item to *writer*'s batch: the one place an item's row is
+        made (the columns of ``items``, in order: :class:`~scrapy_ingest.schema.ItemRow`)."""
         now = _time()
-        self._add(
+        # keyed: version 1, seen now, until the database says more; the content hash is
+        # computed by the writer (backends._upsert.split_keyed), leaving out the fields named
+        version, seen = (None, None) if key is None else (1, now)
+        writer.add(
             (
                 self._new_id(now),
                 self._job_id,
                 self._spider_name,
                 type(item).__name__,
-                source[1] if source is not None and source[0] is item else None,
+                url,
                 now,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                self._append_json(data),
+                key,
+                leave_out,
+                version,
+                seen,
+                seen,
+                errors,
+                writer.append_json(data),
             ),
             len(data) + ROW_OVERHEAD,
         )
         self._queued += 1
-        budget = self._budget
-        if budget.used >= budget.limit:
-            return self._wait_for_room()
-        return None
 
     async def _wait_for_room(self) -> None:
         # backpressure: the crawl waits here until the writers catch up
         self._runtime.stats.inc_value(_WAITS)
         await maybe_deferred_to_future(self._budget.wait())
 
-    def _capture_checked_now(self, item: Any) -> Awaitable[None] | None:
-        """:meth:`capture` with item schemas or keys (one database, not durable)."""
-        source = self._take_source(id(item), None)
-        assert self._checks is not None and self._writer is not None
+    async def _acknowledged(self, writer: BatchWriter) -> None:
+        # INGEST_DURABLE: the item is in the journal (or the database) before process_item
+        # returns; one that neither could keep is dropped, never acknowledged
         try:
-            checked = self._checks.check(item)
-        except (EncodeError, ItemRejected) as exc:
-            self._reject(item, exc)
-            return None
-        except TypeError:  # as in capture()
-            if ItemAdapter.is_item(item):
-                raise
-            self._not_an_item(item)
-            return None
-        self._queue(self._writer, item, source, checked)
-        budget = self._budget
-        if budget.used >= budget.limit:
-            return self._wait_for_room()
-        return None
-
-    async def _capture_checked(self, item: Any) -> None:
-        """:meth:`capture` with routing per item, or INGEST_DURABLE."""
-        source = self._take_source(id(item), None)
-        try:
-            if self._checks is None:
-                checked = Checked(self._encode(item))
-            else:
-                checked = self._checks.check(item)
-        except (EncodeError, ItemRejected) as exc:
-            self._reject(item, exc)
-            return
-        except TypeError:  # as in capture(); before routing, which needs an item
-            if ItemAdapter.is_item(item):
-                raise
-            self._not_an_item(item)
-            return
-        if self._per_item:
-            writer = await self._routed_writer(item)
-            if writer is None:  # its database cannot be used: dead-lettered
-                return
-        else:
-            writer = self._writer
-            assert writer is not None
-        self._queue(writer, item, source, checked)
-        if self._durable:
-            # INGEST_DURABLE: the item is in the journal (or the database) before process_item
-            # returns; one that neither could keep is dropped, never acknowledged
-            try:
-                await maybe_deferred_to_future(writer.acknowledged())
-            except NotKept as exc:
-                raise DropItem(f"INGEST_DURABLE: the item could not be kept: {exc}") from None
+            await maybe_deferred_to_future(writer.acknowledged())
+        except NotKept as exc:
+            raise DropItem(f"INGEST_DURABLE: the item could not be kept: {exc}") from None
         budget = self._budget
         if budget.used >= budget.limit:
             await self._wait_for_room()
 
-    def _queue(
-        self, writer: BatchWriter, item: Any, source: tuple[Any, str] | None, checked: Checked
+    async def _queue_once_open(
+        self, route: Route, item: Any, url: str | None, checked: Checked
     ) -> None:
-        """Add the row of a checked item to *writer*'s batch."""
+        """Open the database that ``INGEST_ROUTER`` names for the first time, then queue
+        *item* into it; dead-letter the item when that database cannot be used."""
+        databases = self._databases
+        assert databases is not None
+        try:
+            await databases.open(route.url)
+        except IngestError as exc:
+            reason = f"its route ({redact_url(route.url)}) cannot be used: {exc}"
+            databases.dead_letter("items", reason, _safe_repr(item))
+            return
+        writer = databases.writer("items", route)
         data, key, leave_out, errors = checked
-        now = _time()
-        # keyed: version 1, seen now, until the database says more; the content hash is
-        # computed by the writer (backends.base.split_keyed), leaving out the fields named
-        version, seen = (None, None) if key is None else (1, now)
-        row = (
-            self._new_id(now),
-            self._job_id,
-            self._spider_name,
-            type(item).__name__,
-            source[1] if source is not None and source[0] is item else None,
-            now,
-            key,
-            leave_out,
-            version,
-            seen,
-            seen,
-            errors,
-            writer.append_json(data),
-        )
-        writer.add(row, len(data) + ROW_OVERHEAD)
-        self._queued += 1
+        self._queue(writer, item, url, data, key=key, leave_out=leave_out, errors=errors)
+        if self._durable:
+            await self._acknowledged(writer)
+            return
+        budget = self._budget
+        if budget.used >= budget.limit:
+            await self._wait_for_room()
 
     def _reject(self, item: Any, exc: EncodeError | ItemRejected) -> None:
         """Dead-letter *item* with the reason; drop it when it is invalid in strict mode."""
@@ -315,21 +288,6 @@ class IngestPipeline:
             cause,
             _NOT_AN_ITEM,
         )
-
-    async def _routed_writer(self, item: Any) -> BatchWriter | None:
-        databases = self._databases
-        assert databases is not None
-        found = databases.item_writer(item)
-        if not isinstance(found, Route):
-            return found
-        # a database INGEST_ROUTER names for the first time
-        try:
-            await databases.open(found.url)
-        except IngestError as exc:
-            reason = f"its route ({redact_url(found.url)}) cannot be used: {exc}"
-            databases.dead_letter("items", reason, _safe_repr(item))
-            return None
-        return databases.writer("items", found)
 
 
 class IngestItemProcessor(ItemPipelineManager):

@@ -22,7 +22,7 @@ is additive.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 ColumnKind = Literal["uuid", "text", "int", "bigint", "float", "bool", "timestamp", "json"]
 
@@ -87,6 +87,38 @@ _ITEM_COLUMNS = (
     _c("errors", "json"),
     _c("data", "json", False),
 )
+
+
+class ItemRow(NamedTuple):
+    """An item's row, as :class:`~scrapy_ingest.pipelines.IngestPipeline` makes it: the columns
+    of ``items`` in order, named.
+
+    Rows travel as plain tuples of this shape (``ItemRow(*row)`` names one): a row is made
+    for every item and pickled to the writer process in its batch, and a named tuple costs
+    about 4x a plain one to make and to unpickle (its ``__new__`` is Python code), measured
+    on 2,000-row batches (docs/architecture.md).
+    """
+
+    id: int
+    job_id: str
+    spider: str
+    item_type: str
+    #: the response the item came from (``SourceMiddleware``), or None
+    url: str | None
+    scraped_at: float
+    #: keyed items (INGEST_ITEM_KEYS): the key, else None, as are the next four
+    item_key: str | None
+    #: the INGEST_HASH_EXCLUDE fields the item has, until the writer computes the hash
+    #: (``backends._upsert.split_keyed``)
+    content_hash: tuple[str, ...] | str | None
+    version: int | None
+    first_seen_at: float | None
+    last_seen_at: float | None
+    #: the validation errors as JSON (INGEST_VALIDATION = "warn"), or None
+    errors: bytes | None
+    #: in a packed batch, where the item's JSON ends in the batch's payload (``Batch.rows``)
+    data: int | bytes
+
 
 _TABLES: dict[str, tuple[tuple[Column, ...], str, tuple[tuple[str, ...], ...]]] = {
     "jobs": (

@@ -304,14 +304,15 @@ def parse_json(value: Any) -> Any:
 
 
 def item_row(*values: Any, **more: Any) -> tuple[Any, ...]:
-    """A row of the items table (the columns of scrapy_ingest.schema): *values* are id,
+    """A row of the items table (:class:`scrapy_ingest.schema.ItemRow`): *values* are id,
     job_id, spider, item_type, url, scraped_at and data; *more* other columns by name
-    (``item_key=...``); the columns not given are None."""
-    from scrapy_ingest.schema import table_spec
+    (``item_key=...``); the columns not given are None. A plain tuple, as the pipeline
+    makes them."""
+    from scrapy_ingest.schema import ItemRow
 
     names = ("id", "job_id", "spider", "item_type", "url", "scraped_at", "data")
     given = {**dict(zip(names, values, strict=True)), **more}
-    return tuple(given.get(name) for name in table_spec("items", "").column_names)
+    return tuple(ItemRow(**{name: given.get(name) for name in ItemRow._fields}))
 
 
 class NoTable(AssertionError):
