@@ -89,7 +89,8 @@ def backend_url(backend: str, admin: str, stack: contextlib.ExitStack) -> str:
     return services.with_database(admin, services.create_database(admin))
 
 
-def main() -> None:
+def parse_options() -> tuple[argparse.Namespace, tuple[str, ...]]:
+    """The command line's options, and the modes of each round, in order."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--pairs", type=int, default=3)
@@ -130,16 +131,23 @@ def main() -> None:
         modes = ("none", "quiet", "ingest", "durable")
     if options.keys:
         modes = ("none", "quiet", "ingest", "keyed", "rekeyed")
-    backends: list[str] = []
+    options.backends = options.backends.split(",") if options.backends else []
     if options.backends:
-        backends = options.backends.split(",")
-        unknown = set(backends) - {"postgres", "sqlite", "chdb"}
+        unknown = set(options.backends) - {"postgres", "sqlite", "chdb"}
         if unknown:
             parser.error(f"unknown backends {sorted(unknown)}: choose from postgres, sqlite, chdb")
-        modes = ("none", "quiet", *(f"ingest-{backend}" for backend in backends))
+        modes = ("none", "quiet", *(f"ingest-{backend}" for backend in options.backends))
+    return options, modes
+
+
+def run_rounds(
+    options: argparse.Namespace, modes: tuple[str, ...]
+) -> dict[str, list[dict[str, float]]]:
+    """Every mode once per round, in order; each run's result, by mode."""
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     keyed_url: str | None = None
     with contextlib.ExitStack() as stack:
+        backends = options.backends
         needs_postgres = not options.clickhouse and (not backends or "postgres" in backends)
         admin = postgres(stack) if needs_postgres else ""
         for n in range(options.pairs):
@@ -165,25 +173,36 @@ def main() -> None:
                     sys.exit(f"ingest run {n}: stored {result['stored']} of {options.items}")
                 runs[mode].append(result)
                 print(f"run {n + 1} {mode:<6} {json.dumps(result)}", flush=True)
-    print()
+    return runs
+
+
+def print_summary(runs: dict[str, list[dict[str, float]]], items: int) -> None:
+    """Each mode's medians: items/s and their ratios to none and to quiet, and CPU."""
     base = statistics.median(r["items_per_s"] for r in runs["none"])
     base_wall = statistics.median(r["wall_items_per_s"] for r in runs["none"])
     quiet = statistics.median(r["items_per_s"] for r in runs["quiet"])
     quiet_cpu = statistics.median(r["cpu"] for r in runs["quiet"])
-    width = max(8, *(len(mode) + 2 for mode in modes))
+    width = max(8, *(len(mode) + 2 for mode in runs))
     print(
         f"{'mode':<{width}}{'items/s':>10}{'ratio':>8}{'wall items/s':>14}{'wall ratio':>12}"
         f"{'to quiet':>10}{'CPU s':>8}{'us/item over quiet':>20}"
     )
-    for mode in modes:
-        rate = statistics.median(r["items_per_s"] for r in runs[mode])
-        wall = statistics.median(r["wall_items_per_s"] for r in runs[mode])
-        cpu = statistics.median(r["cpu"] for r in runs[mode])
-        per_item = (cpu - quiet_cpu) / options.items * 1e6
+    for mode, results in runs.items():
+        rate = statistics.median(r["items_per_s"] for r in results)
+        wall = statistics.median(r["wall_items_per_s"] for r in results)
+        cpu = statistics.median(r["cpu"] for r in results)
+        per_item = (cpu - quiet_cpu) / items * 1e6
         print(
             f"{mode:<{width}}{rate:>10.0f}{rate / base:>8.3f}{wall:>14.0f}"
             f"{wall / base_wall:>12.3f}{rate / quiet:>10.3f}{cpu:>8.2f}{per_item:>20.1f}"
         )
+
+
+def main() -> None:
+    options, modes = parse_options()
+    runs = run_rounds(options, modes)
+    print()
+    print_summary(runs, options.items)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ RUNS = {
     "items-metrics": (["items.py", "--items", "2000", "--pairs", "1", "--metrics"], "metrics"),
     "items-durable": (["items.py", "--items", "2000", "--pairs", "1", "--durable"], "durable"),
     "items-clickhouse": (["items.py", "--items", "2000", "--pairs", "1", "--clickhouse"], "ingest"),
+    "items-backends": (
+        ["items.py", "--items", "2000", "--pairs", "1", "--backends", "postgres,sqlite,chdb"],
+        "ingest-chdb",
+    ),
     "pages": (["pages.py", "--pages", "200", "--pairs", "1"], "ingest"),
     "retry": (["retry.py", "--pages", "200", "--pairs", "1"], "backoff"),
     "write-path": (["write_path.py", "--rows", "4000", "--repeat", "1"], "plain COPY"),
