@@ -5,6 +5,8 @@ packed batch's JSON copied from its payload): every value is stored exactly as p
 from __future__ import annotations
 
 import math
+import random
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -200,6 +202,8 @@ def test_timestamps_as_the_formatter_writes_them(backend: PostgresBackend, pg_ur
     """The inline rounding of the row loop against TimestampFormatter, on many epochs."""
     epochs = [1.7e9 + k * 0.0000001 for k in range(0, 2_000_000, 997)]
     epochs += [2**30 + k / 2**21 for k in range(500)] + [8192 + k / 2**40 for k in range(500)]
+    # exact ties: m/128 s is 7812.5 µs times m, rounded half to even
+    epochs += [second + m / 128 for second in (1, 8192, 1765100000) for m in range(128)]
     rows = [
         ((0x0190_0000 << 96) + i, "job", "s", "dict", None, epoch) + (None,) * 6 + (b"{}",)
         for i, epoch in enumerate(epochs)
@@ -239,3 +243,28 @@ def test_a_refused_row_costs_only_itself(backend: PostgresBackend, pg_url: str) 
     assert row[-1] == b'{"n": "\\u0000"}'
     assert "UntranslatableCharacter" in reason
     assert len(_stored(pg_url, "new_items")) == 8
+
+
+def _modf_timestamp(epoch: float) -> str:
+    """TimestampFormatter as it was: math.modf, rounded, carried, formatted with %06d."""
+    fraction, whole = math.modf(epoch)
+    second, micros = int(whole), round(fraction * 1e6)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(second))}.{micros:06d}+00:00"
+
+
+def test_timestamp_formatter_rounds_as_modf_does() -> None:
+    """The formatter's fast path (int() and a subtraction, digits from a table) against
+    math.modf's, on many epochs, ties and carries into the next second included."""
+    rand = random.Random(26)
+    epochs = [rand.uniform(1, 4e9) for _ in range(50_000)]
+    epochs += [rand.uniform(-1e6, 10) for _ in range(10_000)]
+    epochs += [1765100000 + k * 1e-7 for k in range(50_000)]
+    epochs += [1.0, 0.9999999, 1.9999995, 8192.0000005, 2**30 + 0.5 / 2**21, 5, -3, 0]
+    # exact ties: m/128 s is 7812.5 µs times m, rounded half to even
+    epochs += [second + m / 128 for second in (1, 8192, 1765100000, -5) for m in range(128)]
+    format_ts = TimestampFormatter()
+    assert [format_ts(epoch) for epoch in epochs] == [_modf_timestamp(e) for e in epochs]
