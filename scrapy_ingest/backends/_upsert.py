@@ -67,6 +67,8 @@ def split_keyed(table: TableSpec, rows: Sequence[Row]) -> tuple[Sequence[Row], l
     plain = rows.packed_rows if isinstance(rows, Batch) else rows
     if all(row[key_at] is None for row in plain):
         return rows, []
+    if isinstance(rows, Batch):
+        rows = rows.rows()  # cut once
     hash_at = table.position("content_hash")
     return [r for r in rows if r[key_at] is None], [
         _with_hash(r, hash_at) if isinstance(r[hash_at], tuple) else r
