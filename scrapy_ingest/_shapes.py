@@ -7,8 +7,9 @@ and the journal, which hand each other rows and outcomes, need not import each o
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 #: a record as a backend writes it: one value per column of its table, in column order
 #: (see :mod:`scrapy_ingest.schema`)
@@ -16,16 +17,23 @@ Row = tuple[Any, ...]
 
 
 @dataclass
-class Batch:
+class Batch(Sequence[Row]):
     """Rows on their way to a backend.
 
     With a *payload*, the rows are packed: the last column of each holds the
     offset where its JSON ends in *payload* (see ``BatchWriter.append_json``),
     and :meth:`rows` cuts the JSON out again, off the reactor thread.
+
+    A batch is also a sequence of its rows, cut one at a time when asked for, and a slice
+    of it is a batch that shares its payload: a backend that reads the payload itself
+    (PostgreSQL's ``COPY``) writes a batch, or the halves of one split to find a refused
+    row, without cutting each row out first.
     """
 
     packed_rows: list[Row]
     payload: bytes | bytearray | memoryview | None = None
+    #: where the JSON of the first packed row starts in *payload* (a slice of a batch)
+    start: int = 0
 
     def rows(self, *, text: bool = False) -> list[Row]:
         """The rows, each with its JSON in its last column: as bytes, or with *text* as str.
@@ -48,12 +56,45 @@ class Batch:
 
     def _cut(self, payload: bytes | str) -> list[Row]:
         rows: list[Row] = []
-        start = 0
+        start = self.start
         for row in self.packed_rows:
             end = row[-1]
             rows.append((*row[:-1], payload[start:end]))
             start = end
         return rows
+
+    def __len__(self) -> int:
+        return len(self.packed_rows)
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows())
+
+    @overload
+    def __getitem__(self, index: int) -> Row: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Batch: ...
+
+    def __getitem__(self, index: int | slice) -> Row | Batch:
+        packed = self.packed_rows
+        if isinstance(index, slice):
+            first, _, step = index.indices(len(packed))
+            if step != 1:
+                raise ValueError("a batch is sliced with a step of 1 only")
+            if self.payload is None:
+                return Batch(packed[index])
+            return Batch(packed[index], self.payload, self._start_of(first))
+        row = packed[index]
+        if self.payload is None:
+            return row
+        position = range(len(packed))[index]
+        return (*row[:-1], bytes(self.payload[self._start_of(position) : row[-1]]))
+
+    def _start_of(self, position: int) -> int:
+        """Where the JSON of the packed row at *position* starts in the payload."""
+        if position <= 0:
+            return self.start
+        return int(self.packed_rows[min(position, len(self.packed_rows)) - 1][-1])
 
 
 @dataclass

@@ -7,6 +7,7 @@ import math
 import time
 
 _UTC = dt.timezone.utc
+_DIGITS = [f"{n:03d}" for n in range(1000)]
 
 
 class TimestampFormatter:
@@ -22,8 +23,14 @@ class TimestampFormatter:
 
     def __call__(self, epoch: float) -> str:
         # rounded exactly as datetime.fromtimestamp rounds, carrying into the next second
-        fraction, whole = math.modf(epoch)
-        second, micros = int(whole), round(fraction * 1e6)
+        if type(epoch) is float and epoch >= 1.0:
+            # the usual case, cheaper: from 1 on, int() and the subtraction are exactly the
+            # whole and the fraction that math.modf gives
+            second = int(epoch)
+            micros = round((epoch - second) * 1e6)
+        else:
+            fraction, whole = math.modf(epoch)
+            second, micros = int(whole), round(fraction * 1e6)
         if micros >= 1_000_000:
             second, micros = second + 1, micros - 1_000_000
         elif micros < 0:
@@ -32,7 +39,8 @@ class TimestampFormatter:
         if second != cached_second:
             prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
             self._cache = (second, prefix)
-        return f"{prefix}.{micros:06d}+00:00"
+        # the six digits from a table of three: a third of the cost of a format spec
+        return f"{prefix}.{_DIGITS[micros // 1000]}{_DIGITS[micros % 1000]}+00:00"
 
 
 def utc_from_epoch(epoch: float) -> dt.datetime:

@@ -300,21 +300,25 @@ class LocalHost:
     # writing
 
     def store(self, table: TableSpec, batch: Batch) -> WriteOutcome:
-        rows = batch.rows(text=self.backend.json_as_text)
         if self._refused is not None:
+            rows = batch.rows(text=self.backend.json_as_text)
             return self._set_aside(table, rows, WriteOutcome(refused=self._refused))
         was_down = self._down
         if was_down and not self._probe_due():
+            rows = batch.rows(text=self.backend.json_as_text)
             return self._spill(table, rows, WriteOutcome(), "the database is still unavailable")
         try:
             self._ensure_open()
             self._prepare(table)
         except Exception as exc:
-            return self._not_ready(table, rows, exc)
+            return self._not_ready(table, batch.rows(text=self.backend.json_as_text), exc)
         outcome = store_batch(
             self.backend,
             table,
-            rows,
+            # a backend that takes batches reads the packed rows and their payload itself
+            batch
+            if getattr(self.backend, "takes_batches", False)
+            else batch.rows(text=self.backend.json_as_text),
             0 if was_down else self._retry_timeout,
             outage=self._outage,
             abort=self._abort,

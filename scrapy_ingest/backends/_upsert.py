@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from scrapy_ingest._shapes import Batch
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
@@ -60,8 +62,13 @@ def split_keyed(table: TableSpec, rows: Sequence[Row]) -> tuple[Sequence[Row], l
     if not table.unique:
         return rows, []
     key_at = table.position("item_key")
-    if all(row[key_at] is None for row in rows):
+    # a packed batch is asked through its packed rows, which have the same key column: its
+    # rows are not cut out for that
+    plain = rows.packed_rows if isinstance(rows, Batch) else rows
+    if all(row[key_at] is None for row in plain):
         return rows, []
+    if isinstance(rows, Batch):
+        rows = rows.rows()  # cut once
     hash_at = table.position("content_hash")
     return [r for r in rows if r[key_at] is None], [
         _with_hash(r, hash_at) if isinstance(r[hash_at], tuple) else r

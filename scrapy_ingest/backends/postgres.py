@@ -20,13 +20,16 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg import sql
+from psycopg import abc, sql
+from psycopg.adapt import PyFormat, Transformer
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from scrapy_ingest._redact import redact_secrets_of, redact_url
+from scrapy_ingest._shapes import Batch
 from scrapy_ingest._time import TimestampFormatter, utc_from_epoch
 from scrapy_ingest.backends._upsert import StoredItem, plan_upsert, split_keyed
 from scrapy_ingest.backends.base import (
@@ -73,6 +76,8 @@ _READ_ROWS = 1000
 class PostgresBackend:
     threads = 2
     json_as_text = False
+    #: write() takes a packed Batch as it is, and copies its rows' JSON from its payload
+    takes_batches = True
 
     def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
         # SQLAlchemy-style "postgresql+psycopg://" is accepted too
@@ -88,6 +93,10 @@ class PostgresBackend:
         self._schema: str | None = None
         self._format_ts = TimestampFormatter()
         self._conversions = conversions_by_kind(self._conversion)
+        #: table kind -> its COPY formatter, made at the first write of that kind
+        self._formatters: dict[str, _CopyFormatter] = {}
+        #: table name -> the statement that copies rows into it (see _copy_statement)
+        self._copy_statements: dict[str, bytes] = {}
 
     # lifecycle
 
@@ -221,11 +230,11 @@ class PostgresBackend:
     def _insert(
         self, cur: psycopg.Cursor[Any], table: TableSpec, rows: Sequence[Row], *, idempotent: bool
     ) -> None:
+        if not idempotent:
+            self._copy(cur, self._copy_statement(cur, table), table, rows)
+            return
         target = sql.Identifier(table.name)
         columns = sql.SQL(", ").join(map(sql.Identifier, table.column_names))
-        if not idempotent:
-            self._copy(cur, sql.SQL("COPY {} ({}) FROM STDIN").format(target, columns), table, rows)
-            return
         stage = sql.Identifier(f"_stage_{table.name}")
         cur.execute(
             sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(
@@ -238,6 +247,18 @@ class PostgresBackend:
                 target, columns, columns, stage, sql.Identifier(table.primary_key)
             )
         )
+
+    def _copy_statement(self, cur: psycopg.Cursor[Any], table: TableSpec) -> bytes:
+        """``COPY <table> (<columns>) FROM STDIN``, composed once per table: composing it
+        (quoting each name) costs as much as copying a hundred rows."""
+        statement = self._copy_statements.get(table.name)
+        if statement is None:
+            columns = sql.SQL(", ").join(map(sql.Identifier, table.column_names))
+            composed = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                sql.Identifier(table.name), columns
+            )
+            statement = self._copy_statements[table.name] = composed.as_bytes(cur)
+        return statement
 
     def _upsert(
         self, cur: psycopg.Cursor[Any], table: TableSpec, rows: Sequence[Row]
@@ -338,12 +359,20 @@ class PostgresBackend:
     def _copy(
         self,
         cur: psycopg.Cursor[Any],
-        statement: sql.Composed,
+        statement: sql.Composed | bytes,
         table: TableSpec,
         rows: Sequence[Row],
     ) -> None:
-        # psycopg's write_row formats and escapes in C; we only turn our
-        # values into text first (ids, timestamps, JSON bytes, unsafe text)
+        if cur.connection.info.encoding == "utf-8":
+            formatter = self._formatters.get(table.kind)
+            if formatter is None:
+                by_index = dict(self._conversions[table.kind])
+                formatter = self._formatters[table.kind] = _CopyFormatter(table, by_index)
+            with cur.copy(statement) as copy:
+                formatter.write(copy, rows)
+            return
+        # another client encoding: psycopg's write_row encodes, formats and escapes; we
+        # only turn our values into text first (ids, timestamps, JSON bytes, unsafe text)
         conversions = self._conversions[table.kind]
         with cur.copy(statement) as copy:
             write_row = copy.write_row
@@ -827,6 +856,225 @@ def _copy_rows(cur: psycopg.Cursor[Any], table: sql.Identifier, rows: Sequence[R
     with cur.copy(sql.SQL("COPY {} FROM STDIN").format(table)) as copy:
         for row in rows:
             copy.write_row(row)
+
+
+# COPY text, formatted here rather than by psycopg's write_row: one bytes block per batch
+
+#: COPY's text format: NULL, and the characters escaped in a value (psycopg escapes the same)
+_NULL = "\\N"
+_COPY_ESCAPES = str.maketrans(
+    {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f", "\r": "\\r", "\\": "\\\\"}
+)
+_COPY_SPECIAL_BYTES = (b"\\", b"\b", b"\t", b"\n", b"\v", b"\f", b"\r")
+_COPY_DUMP_RE = re.compile(b"[\b\t\n\v\f\r\\\\]")
+_COPY_DUMP = {
+    b"\b": b"\\b",
+    b"\t": b"\\t",
+    b"\n": b"\\n",
+    b"\v": b"\\v",
+    b"\f": b"\\f",
+    b"\r": b"\\r",
+    b"\\": b"\\\\",
+}
+#: distinct texts whose COPY form a formatter keeps (job ids, spider names, item types...)
+_TEXT_CACHE = 4096
+
+
+def _plain_utf8(data: bytes) -> bool:
+    """Whether *data* is what decoding it and encoding it again as UTF-8 gives (no NUL,
+    which psycopg refuses in text)."""
+    if b"\x00" in data:
+        return False
+    if data.isascii():
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _escape_all(data: bytes) -> bytes:
+    return _COPY_DUMP_RE.sub(lambda m: _COPY_DUMP[m.group(0)], data)
+
+
+def _escape_backslashes(data: bytes) -> bytes:
+    return data.replace(b"\\", b"\\\\") if b"\\" in data else data
+
+
+def _json_escape(data: bytes) -> Callable[[bytes], bytes] | None:
+    """How JSON *data* (one row's, or a whole payload) must be escaped for COPY: not at all
+    (orjson escapes every control character, so the usual case is none or backslashes only)."""
+    if not any(special in data for special in _COPY_SPECIAL_BYTES[1:]):
+        return _escape_backslashes if b"\\" in data else None
+    return _escape_all
+
+
+class _Texts(dict[Any, str]):
+    """The COPY form of text values (:func:`safe_text`, escaped), kept for the values that
+    come again (the job id, the spider, item types); a bounded number of them."""
+
+    def __missing__(self, value: Any) -> str:
+        text = safe_text(value)  # raises for what is not text, as it always did
+        if not (text.isprintable() and "\\" not in text):
+            text = text.translate(_COPY_ESCAPES)
+        if len(self) < _TEXT_CACHE:
+            self[value] = text
+        return text
+
+
+class _CopyFormatter:
+    """Formats rows of one table kind as ``COPY ... FROM STDIN`` text, a block at a time.
+
+    The loop over the rows is compiled once per table kind from its column kinds (like
+    :mod:`dataclasses` compiles ``__init__``): one f-string per row and no call per
+    column for the values of the expected types. Ids (ints) become 32 hex digits,
+    timestamps are formatted inline exactly as :class:`TimestampFormatter` formats them,
+    texts come from a cache of their COPY form, and each JSON document goes in as the bytes
+    it is (escaped only when it holds a backslash). Anything else (a uuid given as text,
+    an int timestamp, JSON that is not UTF-8) goes through :meth:`_dump`, which converts
+    it as the row-by-row path did and dumps it with psycopg's own adapters, so the bytes
+    sent are the ones ``copy.write_row`` would have sent.
+    """
+
+    def __init__(self, table: TableSpec, conversions: Mapping[int, Callable[[Any], Any]]) -> None:
+        self._kinds = [column.kind for column in table.columns]
+        self._conversions = conversions
+        self._texts = _Texts()
+        self._generic = self._compile(packed=False)
+        self._packed = self._compile(packed=True) if self._kinds[-1] == "json" else None
+
+    def write(self, copy: psycopg.Copy, rows: Sequence[Row]) -> None:
+        """Write *rows* to *copy* (a COPY in text format, on a UTF-8 connection)."""
+        transformer = Transformer.from_context(copy.cursor)
+
+        def dump(index: int, value: Any) -> str:
+            return self._dump(transformer, index, value)
+
+        write = copy.write
+
+        if isinstance(rows, Batch) and rows.payload is not None and self._packed is not None:
+            payload = bytes(rows.payload)
+            # each row's JSON is a slice of the payload, which goes in as it is when it is
+            # UTF-8 without NUL (else each row is checked), escaped only as the payload needs
+            if _plain_utf8(payload):
+                escape = _json_escape(payload)
+                self._packed(rows.packed_rows, payload, rows.start, escape, self._json, dump, write)
+                return
+            rows = rows.rows()
+        self._generic(rows, self._json, dump, write)
+
+    def _json(self, index: int, value: Any, dump: Callable[[int, Any], str]) -> bytes:
+        """The COPY form of a JSON value: UTF-8 bytes go in as they are, escaped as needed."""
+        if type(value) is bytes and _plain_utf8(value):
+            escape = _json_escape(value)
+            return value if escape is None else escape(value)
+        return dump(index, value).encode()
+
+    def _dump(self, transformer: abc.Transformer, index: int, value: Any) -> str:
+        """*value*, converted as the row-by-row path converts it, dumped by psycopg."""
+        convert = self._conversions.get(index)
+        if convert is not None:
+            value = convert(value)
+        (dumped,) = transformer.dump_sequence([value], [PyFormat.TEXT])
+        if dumped is None:
+            return _NULL
+        return _escape_all(bytes(dumped)).decode()
+
+    def _compile(self, *, packed: bool) -> Callable[..., None]:
+        """The loop that formats rows: generated from the column kinds only."""
+        kinds = self._kinds
+        names = [f"c{i}" for i in range(len(kinds))]
+        body: list[str] = []
+        segments: list[str] = []  # the f-string of the current text segment
+        pieces: list[str] = []  # what is appended per row: encoded segments and JSON
+        first: list[str] = []  # the previous values, before the first row
+        for i, kind in enumerate(kinds):
+            c, end = names[i], "\\n" if i == len(kinds) - 1 else "\\t"
+            if kind == "json":
+                if packed and i == len(kinds) - 1:
+                    body += [f"j{i} = payload[start:{c}]", f"start = {c}"]
+                    body += [f"if escape is not None: j{i} = escape(j{i})"]
+                else:
+                    body += [f"j{i} = NULLB if {c} is None else json({i}, {c}, dump)"]
+                if segments:
+                    pieces.append(_segment(segments))
+                    segments = []
+                pieces.append(f"j{i}")
+                segments.append(end)
+                continue
+            segments.append(f"{{v{i}}}{end}")
+            if kind == "timestamp":
+                # TimestampFormatter's rounding, inline: for epoch >= 1, int() and the
+                # subtraction are math.modf's whole and fraction, exactly
+                body += [
+                    f"if {c} is None: v{i} = NULL",
+                    f"elif type({c}) is float and {c} >= 1.0:",
+                    f"    w = int({c}); us = round(({c} - w) * 1e6)",
+                    "    if us >= 1000000: w += 1; us -= 1000000",
+                    "    if w != second: second = w; prefix = strftime(DATE, gmtime(w))",
+                    f'    v{i} = f"{{prefix}}.{{D3[us // 1000]}}{{D3[us % 1000]}}+00:00"',
+                    f"else: v{i} = dump({i}, {c})",
+                ]
+                continue
+            # the same object as in the row before (pickle shares them: the job id, the
+            # spider, the item type, the url of a page of many items, NULLs) is not
+            # converted again
+            first.append(f"p{i} = None; v{i} = NULL")
+            body += [f"if {c} is not p{i}:", f"    p{i} = {c}; v{i} = {_value(kind, i)}"]
+        if segments:
+            pieces.append(_segment(segments))
+        source = [
+            f"def format_rows(rows, {'payload, start, escape, ' * packed}json, dump, write):",
+            "    parts = []; size = 0; second = None; prefix = ''",
+            *(f"    {line}" for line in first),
+            f"    for {', '.join(names)}, in rows:",
+            *(f"        {line}" for line in body),
+            f"        parts += ({', '.join(pieces)},)",
+            "        size += 1",
+            "        if size == ROWS_PER_WRITE:",
+            "            write(b''.join(parts)); parts = []; size = 0",
+            "    if parts: write(b''.join(parts))",
+        ]
+        namespace: dict[str, Any] = {
+            "NULL": _NULL,
+            "NULLB": _NULL.encode(),
+            "U128": 1 << 128,
+            "D3": [f"{i:03d}" for i in range(1000)],
+            "texts": self._texts,
+            "strftime": time.strftime,
+            "gmtime": time.gmtime,
+            "DATE": "%Y-%m-%d %H:%M:%S",
+            # about 100 kB of items a write: psycopg hands up to 128 kB to libpq at once
+            "ROWS_PER_WRITE": 128,
+        }
+        exec("\n".join(source), namespace)  # from column kinds only: no outside text
+        format_rows: Callable[..., None] = namespace["format_rows"]
+        return format_rows
+
+
+def _value(kind: ColumnKind, i: int) -> str:
+    """The source of the COPY text of the value ``c<i>`` of a column of *kind*."""
+    c = f"c{i}"
+    if kind == "text":
+        return f"NULL if {c} is None else texts[{c}]"
+    if kind == "uuid":  # 32 hex digits, which PostgreSQL reads as a uuid
+        fast = f"{c}.to_bytes(16, 'big').hex() if type({c}) is int and 0 <= {c} < U128"
+    elif kind in ("int", "bigint"):
+        fast = f"{c} if type({c}) is int"
+    elif kind == "float":
+        fast = f"repr({c}) if type({c}) is float and {c} - {c} == 0.0"
+    elif kind == "bool":
+        fast = f'("t" if {c} else "f") if type({c}) is bool'
+    else:
+        return f"NULL if {c} is None else dump({i}, {c})"
+    return f"NULL if {c} is None else {fast} else dump({i}, {c})"
+
+
+def _segment(parts: list[str]) -> str:
+    """The source of one text segment of a row: encoded per row, or a constant."""
+    text = "".join(parts)
+    return f'f"{text}".encode()' if "{" in text else f'b"{text}"'
 
 
 def _uuid_text(value: int | str) -> str:

@@ -179,6 +179,7 @@ class SqlAlchemyBackend:
         self._engine: sa.Engine | None = None
         self._format_ts = TimestampFormatter()
         self._converters: dict[str, list[Callable[[Any], Any]]] = {}
+        self._value_converters: dict[str, list[tuple[str, int, Callable[[Any], Any]]]] = {}
         #: MySQL and MariaDB: the server's max_allowed_packet, read by each new connection
         self._max_packet: int | None = None
         #: MySQL and MariaDB: the account of the connections (``'user'@'host'``), for messages
@@ -256,6 +257,15 @@ class SqlAlchemyBackend:
         self._converters = {
             kind: [
                 self._converter(c.kind, engine.dialect.name) for c in table_spec(kind, "").columns
+            ]
+            for kind in TABLE_KINDS
+        }
+        #: by kind: (name, index, conversion) of each column whose values are converted
+        self._value_converters = {
+            kind: [
+                (c.name, i, convert)
+                for i, c in enumerate(table_spec(kind, "").columns)
+                if (convert := self._value_converter(c.kind, engine.dialect.name)) is not None
             ]
             for kind in TABLE_KINDS
         }
@@ -520,10 +530,17 @@ class SqlAlchemyBackend:
     def _params(self, table: TableSpec, rows: Sequence[Row]) -> list[dict[str, Any]]:
         """*rows* as statement parameters, their values converted for the database."""
         names = table.column_names
-        converters = self._converters[table.kind]
-        return [
-            {n: conv(v) for n, conv, v in zip(names, converters, row, strict=True)} for row in rows
-        ]
+        # only the columns whose values change: a call per value costs more than the rest
+        converted = self._value_converters[table.kind]
+        params = []
+        for row in rows:
+            param = dict(zip(names, row, strict=True))
+            for name, index, convert in converted:
+                value = row[index]
+                if value is not None:
+                    param[name] = convert(value)
+            params.append(param)
+        return params
 
     def _upsert(
         self, conn: sa.Connection, table: TableSpec, sa_table: sa.Table, rows: Sequence[Row]
@@ -701,21 +718,26 @@ class SqlAlchemyBackend:
         )
 
     def _converter(self, kind: ColumnKind, dialect: str) -> Callable[[Any], Any]:
+        convert = self._value_converter(kind, dialect)
+        if convert is None:
+            return _identity
+        return lambda v: None if v is None else convert(v)
+
+    def _value_converter(self, kind: ColumnKind, dialect: str) -> Callable[[Any], Any] | None:
+        """What turns a value (not None) of a column of *kind* into what the database takes:
+        None when it takes it as it is."""
         if kind == "json":
-            return lambda v: None if v is None else v.decode()
+            return _decode
         if kind == "uuid":
-            return lambda v: None if v is None else format_uuid(v)
+            return format_uuid
         if kind == "timestamp":
             if dialect == "sqlite":
-                fmt: Callable[[float], Any] = self._format_ts
-            elif dialect in ("mysql", "mariadb"):
-                fmt = _naive_utc  # DATETIME has no time zone: UTC, by convention
-            else:
-                fmt = utc_from_epoch
-            return lambda v: None if v is None else fmt(v)
+                return self._format_ts
+            # MySQL's DATETIME has no time zone: UTC, by convention
+            return _naive_utc if dialect in ("mysql", "mariadb") else utc_from_epoch
         if kind == "text" and dialect in ("mysql", "mariadb"):
-            return lambda v: None if v is None else safe_text(v)
-        return _identity
+            return safe_text
+        return None
 
     def _convert_values(self, table: TableSpec, values: Mapping[str, Any]) -> dict[str, Any]:
         converters = dict(zip(table.column_names, self._converters[table.kind], strict=True))
@@ -1431,6 +1453,10 @@ def _begin_immediate(conn: sa.Connection) -> None:
 
 def _naive_utc(epoch: float) -> dt.datetime:
     return utc_from_epoch(epoch).replace(tzinfo=None)
+
+
+def _decode(value: bytes) -> str:
+    return value.decode()
 
 
 def _identity(value: Any) -> Any:
