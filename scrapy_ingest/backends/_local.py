@@ -317,7 +317,7 @@ class LocalHost:
             table,
             # a backend that takes batches reads the packed rows and their payload itself
             batch
-            if getattr(self.backend, "takes_batches", False)
+            if self.backend.takes_batches
             else batch.rows(text=self.backend.json_as_text),
             0 if was_down else self._retry_timeout,
             outage=self._outage,

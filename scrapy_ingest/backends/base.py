@@ -53,6 +53,10 @@ class Backend(Protocol):
     #: whether :meth:`write` takes JSON as ``str`` (decoded once per batch) rather than as
     #: ``bytes``; it must take both, since rows spilled by the crawl process hold bytes
     json_as_text: bool
+    #: whether :meth:`write` takes the packed :class:`~scrapy_ingest._shapes.Batch` itself
+    #: (a sequence of its rows, each cut from the payload only when asked for) rather than
+    #: the rows cut out of it
+    takes_batches: bool
 
     def open(self) -> None:
         """Connect, and create or check the tables. Raise BackendUnavailable or SchemaError."""

@@ -181,6 +181,7 @@ class _ItemsLayout:
 class ClickHouseBackend:
     threads = 1  # a clickhouse-connect client runs one query at a time
     json_as_text = True  # clickhouse-connect writes str; bytes it would decode value by value
+    takes_batches = False
 
     def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
         self._url = url

@@ -165,6 +165,7 @@ def _sa_type(
 class SqlAlchemyBackend:
     threads = 1  # SQLite takes one writer at a time anyway
     json_as_text = False
+    takes_batches = False
 
     def __init__(self, url: str, tables: Sequence[TableSpec], *, create_tables: bool) -> None:
         # mysql:// and mariadb:// with no driver: PyMySQL, which the [mysql] extra installs
