@@ -119,7 +119,7 @@ class IngestRuntime:
         self._tickers: list[Callable[[], None]] = []
         self._closers: list[Callable[[], None]] = []
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
-        if crawler.crawling and crawler.spider is not None:  # start writers as the crawl starts
+        if crawler.crawling and crawler.spider and config.router is None:  # as the crawl starts
             with contextlib.suppress(Exception):  # fails again at open, which says why
                 self._prepare().start()
 
