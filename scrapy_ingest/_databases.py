@@ -5,7 +5,10 @@ Every database the settings name (``INGEST_DATABASE_URL``, ``INGEST_ROUTES``) is
 spider open, all at once (:meth:`Databases.open_all`); one only ``INGEST_ROUTER`` names is
 opened on its first record, in a task of its own that the record waits for
 (:meth:`Databases.open`). Either way, each is opened once: its host started, its tables
-prepared, its spill journal replayed and the job row inserted.
+prepared, its spill journal replayed and the job row inserted. The writer process of a
+database the settings name is started earlier, as the crawl starts (:meth:`Databases.start`),
+so that it opens the database while Scrapy builds its engine; what it answers is taken, and
+reported, at spider open all the same.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 
@@ -187,14 +191,32 @@ class Databases:
         self._opening: dict[str, Event] = {}
         self._writers: dict[tuple[str, str], BatchWriter] = {}
         self._durable_executor: ThreadPoolExecutor | None = None
+        #: hosts started ahead of their open (see start), with their tables, by URL
+        self._started: dict[str, tuple[Host, dict[str, TableSpec]]] = {}
 
     # opening
 
-    async def open_all(self, urls: list[str], kinds: Iterable[str]) -> None:
-        """Open the databases of *urls* together; when one fails, close the others and raise
-        its error (the first in *urls*'s order). The job row goes in once all are open. The
-        tables of *kinds* (the kinds stored) count their rows from 0."""
+    def start(self) -> None:
+        """Start the host of each database the settings name now (see Host.start), for
+        :meth:`open_all` to open later. A database whose host cannot be made or started is
+        left to open_all, which tries again and reports why."""
+        for url in self._router.static_urls():
+            try:
+                check_url(url)
+                check_driver(url)
+                tables = self._tables_for(url)
+                host = self._create_host(url, tables)
+                host.start()
+            except Exception:
+                continue
+            self._started[url] = (host, tables)
+
+    async def open_all(self, kinds: Iterable[str]) -> None:
+        """Open the databases the settings name together; when one fails, close the others
+        and raise its error (the first in the router's order). The job row goes in once all
+        are open. The tables of *kinds* (the kinds stored) count their rows from 0."""
         self._kinds.update(kinds)
+        urls = self._router.static_urls()
         failed = await _settle([self._start(url) for url in urls])
         if failed is None:
             failed = await _settle([self._join(url) for url in urls])
@@ -202,6 +224,13 @@ class Databases:
             await self.close()
             raise failed
         self._open = {url: self._open[url] for url in urls}
+        # what the log of a crawl has said since the first release (docs/quickstart.md)
+        logging.getLogger("scrapy_ingest.runtime").info(
+            "Storing crawl data in %s (job_id %s); spill journal: %s",
+            self.where(),
+            self._job.info.job_id,
+            self._config.spill_root(),
+        )
 
     async def open(self, url: str) -> None:
         """Open *url*, which only ``INGEST_ROUTER`` names, once: the first caller starts
@@ -244,19 +273,12 @@ class Databases:
                 source,
                 redact_url(url),
             )
-        tables = self._tables_for(url)
-        config = self._config
-        host = create_host(
-            url,
-            list(tables.values()),
-            create_tables=config.create_tables,
-            retry_timeout=config.retry_timeout,
-            writer_process=config.writer_process,
-            spill_dir=config.spill_root(),
-            require_backend=config.require_backend,
-            spill_min_free=config.spill_min_free_bytes,
-            on_stuck=partial(self._on_stuck, url),
-        )
+        started = self._started.pop(url, None)
+        if started is None:
+            tables = self._tables_for(url)
+            host = self._create_host(url, tables)
+        else:
+            host, tables = started
         try:
             opened = await maybe_deferred_to_future(host.open())
         except IngestError as exc:
@@ -274,6 +296,20 @@ class Databases:
         if opened.replayed is not None:
             self._on_replayed(opened.replayed.batches, opened.replayed.rows)
         self._open[url] = Database(url, host, tables)
+
+    def _create_host(self, url: str, tables: dict[str, TableSpec]) -> Host:
+        config = self._config
+        return create_host(
+            url,
+            list(tables.values()),
+            create_tables=config.create_tables,
+            retry_timeout=config.retry_timeout,
+            writer_process=config.writer_process,
+            spill_dir=config.spill_root(),
+            require_backend=config.require_backend,
+            spill_min_free=config.spill_min_free_bytes,
+            on_stuck=partial(self._on_stuck, url),
+        )
 
     async def _join(self, url: str) -> None:
         """Insert the job row in the open database of *url*, and mark its crashed jobs."""
@@ -447,11 +483,18 @@ class Databases:
     async def close(self) -> None:
         """Release every connection (and the INGEST_DURABLE thread, whose last removals
         still run)."""
+        self.discard_started()
         entries, self._open = list(self._open.values()), {}
         for entry in entries:
             await _close_host(entry.host)
         if self._durable_executor is not None:
             self._durable_executor.shutdown(wait=False)
+
+    def discard_started(self) -> None:
+        """Stop the hosts started (see start) that no open took: the crawl did not open."""
+        started, self._started = self._started, {}
+        for host, _ in started.values():
+            host.discard()
 
 
 async def _close_host(host: Host) -> None:
@@ -475,19 +518,14 @@ async def _settle(coros: list[Coroutine[Any, Any, None]]) -> BaseException | Non
 
 def _where(url: str, shown: str) -> str:
     """*shown* (the redacted *url*), with the absolute path of an SQLite file given by a
-    relative one, which is resolved against the working directory (under scrapyd, scrapyd's)."""
-    if not url.startswith("sqlite"):
-        return shown
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    relative one, which is resolved against the working directory (under scrapyd, scrapyd's).
 
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
+    Read as SQLAlchemy reads an SQLite URL (``sqlite[+driver]:///path?query``), without
+    importing it: the crawl process leaves SQLAlchemy to the writer process."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0].lower() != "sqlite" or not rest.startswith("/"):
         return shown
-    path = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:":
-        return shown
-    if path.startswith("file:") or os.path.isabs(path):  # an SQLite URI (uri=true); absolute
-        return shown
+    path = unquote(rest[1:].partition("?")[0])
+    if not path or path == ":memory:" or path.startswith("file:") or os.path.isabs(path):
+        return shown  # in memory; an SQLite URI (uri=true); absolute
     return f"{shown} (file {os.path.abspath(path)})"

@@ -3,11 +3,13 @@
 Both hosts offer the same asynchronous interface to the reactor thread:
 every method returns a Deferred that fires on the reactor thread.
 
-* :class:`ThreadHost` runs the backend's blocking calls in a small thread pool
-  of the crawl process. SQLite uses it (no network I/O), and PostgreSQL with
-  ``INGEST_WRITER_PROCESS = False``.
 * :class:`ProcessHost` runs the backend in a child process
-  (:mod:`scrapy_ingest.backends._process`). PostgreSQL uses it by default.
+  (:mod:`scrapy_ingest.backends._process`). Every backend uses it by default: the crawl
+  process then imports no driver (nor SQLAlchemy), and the per-row work of writing takes
+  nothing from the crawl's thread.
+* :class:`ThreadHost` runs the backend's blocking calls in a small thread pool
+  of the crawl process: with ``INGEST_WRITER_PROCESS = False``, or where there is no
+  Python executable to start (``sys.executable`` empty, as in some embedded Pythons).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import scrapy_ingest
 from scrapy_ingest import exceptions
 from scrapy_ingest._compat import in_thread, thread_caller
 from scrapy_ingest._redact import redact_url
-from scrapy_ingest.backends import check_driver, check_url, local_host, url_scheme
+from scrapy_ingest.backends import check_driver, check_url, local_host
 from scrapy_ingest.backends._process import HEADER, frame, receive
 from scrapy_ingest.exceptions import BackendUnavailable, IngestError
 
@@ -59,7 +61,11 @@ class Host(Protocol):
     #: the database URL with credentials redacted, for messages
     url: str
 
+    def start(self) -> None: ...
+
     def open(self) -> Deferred[OpenOutcome]: ...
+
+    def discard(self) -> None: ...
 
     def close(self) -> Deferred[None]: ...
 
@@ -102,10 +108,10 @@ def create_host(
         "require_backend": require_backend,
         "spill_min_free": spill_min_free,
     }
-    # network databases, and chDB's engine, get a process of their own; SQLite a thread
-    if url_scheme(url) != "sqlite" and writer_process and sys.executable:
+    if writer_process and sys.executable:
         # a bad URL or driver fails here, not in the child; without building the backend,
-        # whose module imports its driver (psycopg, clickhouse_connect): only the child needs it
+        # whose module imports its driver (psycopg, clickhouse_connect, SQLAlchemy): only the
+        # child needs it
         check_url(url)
         check_driver(url)
         return ProcessHost(url, tables, on_stuck=on_stuck, **options)
@@ -151,10 +157,17 @@ class ThreadHost:
             )
         return run_in_thread(self._executor, fn, *args)
 
+    def start(self) -> None:
+        """Nothing to start ahead: opening in a writer thread early would take the crawl's
+        thread's time (the GIL) all the same."""
+
     def open(self) -> Deferred[OpenOutcome]:
         d = self._run(self._local.open)
         d.addErrback(self._shut_down)
         return d
+
+    def discard(self) -> None:
+        """Nothing was started (see start)."""
 
     def close(self) -> Deferred[None]:
         d = self._run(self._local.close)
@@ -262,16 +275,34 @@ class ProcessHost:
         self._sequence = itertools.count()
         self._restarts = 0
         self._closing = False
+        #: the open request, from start() until open() returns it
+        self._opening: Deferred[OpenOutcome] | None = None
+        #: the process whose answers are read (see _listen)
+        self._listening: subprocess.Popen[bytes] | None = None
 
     # lifecycle
 
-    def open(self) -> Deferred[OpenOutcome]:
+    def start(self) -> None:
+        """Start the writer process and ask it to open the database, without waiting for
+        either: callable before the crawl's thread runs its loop (the answers wait in the
+        pipe until :meth:`open`). Called early, this overlaps the writer's start-up (its
+        imports, connecting, creating the tables) with the crawl's own."""
+        if self._opening is not None:
+            return
         # named after the crawl's process, so that one can tell whose batches these are
         self._dir = Path(
             tempfile.mkdtemp(prefix=f"scrapy_ingest_{os.getpid()}_", dir=_scratch_dir())
         )
         self._start()
-        d = self._request("open", self._backend_args)
+        self._opening = self._request("open", self._backend_args)
+
+    def open(self) -> Deferred[OpenOutcome]:
+        """Start (unless :meth:`start` has) and return the open request's answer: call it on
+        the crawl's thread, once."""
+        self.start()
+        d, self._opening = self._opening, None
+        assert d is not None, "open() twice"
+        self._listen()
         d.addErrback(self._open_failed)
         return d
 
@@ -298,12 +329,31 @@ class ProcessHost:
         self._process = process
         assert process.stdin is not None
         self._feed = _Feed(process.stdin)
+
+    def _listen(self) -> None:
+        """Read the current process's answers from now on (on the crawl's thread: they are
+        passed to it)."""
+        process = self._process
+        if process is None or process is self._listening:
+            return
+        self._listening = process
         threading.Thread(
             target=self._read_answers,
             args=(process, thread_caller()),
             name="scrapy_ingest_answers",
             daemon=True,
         ).start()
+
+    def discard(self) -> None:
+        """Stop a writer process that :meth:`start` started and nobody opened: at the end of
+        its stdin it removes the batch directory and exits. Call it on the crawl's thread."""
+        if self._opening is None:
+            return
+        self._opening = None
+        self._pending.clear()
+        process = self._stop_process()
+        if process is not None:
+            in_thread(_wait, process)  # reaped off the crawl's thread
 
     def close(self) -> Deferred[None]:
         if self._process is None:
@@ -432,6 +482,7 @@ class ProcessHost:
         )
         pending, self._pending = self._pending, deque()
         self._start()
+        self._listen()
         if not any(r.operation == "open" for r in pending):
             reopen = self._request("open", self._backend_args)
             reopen.addErrback(lambda failure: logger.error("Reopening failed: %s", failure.value))

@@ -3,13 +3,14 @@
 The parts: the job row (:mod:`~scrapy_ingest._job`), the databases with their hosts and
 writers (:mod:`~scrapy_ingest._databases`), the counters (:mod:`~scrapy_ingest._counters`).
 Components share the runtime through :meth:`IngestRuntime.of`, which keeps it on the
-crawler. It opens on the first component's request (every database the settings name, at
-once) and closes on ``spider_closed``, after the pipeline has drained its items: every
-writer is drained, the job row is closed with the reason, then connections are released.
-"""
+crawler. Made as the crawl starts, it starts the writer processes; it opens on the first
+component's request (every database the settings name, at once) and closes on
+``spider_closed``, after the pipeline has drained its items: every writer is drained, the
+job row is closed with the reason, then connections are released."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -118,6 +119,9 @@ class IngestRuntime:
         self._tickers: list[Callable[[], None]] = []
         self._closers: list[Callable[[], None]] = []
         crawler.signals.connect(self._spider_closed, signal=signals.spider_closed)
+        if crawler.crawling and crawler.spider and config.router is None:  # as the crawl starts
+            with contextlib.suppress(Exception):  # fails again at open, which says why
+                self._prepare().start()
 
     # opening
 
@@ -147,13 +151,13 @@ class IngestRuntime:
             return None
         return self.databases
 
-    async def _open(self) -> None:
-        config = self.config
-        self.job = job = make_job(self.crawler, config, self.new_id)
-        custom = custom_router(config.router, self.crawler)
+    def _prepare(self) -> Databases:
+        config, crawler = self.config, self.crawler
+        self.job = job = make_job(crawler, config, self.new_id)
+        custom = custom_router(config.router, crawler)
         self.router = router = Router(config.rules(), config.database_url, job.spider, custom)
-        self.job_row = JobRow(job, self.tables["jobs"], config.job_heartbeat, self.crawler.settings)
-        self.databases = databases = Databases(
+        self.job_row = JobRow(job, self.tables["jobs"], config.job_heartbeat, crawler.settings)
+        self.databases = Databases(
             config,
             router,
             self.tables,
@@ -163,13 +167,11 @@ class IngestRuntime:
             budget=self.budget,
             new_id=self.new_id,
         )
-        await databases.open_all(router.static_urls(), config.record_kinds())
-        logger.info(
-            "Storing crawl data in %s (job_id %s); spill journal: %s",
-            databases.where(),
-            job.job_id,
-            config.spill_root(),
-        )
+        return self.databases
+
+    async def _open(self) -> None:
+        config, databases = self.config, self.databases or self._prepare()
+        await databases.open_all(config.record_kinds())
         if self.item_checks is not None:
             self.on_tick(partial(self.item_checks.publish, self.stats))
         self._flush_loop = looping_call(self._flush_old)
@@ -203,7 +205,6 @@ class IngestRuntime:
         )
         await self.job_row.update(self.databases.hosts_with_job(), values)
 
-    # ticks and closing
     def _tick(self) -> None:
         for callback in self._tickers:
             callback()
@@ -218,12 +219,13 @@ class IngestRuntime:
         self.hold.release(None)
         opened = self._opened
         if opened is None or not opened.happened or opened.error is not None:
+            if opened is None and self.databases is not None:
+                self.databases.discard_started()  # started early, never opened
             self._closed.fire()
             if opened is not None and opened.error is not None:
                 fail_crawl(self.crawler)  # the crawl did not start: not a success
             return
-        databases = self.databases
-        assert databases is not None
+        assert self.databases is not None
         if self._flush_loop is not None and self._flush_loop.running:
             self._flush_loop.stop()
         # components hand over what they hold (log records) before the writers drain
@@ -231,7 +233,7 @@ class IngestRuntime:
             callback()
         self._tick()
         try:
-            job_closed = await databases.finish(partial(self.update_job, reason=reason))
+            job_closed = await self.databases.finish(partial(self.update_job, reason=reason))
             if job_closed:  # written, or kept in the spill journal while the database is down
                 self.stats.set_value(stat_key("jobs", "closed"), 1)
         finally:

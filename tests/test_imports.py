@@ -1,5 +1,6 @@
-"""A crawl imports only what the features it uses need: the backend of its database URL's
-scheme and no other (nor the drivers of the others), no metrics (prometheus_client) unless
+"""A crawl imports only what the features it uses need: no backend nor driver (nor
+SQLAlchemy) where its writer process (the default) has them, else the backend of its database
+URL's scheme and no other (nor the drivers of the others), no metrics (prometheus_client) unless
 INGEST_METRICS_ENABLED, no proxy middleware without proxies, and the ``scrapy ingest`` command,
 which Scrapy imports for every command it runs, imports neither the settings model nor a
 backend until it runs. Each check runs in a process of its own, whose ``sys.modules`` is
@@ -113,11 +114,25 @@ def _finished_jobs(db: Database) -> int:
 
 
 @pytest.mark.crawl
-def test_a_crawl_into_sqlite_imports_no_other_backend(tmp_path: Path) -> None:
-    # the default INGEST_DATABASE_URL: sqlite:///ingest.sqlite3, in the working directory
-    imported = _imported("default", (*NOT_FOR_SQLITE, *USED, "sqlalchemy"), tmp_path)
-    assert imported & set(NOT_FOR_SQLITE) == set()
-    assert imported == {*USED, "sqlalchemy"}
+def test_a_crawl_into_sqlite_imports_neither_sqlalchemy_nor_another_backend(
+    tmp_path: Path,
+) -> None:
+    # the default INGEST_DATABASE_URL: sqlite:///ingest.sqlite3, in the working directory;
+    # SQLAlchemy is the writer process's
+    watched = (*NOT_FOR_SQLITE, *USED, "sqlalchemy", "scrapy_ingest.backends.sqlalchemy")
+    imported = _imported("default", watched, tmp_path)
+    assert imported == set(USED)
+    assert _finished_jobs(Database(f"sqlite:///{tmp_path / 'ingest.sqlite3'}")) == 1
+
+
+@pytest.mark.crawl
+def test_a_crawl_into_sqlite_in_writer_threads_imports_no_other_backend(
+    tmp_path: Path,
+) -> None:
+    # INGEST_WRITER_PROCESS = False: SQLAlchemy's SQLite dialect, in the crawl process
+    watched = (*NOT_FOR_SQLITE, *USED, "sqlalchemy", "scrapy_ingest.backends.sqlalchemy")
+    imported = _imported("default", watched, tmp_path, INGEST_WRITER_PROCESS=False)
+    assert imported == {*USED, "sqlalchemy", "scrapy_ingest.backends.sqlalchemy"}
     assert _finished_jobs(Database(f"sqlite:///{tmp_path / 'ingest.sqlite3'}")) == 1
 
 

@@ -2,8 +2,9 @@
 crawl runs on an asyncio loop, and Scrapy forbids importing ``twisted.internet.reactor``. Every
 component works there: items, requests, logs and the job row are stored through
 AsyncCrawlerProcess, AsyncCrawlerRunner under ``asyncio.run()`` and ``scrapy crawl``, in SQLite
-(writer threads) and PostgreSQL (a writer process); the metrics, the proxy and retry
-middlewares and INGEST_DURABLE too."""
+and PostgreSQL (a writer process each), and in SQLite from writer threads
+(``INGEST_WRITER_PROCESS = False``); the metrics, the proxy and retry middlewares and
+INGEST_DURABLE too."""
 
 from __future__ import annotations
 
@@ -76,6 +77,15 @@ def test_a_crawl_without_a_reactor_stores_everything(
     url = request.getfixturevalue({"sqlite": "sqlite_url", "postgres": "pg_url"}[database])
     result = run_crawl(crawl_args(site, url, tmp_path, mode), tmp_path)
     assert_stored(url, result, items=100, logs=mode == "none")
+
+
+@pytest.mark.parametrize("mode", ["none", "none-runner"])
+def test_a_crawl_without_a_reactor_stores_everything_from_writer_threads(
+    mode: str, site: LocalSite, sqlite_url: str, tmp_path: Path
+) -> None:
+    args = crawl_args(site, sqlite_url, tmp_path, mode, INGEST_WRITER_PROCESS=False)
+    result = run_crawl(args, tmp_path)
+    assert_stored(sqlite_url, result, items=100, logs=mode == "none")
 
 
 def test_scrapy_crawl_without_a_reactor(project: Path, site: LocalSite) -> None:  # noqa: F811

@@ -316,9 +316,7 @@ class LocalHost:
             self.backend,
             table,
             # a backend that takes batches reads the packed rows and their payload itself
-            batch
-            if self.backend.takes_batches
-            else batch.rows(text=self.backend.json_as_text),
+            batch if self.backend.takes_batches else batch.rows(text=self.backend.json_as_text),
             0 if was_down else self._retry_timeout,
             outage=self._outage,
             abort=self._abort,

@@ -1,0 +1,138 @@
+"""The writer process starts as the crawl starts, not at spider open: it imports its backend,
+connects and creates the tables while Scrapy builds its engine. SQLite is written from it too.
+A writer started for a crawl that never opens its databases exits, and leaves no batch files.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from _helpers import Database
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+#: a crawl into the SQLite file argv[1] whose downloader middleware, which Scrapy builds with
+#: its engine (after the extensions, among them the add-on's jobs extension), prints the
+#: command lines of the crawl process's children at that moment
+_CRAWL = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import scrapy
+    from scrapy.crawler import CrawlerProcess
+
+    SEEN = []
+
+
+    def children():
+        pid = os.getpid()
+        listed = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\\0", b" ").decode()
+                for c in listed]
+
+
+    class SeeChildren:
+        @classmethod
+        def from_crawler(cls, crawler):
+            SEEN.extend(children())
+            return cls()
+
+
+    class EmptySpider(scrapy.Spider):
+        name = "empty"
+        start_urls = ["data:,"]
+
+        def parse(self, response):
+            return []
+
+
+    process = CrawlerProcess(settings={
+        "ADDONS": {"scrapy_ingest.IngestAddon": 0},
+        "DOWNLOADER_MIDDLEWARES": {SeeChildren: 1},
+        "INGEST_DATABASE_URL": sys.argv[1],
+        "TELNETCONSOLE_ENABLED": False,
+        "LOG_LEVEL": "WARNING",
+    })
+    process.crawl(EmptySpider)
+    process.start()
+    print(json.dumps(SEEN))
+    """
+)
+
+
+@pytest.mark.crawl
+def test_the_writer_process_runs_before_scrapy_builds_the_engine(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ingest.sqlite3'}"
+    done = subprocess.run(
+        [sys.executable, "-c", _CRAWL, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [c for c in seen if "scrapy_ingest.backends._process" in c], seen
+    [(status,)] = Database(url).query("SELECT status FROM ingest_jobs")
+    assert status == "finished"
+
+
+_NEVER_OPENED = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+
+    from twisted.internet import defer, task, threads
+
+    sys.path.insert(0, {tests!r})
+    from test_backend_hosts import _children, _writer_dirs
+
+    from scrapy_ingest.hosting import ProcessHost
+    from scrapy_ingest.schema import all_tables
+
+
+    async def main(reactor):
+        host = ProcessHost({url!r}, all_tables("ingest_"), create_tables=True, retry_timeout=30)
+        host.start()
+        started = [_children(os.getpid()), sorted(map(str, _writer_dirs(os.getpid())))]
+        host.discard()
+        # the writer reads the end of its stdin and exits; discard() reaps it
+        for _ in range(600):
+            if not _children(os.getpid()):
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        left = [_children(os.getpid()), sorted(map(str, _writer_dirs(os.getpid())))]
+        print(json.dumps([started, left]))
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    """
+)
+
+
+def test_a_writer_started_and_never_opened_exits_and_leaves_no_batch_dir(tmp_path: Path) -> None:
+    script = _NEVER_OPENED.format(
+        tests=str(REPO_DIR / "tests"), url=f"sqlite:///{tmp_path / 'ingest.sqlite3'}"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (children, dirs), left = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(children) == 1 and len(dirs) == 1  # started: a writer and its batch dir
+    assert left == [[], []]
