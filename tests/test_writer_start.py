@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _helpers import Database
@@ -71,17 +72,7 @@ _CRAWL = textwrap.dedent(
 @pytest.mark.crawl
 def test_the_writer_process_runs_before_scrapy_builds_the_engine(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ingest.sqlite3'}"
-    done = subprocess.run(
-        [sys.executable, "-c", _CRAWL, url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = _run_script(tmp_path, _CRAWL, url)
     assert [c for c in seen if "scrapy_ingest.backends._process" in c], seen
     [(status,)] = Database(url).query("SELECT status FROM ingest_jobs")
     assert status == "finished"
@@ -124,15 +115,21 @@ def test_a_writer_started_and_never_opened_exits_and_leaves_no_batch_dir(tmp_pat
     script = _NEVER_OPENED.format(
         tests=str(REPO_DIR / "tests"), url=f"sqlite:///{tmp_path / 'ingest.sqlite3'}"
     )
+    (children, dirs), left = _run_script(tmp_path, script)
+    assert len(children) == 1 and len(dirs) == 1  # started: a writer and its batch dir
+    assert left == [[], []]
+
+
+def _run_script(cwd: Path, script: str, *args: str) -> Any:
+    """Run *script* in a Python process of its own, in *cwd*: the JSON of its last line."""
     done = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=tmp_path,
+        cwd=cwd,
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    (children, dirs), left = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(children) == 1 and len(dirs) == 1  # started: a writer and its batch dir
-    assert left == [[], []]
+    assert "Traceback" not in done.stderr, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
