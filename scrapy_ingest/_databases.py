@@ -201,9 +201,7 @@ class Databases:
         :meth:`open_all` to open later. A database whose host cannot be made or started is
         left to open_all, which tries again and reports why."""
         for url in self._router.static_urls():
-            try:
-                check_url(url)
-                check_driver(url)
+            try:  # create_host checks the URL and driver
                 tables = self._tables_for(url)
                 host = self._create_host(url, tables)
                 host.start()
