@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -279,6 +280,10 @@ class ProcessHost:
         self._opening: Deferred[OpenOutcome] | None = None
         #: the process whose answers are read (see _listen)
         self._listening: subprocess.Popen[bytes] | None = None
+        #: stops the current process if this host is dropped without close() or discard()
+        self._finalizer: weakref.finalize[[subprocess.Popen[bytes], _Feed], ProcessHost] | None = (
+            None
+        )
 
     # lifecycle
 
@@ -329,6 +334,10 @@ class ProcessHost:
         self._process = process
         assert process.stdin is not None
         self._feed = _Feed(process.stdin)
+        # a crawl that fails before its spider opens (another component's from_crawler
+        # raising) neither opens nor discards this host: once the host is dropped, the
+        # writer is told to exit and is waited for, its pipes closed
+        self._finalizer = weakref.finalize(self, _abandon, process, self._feed)
 
     def _listen(self) -> None:
         """Read the current process's answers from now on (on the crawl's thread: they are
@@ -353,7 +362,7 @@ class ProcessHost:
         self._pending.clear()
         process = self._stop_process()
         if process is not None:
-            in_thread(_wait, process)  # reaped off the crawl's thread
+            in_thread(_reap, process)  # off the crawl's thread: nobody reads its answers
 
     def close(self) -> Deferred[None]:
         if self._process is None:
@@ -374,6 +383,9 @@ class ProcessHost:
 
     def _stop_process(self) -> subprocess.Popen[bytes] | None:
         process, self._process = self._process, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         feed, self._feed = self._feed, None
         if feed is not None:
             feed.close()
@@ -437,6 +449,7 @@ class ProcessHost:
             try:
                 message = receive(process.stdout)
             except (EOFError, OSError):
+                _reap(process)  # it closed its end: it is exiting
                 call_from_thread(self._exited, process)
                 return
             if message[0] == "log":
@@ -462,6 +475,9 @@ class ProcessHost:
         if self._feed is not None:
             self._feed.abandon()  # what is queued for the dead writer goes to the next one
             self._feed = None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if self._restarts >= _MAX_RESTARTS or self._closing:
             error = WriterProcessDied(
                 f"the writer process for {self.url} exited (code {code}) "
@@ -622,6 +638,22 @@ def _wait(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Wait for a writer whose stdin is closed (it exits at its end), then close its
+    stdout: a pipe left for the garbage collector is a ResourceWarning in the crawl."""
+    _wait(process)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+def _abandon(process: subprocess.Popen[bytes], feed: _Feed) -> None:
+    """A started host dropped without close() or discard(): close the writer's stdin (it
+    removes its batch directory and exits at its end) and reap it, on the thread that dropped
+    the host (or at the interpreter's exit): a writer never opened only waits on its stdin."""
+    feed.close()
+    _reap(process)
 
 
 async def _nothing() -> None:

@@ -218,6 +218,11 @@ class IngestRuntime:
         self.closing = True
         self.hold.release(None)
         opened = self._opened
+        if opened is not None and not opened.happened:
+            # the spider closes while the databases open (Scrapy opens the pipelines side by
+            # side, and another one failed): once open, they are closed as after a crawl
+            with contextlib.suppress(Exception):  # open() reports its own error
+                await opened.wait()
         if opened is None or not opened.happened or opened.error is not None:
             if opened is None and self.databases is not None:
                 self.databases.discard_started()  # started early, never opened

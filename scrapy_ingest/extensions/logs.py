@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -94,7 +95,9 @@ class IngestLogHandler(logging.Handler):
     def __init__(self, crawler: Crawler, level: int) -> None:
         # records at ERROR and above are counted even when INGEST_LOG_LEVEL is higher
         super().__init__(min(level, logging.ERROR))
-        self.crawler = crawler
+        # held weakly: on the root logger, the handler outlives a crawl that fails before its
+        # engine runs (no engine_stopped to remove it), and must not keep that crawl alive
+        self._crawler = weakref.ref(crawler, self._crawler_gone)
         self.store_level = level
         self.entries: deque[LogEntry] = deque()
         #: records of this crawl seen per level name, stored or not (the storage layer's too)
@@ -103,6 +106,9 @@ class IngestLogHandler(logging.Handler):
         self._storage: dict[str, bool] = {}
         #: records not kept because MAX_PENDING were waiting
         self.dropped = 0
+
+    def _crawler_gone(self, _: weakref.ref[Crawler]) -> None:
+        logging.root.removeHandler(self)
 
     def _is_storage(self, name: str) -> bool:
         storage = self._storage.get(name)
@@ -113,8 +119,11 @@ class IngestLogHandler(logging.Handler):
         return storage
 
     def emit(self, record: logging.LogRecord) -> None:
+        crawler = self._crawler()
+        if crawler is None:
+            return  # the crawl is gone (see _crawler_gone)
         spider = record.__dict__.get("spider")
-        if spider is not None and spider is not self.crawler.spider:
+        if spider is not None and spider is not crawler.spider:
             return  # another crawler's
         counts = self.counts
         counts[record.levelname] = counts.get(record.levelname, 0) + 1

@@ -1,0 +1,116 @@
+"""However a crawl ends, its writer process exits and its pipes are closed by the add-on, not
+left to the garbage collector: a pipe the collector closes is a ResourceWarning in the user's
+crawl, an error under ``-W error`` (Scrapy's own test suite runs so), and a writer nobody stops
+lives on beside the crawl.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from _helpers import Database
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+#: a crawl into the SQLite file argv[1], ended as argv[2] says; then every object is collected
+#: and the add-on's threads are given time to end; prints what the crawl process has left
+_CRAWL = textwrap.dedent(
+    """
+    import gc
+    import os
+    import sys
+    import threading
+    import time
+
+    import scrapy
+    from scrapy.crawler import CrawlerProcess
+    from scrapy.utils.defer import maybe_deferred_to_future
+    from twisted.internet import task
+
+    sys.path.insert(0, {tests!r})
+    from test_backend_hosts import _children, _writer_dirs
+
+
+    class FailsToOpen:
+        async def open_spider(self, spider):
+            # Scrapy opens the pipelines side by side: the add-on's is opening its
+            # databases when this one fails
+            from twisted.internet import reactor
+
+            await maybe_deferred_to_future(task.deferLater(reactor, 0, lambda: None))
+            raise ValueError("this pipeline cannot open")
+
+        def process_item(self, item, spider):
+            return item
+
+
+    class FailsToBuild:
+        @classmethod
+        def from_crawler(cls, crawler):
+            raise ValueError("this middleware cannot be built")
+
+
+    class OneItemSpider(scrapy.Spider):
+        name = "one_item"
+        start_urls = ["data:,"]
+
+        def parse(self, response):
+            yield {{"url": response.url}}
+
+
+    ending = sys.argv[2]
+    settings = {{
+        "ADDONS": {{"scrapy_ingest.IngestAddon": 0}},
+        "INGEST_DATABASE_URL": sys.argv[1],
+        "TELNETCONSOLE_ENABLED": False,
+        "LOG_LEVEL": "ERROR",
+    }}
+    if ending == "pipeline fails to open":
+        settings["ITEM_PIPELINES"] = {{FailsToOpen: 100}}
+    elif ending == "middleware fails to build":
+        # built with the engine, after the add-on has started its writer
+        settings["DOWNLOADER_MIDDLEWARES"] = {{FailsToBuild: 1}}
+    process = CrawlerProcess(settings=settings)
+    process.crawl(OneItemSpider)
+    process.start()
+    del process
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        gc.collect()
+        if threading.active_count() == 1 and not _children(os.getpid()):
+            break
+        time.sleep(0.05)
+    print("writers left:", len(_children(os.getpid())))
+    print("batch directories left:", len(_writer_dirs(os.getpid())))
+    """
+)
+
+
+@pytest.mark.crawl
+@pytest.mark.parametrize(
+    "ending", ["finished", "pipeline fails to open", "middleware fails to build"]
+)
+def test_no_pipe_left_to_the_garbage_collector(tmp_path: Path, ending: str) -> None:
+    url = f"sqlite:///{tmp_path / 'ingest.sqlite3'}"
+    script = _CRAWL.format(tests=str(REPO_DIR / "tests"))
+    done = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-c", script, url, ending],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    # an unclosed pipe raises in its finalizer: Python prints "Exception ignored in: ..."
+    assert "ResourceWarning" not in done.stderr, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
+    assert "writers left: 0\nbatch directories left: 0\n" in done.stdout, done.stdout + done.stderr
+    if ending == "finished":
+        assert Database(url).count("ingest_items") == 1
+    if ending == "pipeline fails to open":
+        # no job row left "running" (the databases may finish opening after the spider closed)
+        assert Database(url).count("ingest_jobs", "status = 'running'") == 0
