@@ -10,6 +10,10 @@ is given back (deleted) once the request is done and the items it produced are i
   items through the pipelines and its new requests in Redis);
 * the items of done requests are written (the items writers are drained) before their leases are
   given back, every ``INGEST_REDIS_LEASE_TIMEOUT / 3`` seconds (at most 1 s);
+* a new request is marked seen in scrapy-redis's dupefilter and pushed to the queue in one
+  atomic Redis script: a worker killed between the two (scrapy-redis makes two calls) left the
+  request marked seen and not queued, and the page that links to it, crawled again from its
+  lease, then found it a duplicate: it was never crawled;
 * a request that a middleware sets aside to wait (a backoff, a ``Retry-After``, no free proxy:
   :mod:`scrapy_ingest.downloadermiddlewares._delay`) waits in this process's memory, out of the
   engine, so it gets a lease of its own while it waits, given back once it is in the queue again.
@@ -49,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
+from scrapy_redis.dupefilter import RFPDupeFilter
 from scrapy_redis.queue import FifoQueue, LifoQueue, PriorityQueue
 from scrapy_redis.scheduler import Scheduler
 
@@ -102,6 +107,15 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '\\n' .. popped)
 redis.call('INCR', KEYS[3])
 return popped
 """
+# the dupefilter's mark and the push of a new request, as scrapy-redis's enqueue_request (its
+# RFPDupeFilter.request_seen, then the queue's push: ZADD, else LPUSH) does them in two calls; a
+# request with dont_filter has no fingerprint (ARGV[1] is empty) and is not marked
+_PUSH = """
+if ARGV[1] ~= '' and redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+if ARGV[2] == 'z' then redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+else redis.call('LPUSH', KEYS[1], ARGV[4]) end
+return 1
+"""
 _HOLD = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('INCR', KEYS[2])
@@ -151,6 +165,9 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
     _released: list[str]
     _lease_ids: Iterator[int]
     _loops: list[Looping]
+    #: the dupefilter's Redis set, marked in the script that pushes a new request; None when the
+    #: dupefilter is not scrapy-redis's on this server (scrapy-redis's enqueue_request then)
+    _seen_key: str | None
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> RedisLeaseScheduler:
@@ -164,6 +181,7 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         scheduler._released = []
         scheduler._lease_ids = itertools.count(1)
         scheduler._loops = []
+        scheduler._seen_key = None
         crawler.signals.connect(scheduler._hold, signal=request_held)
         crawler.signals.connect(scheduler._unhold, signal=request_released)
         return scheduler
@@ -187,6 +205,16 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         self._hold_script = server.register_script(_HOLD)
         self._requeue_script = server.register_script(_REQUEUE)
         self._refresh_script = server.register_script(_REFRESH)
+        self._push = server.register_script(_PUSH)
+        self._seen_key = _seen_key(self.df, server)
+        if self._seen_key is None and getattr(self.df, "server", None) is not None:
+            logger.warning(
+                "DUPEFILTER_CLASS (%s) keeps its fingerprints in Redis, but is not scrapy-redis's "
+                "RFPDupeFilter on the queue's server: a request is marked seen and pushed in two "
+                "calls, and a worker killed between them loses that request. Use "
+                "scrapy_redis.dupefilter.RFPDupeFilter for a crawl that loses nothing.",
+                type(self.df).__name__,
+            )
         # known as alive before the first lease; dead workers' requests back in the queue
         requeued, _ = self._refresh()
         self._count_requeued(requeued)
@@ -221,6 +249,23 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         self._held.clear()
         self._released.clear()
         return super().close(reason)
+
+    def enqueue_request(self, request: Request) -> bool:
+        """scrapy-redis's ``enqueue_request``, its dupefilter's check and mark and the push in one
+        Redis script: a request is either seen and queued, or neither."""
+        if self._seen_key is None:
+            return bool(super().enqueue_request(request))
+        fingerprint = "" if request.dont_filter else self.df.request_fingerprint(request)
+        # encoded before the check: the script's one call does both
+        data = encode_queued_request(self.queue, request)
+        how = "z" if self._pop_how == "z" else "L"
+        keys = [self.queue.key, self._seen_key]
+        if not self._push(keys=keys, args=[fingerprint, how, -request.priority, data]):
+            self.df.log(request, self.spider)
+            return False
+        if self.stats:
+            self.stats.inc_value("scheduler/enqueued/redis")
+        return True
 
     def next_request(self) -> Request | None:
         lease = str(next(self._lease_ids))
@@ -347,6 +392,24 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
             return
         if runtime.databases is not None and not runtime.closing:
             await runtime.databases.drain("items")
+
+
+def _seen_key(dupefilter: Any, server: Any) -> str | None:
+    """The Redis set of *dupefilter* that the push script can mark, or None unless it is
+    scrapy-redis's ``RFPDupeFilter`` (its own ``request_seen``) on the queue's *server*."""
+    if not isinstance(dupefilter, RFPDupeFilter):
+        return None
+    if type(dupefilter).request_seen is not RFPDupeFilter.request_seen:
+        return None  # a subclass's own check (a Bloom filter...) cannot run in the script
+    if _address(dupefilter.server) != _address(server):
+        return None
+    return str(dupefilter.key)
+
+
+def _address(server: Any) -> tuple[Any, ...]:
+    """Where a redis-py client connects: host, port, socket path and database."""
+    kwargs = getattr(getattr(server, "connection_pool", None), "connection_kwargs", {})
+    return tuple(kwargs.get(name) for name in ("host", "port", "path", "db"))
 
 
 def _pop_how(queue: Any, crawler: Crawler) -> str:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from services import LocalSite
 
+    from scrapy_ingest.scheduler import RedisLeaseScheduler
+
 crawl_test = [pytest.mark.crawl, pytest.mark.slow]
 
 WORKER_SCRIPT = TESTS_DIR / "_redis_crawl.py"
@@ -247,6 +249,113 @@ def test_memory_stats_are_read_as_they_are(tmp_path: Path) -> None:
     process_stats = IngestRuntime.of(crawler).process_stats
     assert not process_stats.shared
     assert process_stats.get_stats()["item_scraped_count"] == 3
+
+
+# the scheduler's Redis calls, a worker killed between any two of them
+
+
+SCRAPY_DEPRECATION = "scrapy.exceptions.ScrapyDeprecationWarning"
+
+
+class WorkerKilled(Exception):
+    """Stands for SIGKILL: raised once the Redis command it follows is done."""
+
+
+def _scheduler(tmp_path: Path, redis_url: str, prefix: str, queue: str) -> RedisLeaseScheduler:
+    """An open scheduler of the crawl *prefix*, as one worker process has it."""
+    from scrapy_ingest.scheduler import RedisLeaseScheduler
+
+    crawler = _crawler(
+        tmp_path,
+        SCHEDULER=REDIS_SCHEDULER,
+        SCHEDULER_QUEUE_CLASS=f"scrapy_redis.queue.{queue}",
+        DUPEFILTER_CLASS="scrapy_redis.dupefilter.RFPDupeFilter",
+        SCHEDULER_PERSIST=True,
+        REDIS_URL=redis_url,
+        SCHEDULER_QUEUE_KEY=f"{prefix}:%(spider)s:requests",
+        SCHEDULER_DUPEFILTER_KEY=f"{prefix}:%(spider)s:dupefilter",
+        INGEST_REDIS_LEASE_TIMEOUT=0.2,
+    )
+    scheduler = RedisLeaseScheduler.from_crawler(crawler)
+    scheduler.open(Spider.from_crawler(crawler, name="nodes"))
+    return scheduler
+
+
+def _kill_after(scheduler: RedisLeaseScheduler, commands: int) -> list[str]:
+    """Make *scheduler* die (WorkerKilled) once it has sent *commands* more Redis commands,
+    through its own client or its dupefilter's; return the commands sent."""
+    sent: list[str] = []
+    for server in {id(s): s for s in (scheduler.server, scheduler.df.server)}.values():
+        send = server.execute_command
+
+        def execute_command(*args: Any, _send: Any = send, **options: Any) -> Any:
+            result = _send(*args, **options)
+            sent.append(str(args[0]))
+            if len(sent) == commands:
+                raise WorkerKilled(" ".join(sent))
+            return result
+
+        server.execute_command = execute_command
+    return sent
+
+
+# scrapy-redis 0.9.1 on Scrapy 2.19: its enqueue_request and open() use deprecated APIs
+@pytest.mark.filterwarnings(f"ignore:Passing a 'spider' argument:{SCRAPY_DEPRECATION}")
+@pytest.mark.filterwarnings(f"ignore:Spider.log\\(\\) is deprecated:{SCRAPY_DEPRECATION}")
+@pytest.mark.parametrize("queue", ["PriorityQueue", "FifoQueue", "LifoQueue"])
+def test_a_worker_killed_while_it_queues_a_link_loses_nothing(
+    redis_server_url: str, tmp_path: Path, queue: str
+) -> None:
+    """A worker parses a page (leased) and queues the link it found; it is killed after each
+    Redis command of that in turn. The worker that takes over crawls the page again, queues the
+    link again, and must find it in the queue or queue it: never find it seen and not queued."""
+    import redis
+    from scrapy import Request
+
+    client = redis.Redis.from_url(redis_server_url)
+    page, link = "http://example.com/node/0", "http://example.com/node/1"
+    commands = 0
+    try:
+        while True:  # until the worker queues the link before it is killed
+            commands += 1
+            prefix = f"t{secrets.token_hex(4)}"
+            doomed = _scheduler(tmp_path, redis_server_url, prefix, queue)
+            try:
+                assert doomed.enqueue_request(Request(page))
+                leased = doomed.next_request()
+                assert leased is not None
+                assert leased.url == page
+                sent = _kill_after(doomed, commands)
+                try:
+                    doomed.enqueue_request(Request(link))
+                except WorkerKilled:
+                    pass
+                else:
+                    break
+                # its last refresh is older than INGEST_REDIS_LEASE_TIMEOUT: presumed dead by
+                # the next worker, which puts its lease back in the queue as it opens
+                time.sleep(0.5)
+                survivor = _scheduler(tmp_path, redis_server_url, prefix, queue)
+                crawled: list[str] = []
+                try:
+                    while (request := survivor.next_request()) is not None:
+                        crawled.append(request.url)
+                        if request.url == page:  # parsed again: the link found again
+                            survivor.enqueue_request(Request(link))
+                finally:
+                    survivor.close("finished")
+                assert crawled.count(page) == 1, sent
+                assert crawled.count(link) == 1, f"killed after {sent}: the link is lost"
+            finally:
+                for server in (doomed.server, doomed.df.server):
+                    server.__dict__.pop("execute_command", None)
+                doomed.close("finished")
+                keys = list(client.scan_iter(f"{prefix}:*"))
+                if keys:
+                    client.delete(*keys)
+        assert commands > 1  # the worker was killed at least once before it was done
+    finally:
+        client.close()
 
 
 # crawls
