@@ -225,6 +225,28 @@ def wait_for_log(crawl: ListCrawl, condition: Callable[[str], Any], *, what: str
     assert crawl.running, f"the crawl ended before {what}:\n{crawl.log()[-6000:]}"
 
 
+def run_python(
+    script: str, *args: str, cwd: Path, python_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run *script* (Python source) with *args* in an interpreter of its own, in *cwd*; fail
+    the test when it exits non-zero. Its output is text."""
+    done = subprocess.run(
+        [sys.executable, *python_args, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def last_json(done: subprocess.CompletedProcess[str]) -> Any:
+    """The JSON a script printed on its last line."""
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def ingest_replay(settings: dict[str, Any], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run ``scrapy ingest replay`` with *settings*, outside any project, in *cwd*."""
     return ingest_command(["replay"], settings, cwd)

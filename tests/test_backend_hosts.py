@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import socket
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
-from _helpers import REPO_DIR, Crawl, Database, item_row, wait_for
+from _helpers import REPO_DIR, Crawl, Database, item_row, last_json, run_python, wait_for
 
 from scrapy_ingest._ids import IdFactory
 from scrapy_ingest.backends import Batch, LocalHost, local_host
@@ -169,16 +168,8 @@ _WRITER_DIES = textwrap.dedent(
 def _run_host_script(body: str, pg_url: str) -> tuple[Any, str]:
     """Run _HOST_SCRIPT and *body* in a process of its own: what it printed last, its stderr."""
     script = (_HOST_SCRIPT + body).format(tests=str(REPO_DIR / "tests"), url=pg_url)
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO_DIR,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+    done = run_python(script, cwd=REPO_DIR)
+    return last_json(done), done.stderr
 
 
 @pytest.mark.postgres

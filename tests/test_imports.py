@@ -16,7 +16,7 @@ import textwrap
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from _helpers import Database
+from _helpers import Database, last_json, run_python
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -95,17 +95,9 @@ USED = ("scrapy_ingest.pipelines", "scrapy_ingest.hosting")
 
 def _imported(url: str, watched: tuple[str, ...], cwd: Path, **settings: Any) -> set[str]:
     """Run _CRAWL in *cwd*; return the modules of *watched* it imported."""
-    done = subprocess.run(
-        [sys.executable, "-c", _CRAWL, url, json.dumps(watched), json.dumps(settings)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_python(_CRAWL, url, json.dumps(watched), json.dumps(settings), cwd=cwd)
     assert "Traceback" not in done.stderr, done.stderr
-    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+    return set(last_json(done))
 
 
 def _finished_jobs(db: Database) -> int:

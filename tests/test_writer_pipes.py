@@ -6,13 +6,11 @@ lives on beside the crawl.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from _helpers import Database
+from _helpers import Database, run_python
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -97,13 +95,8 @@ _CRAWL = textwrap.dedent(
 def test_no_pipe_left_to_the_garbage_collector(tmp_path: Path, ending: str) -> None:
     url = f"sqlite:///{tmp_path / 'ingest.sqlite3'}"
     script = _CRAWL.format(tests=str(REPO_DIR / "tests"))
-    done = subprocess.run(
-        [sys.executable, "-W", "error::ResourceWarning", "-c", script, url, ending],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
+    done = run_python(
+        script, url, ending, cwd=tmp_path, python_args=("-W", "error::ResourceWarning")
     )
     # an unclosed pipe raises in its finalizer: Python prints "Exception ignored in: ..."
     assert "ResourceWarning" not in done.stderr, done.stderr

@@ -5,15 +5,12 @@ A writer started for a crawl that never opens its databases exits, and leaves no
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import Database
+from _helpers import Database, last_json, run_python
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -122,14 +119,6 @@ def test_a_writer_started_and_never_opened_exits_and_leaves_no_batch_dir(tmp_pat
 
 def _run_script(cwd: Path, script: str, *args: str) -> Any:
     """Run *script* in a Python process of its own, in *cwd*: the JSON of its last line."""
-    done = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_python(script, *args, cwd=cwd)
     assert "Traceback" not in done.stderr, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return last_json(done)
