@@ -64,11 +64,28 @@ def _add_addon(module: ModuleType) -> None:
     manager.load_settings = load_settings_with_ours
 
 
+#: scrapy.downloadermiddlewares.retry, when scrapy_ingest._compat imported it (see below)
+_RETRY_WAITING: list[ModuleType] = []
+#: whether scrapy_ingest._compat has run (_after_compat)
+_COMPAT_RAN: list[bool] = []
+
+
 def _put_backoff_retry(module: ModuleType) -> None:
     """Patch scrapy.downloadermiddlewares.retry, just after it ran."""
+    if "scrapy_ingest._compat" in sys.modules and not _COMPAT_RAN:
+        # imported by scrapy_ingest._compat, which BackoffRetryMiddleware needs whole: patched
+        # once that has run (when a test module run alone imports the add-on first)
+        _RETRY_WAITING.append(module)
+        return
     import scrapy_ingest
 
     module.RetryMiddleware = scrapy_ingest.BackoffRetryMiddleware
+
+
+def _after_compat(_: ModuleType) -> None:
+    _COMPAT_RAN.append(True)
+    while _RETRY_WAITING:
+        _put_backoff_retry(_RETRY_WAITING.pop())
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
@@ -104,6 +121,7 @@ def _install() -> None:
         patches["scrapy.addons"] = _add_addon
     if mode == "backoff":
         patches["scrapy.downloadermiddlewares.retry"] = _put_backoff_retry
+        patches["scrapy_ingest._compat"] = _after_compat
     if patches:
         sys.meta_path.insert(0, _PatchAfterImport(patches))
 
