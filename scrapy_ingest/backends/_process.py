@@ -14,6 +14,7 @@ that dies takes its writer with it, or right after answering ``close``.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -31,6 +32,12 @@ if TYPE_CHECKING:
     from scrapy_ingest.backends._local import LocalHost
 
 HEADER = struct.Struct(">I")
+
+#: glibc's mallopt parameters (malloc.h), and what the writer sets them to
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest
+TRIM_THRESHOLD = 64 * 1024 * 1024
 
 
 def frame(message: Any) -> bytes:
@@ -76,6 +83,7 @@ def main() -> None:
     # collector runs for nothing: importing makes many objects and little garbage, and the
     # collections cost the writer's start-up about 15% of its CPU time
     gc.disable()
+    _keep_freed_memory()
 
     parent = os.getppid()  # if it changes, the crawl process is gone: stop retrying
     requests = sys.stdin.buffer
@@ -133,6 +141,24 @@ def main() -> None:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         os._exit(0)  # nobody is left to read what exiting normally would flush
+
+
+def _keep_freed_memory() -> None:
+    """Have malloc keep the memory of a batch once it is freed, for the next batch.
+
+    Every batch makes a few buffers of a megabyte or more (the file read, the rows' text, the
+    ``COPY`` block). glibc's malloc gave each back to the kernel when it was freed (``munmap``,
+    or trimming the heap) and took fresh pages for the next batch: about 800 page faults a batch,
+    40,000 in the 100,000-item benchmark crawl, half of the writer's system time. Taken from the
+    heap and kept, the pages are reused. The writer's memory then stays at its peak, a few
+    batches, rather than falling back between batches. Other C libraries are left as they are.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library to load (Windows), not glibc
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def _exit_now() -> None:
