@@ -371,9 +371,11 @@ def test_a_locked_table_slows_the_crawl_and_memory_stays_bounded(
     # waiting in front of the pipeline, the writer process reading a batch, and what Python's
     # allocator keeps (docs/reliability.md)
     assert run.growth_during_lock <= BUFFER + MARGIN, figures
-    # catching up after the release, Scrapy 2.13's crawl process grows by up to another
-    # margin (measured 11 to 24 MiB in all, across runs on a busy machine); later Scrapy not
-    catching_up = MARGIN if _scrapy_version() >= (2, 14) else 2 * MARGIN
+    # catching up after the release, Scrapy 2.13's crawl process grows by more, with the
+    # machine's load: 4 to 6 MiB in all on an idle machine, 11 to 24 MiB and once 39 MiB
+    # while the other suite of .ci/run ran (2026-12-07); later Scrapy not. A crawl whose
+    # engine is not paused grows by 245 to 294 MiB
+    catching_up = MARGIN if _scrapy_version() >= (2, 14) else 6 * MARGIN
     assert run.growth <= BUFFER + catching_up, figures
 
 
