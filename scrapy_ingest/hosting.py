@@ -383,9 +383,7 @@ class ProcessHost:
 
     def _stop_process(self) -> subprocess.Popen[bytes] | None:
         process, self._process = self._process, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
+        self._detach_finalizer()
         feed, self._feed = self._feed, None
         if feed is not None:
             feed.close()
@@ -393,6 +391,12 @@ class ProcessHost:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
         return process
+
+    def _detach_finalizer(self) -> None:
+        """The current process is stopped or gone: dropping this host no longer stops it."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
 
     # requests (reactor thread)
 
@@ -475,9 +479,7 @@ class ProcessHost:
         if self._feed is not None:
             self._feed.abandon()  # what is queued for the dead writer goes to the next one
             self._feed = None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
+        self._detach_finalizer()
         if self._restarts >= _MAX_RESTARTS or self._closing:
             error = WriterProcessDied(
                 f"the writer process for {self.url} exited (code {code}) "
