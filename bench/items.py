@@ -30,7 +30,13 @@ CPU per item over quiet, SQLite and chDB >= 0.80 of quiet.
 
 Every run's CPU time is measured from outside: user + system time of the crawl process and of
 the children it waited for (the writer process), from ``os.wait4``. The summary prints each
-mode's CPU per item over quiet, in microseconds.
+mode's CPU per item over quiet, in microseconds: its CPU time less quiet's, over the items,
+which counts the fixed cost of a crawl (the writer process's start-up, the add-on's imports)
+as if it were paid per item.
+With --sizes 50000,150000, every round runs every mode at each size, and the summary splits
+that cost in two: per item (the slope of the CPU over quiet between the smallest and the
+largest size, from the medians) and per crawl (what is left at zero items): the issue's
+measure of what each item costs, "flat from 50,000 to 200,000 items, plus a fixed cost".
 """
 
 from __future__ import annotations
@@ -93,6 +99,11 @@ def parse_options() -> tuple[argparse.Namespace, tuple[str, ...]]:
     """The command line's options, and the modes of each round, in order."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument(
+        "--sizes",
+        help="comma-separated item counts: run every mode at each, and split the CPU over "
+        "quiet into a cost per item (the slope) and a cost per crawl",
+    )
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument(
         "--metrics",
@@ -131,6 +142,10 @@ def parse_options() -> tuple[argparse.Namespace, tuple[str, ...]]:
         modes = ("none", "quiet", "ingest", "durable")
     if options.keys:
         modes = ("none", "quiet", "ingest", "keyed", "rekeyed")
+    options.sizes = [int(n) for n in options.sizes.split(",")] if options.sizes else [options.items]
+    if len(set(options.sizes)) != len(options.sizes):
+        parser.error("--sizes: each size once")
+    options.items = max(options.sizes)
     options.backends = options.backends.split(",") if options.backends else []
     if options.backends:
         unknown = set(options.backends) - {"postgres", "sqlite", "chdb"}
@@ -145,13 +160,14 @@ def run_rounds(
 ) -> dict[str, list[dict[str, float]]]:
     """Every mode once per round, in order; each run's result, by mode."""
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    sizes = options.sizes
     keyed_url: str | None = None
     with contextlib.ExitStack() as stack:
         backends = options.backends
         needs_postgres = not options.clickhouse and (not backends or "postgres" in backends)
         admin = postgres(stack) if needs_postgres else ""
         for n in range(options.pairs):
-            for mode in modes:
+            for items, mode in ((size, mode) for size in sizes for mode in modes):
                 url = None
                 if mode.startswith("ingest-"):
                     url = backend_url(mode.removeprefix("ingest-"), admin, stack)
@@ -164,20 +180,26 @@ def run_rounds(
                 if mode == "keyed":
                     keyed_url = url
                 crawl_mode = "keyed" if mode == "rekeyed" else mode.split("-")[0]
-                result = crawl(crawl_mode, options.items, url)
+                result = crawl(crawl_mode, items, url)
                 result["mode"] = mode
-                if mode == "rekeyed" and result["unchanged"] != options.items:
-                    sys.exit(f"rekeyed run {n}: {result['unchanged']} of {options.items} unchanged")
+                if mode == "rekeyed" and result["unchanged"] != items:
+                    sys.exit(f"rekeyed run {n}: {result['unchanged']} of {items} unchanged")
                 writes = mode in WRITING or mode.startswith("ingest-")
-                if writes and mode != "buffer" and result["stored"] != options.items:
-                    sys.exit(f"ingest run {n}: stored {result['stored']} of {options.items}")
-                runs[mode].append(result)
-                print(f"run {n + 1} {mode:<6} {json.dumps(result)}", flush=True)
+                if writes and mode != "buffer" and result["stored"] != items:
+                    sys.exit(f"ingest run {n}: stored {result['stored']} of {items}")
+                runs.setdefault(_key(mode, items, sizes), []).append(result)
+                print(f"run {n + 1} {_key(mode, items, sizes):<6} {json.dumps(result)}", flush=True)
     return runs
 
 
-def print_summary(runs: dict[str, list[dict[str, float]]], items: int) -> None:
+def _key(mode: str, items: int, sizes: list[int]) -> str:
+    """How a mode's runs are named: with their size when there are several sizes."""
+    return mode if len(sizes) == 1 else f"{mode}@{items}"
+
+
+def print_summary(runs: dict[str, list[dict[str, float]]], items: int, suffix: str = "") -> None:
     """Each mode's medians: items/s and their ratios to none and to quiet, and CPU."""
+    runs = {m.removesuffix(suffix): r for m, r in runs.items() if m.endswith(suffix)}
     base = statistics.median(r["items_per_s"] for r in runs["none"])
     base_wall = statistics.median(r["wall_items_per_s"] for r in runs["none"])
     quiet = statistics.median(r["items_per_s"] for r in runs["quiet"])
@@ -198,11 +220,38 @@ def print_summary(runs: dict[str, list[dict[str, float]]], items: int) -> None:
         )
 
 
+def print_split(
+    runs: dict[str, list[dict[str, float]]], modes: tuple[str, ...], sizes: list[int]
+) -> None:
+    """The CPU over quiet of each mode, split into a cost per item (the slope between the
+    smallest and the largest size) and a cost per crawl (the rest, at zero items)."""
+    small, large = min(sizes), max(sizes)
+
+    def over_quiet(mode: str, size: int) -> float:
+        cpu = statistics.median(r["cpu"] for r in runs[f"{mode}@{size}"])
+        return cpu - statistics.median(r["cpu"] for r in runs[f"quiet@{size}"])
+
+    print(f"CPU over quiet, split between {small:,} and {large:,} items (medians):")
+    print(f"{'mode':<20}{'us per item':>14}{'s per crawl':>14}")
+    for mode in modes:
+        if mode in ("none", "quiet"):
+            continue
+        slope = (over_quiet(mode, large) - over_quiet(mode, small)) / (large - small)
+        fixed = over_quiet(mode, small) - slope * small
+        print(f"{mode:<20}{slope * 1e6:>14.1f}{fixed:>14.2f}")
+
+
 def main() -> None:
     options, modes = parse_options()
     runs = run_rounds(options, modes)
-    print()
-    print_summary(runs, options.items)
+    for size in options.sizes:
+        print()
+        if len(options.sizes) > 1:
+            print(f"{size:,} items:")
+        print_summary(runs, size, "" if len(options.sizes) == 1 else f"@{size}")
+    if len(options.sizes) > 1:
+        print()
+        print_split(runs, modes, options.sizes)
 
 
 if __name__ == "__main__":

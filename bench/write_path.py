@@ -86,9 +86,8 @@ async def our_path(host: object, rows: list, size: int) -> float:
     batches_ = [packed(batch) for batch in batches(rows, size)]
     started = time.perf_counter()
     # as in a crawl: batches are handed over as they fill, answers come back later
-    outcomes = await defer.gatherResults(
-        [host.store(tables["items"], batch) for batch in batches_]  # type: ignore[attr-defined]
-    )
+    stored = [host.store(tables["items"], batch) for batch in batches_]  # type: ignore[attr-defined]
+    outcomes = [await one for one in stored]
     seconds = time.perf_counter() - started
     assert sum(o.written for o in outcomes) == len(rows), outcomes
     await host.close()  # type: ignore[attr-defined]

@@ -7,8 +7,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from scrapy import signals
-from scrapy.utils.defer import deferred_from_coro
 
+from scrapy_ingest._aio import Future, spawn
 from scrapy_ingest._compat import close_spider, close_spider_before_start
 
 if TYPE_CHECKING:
@@ -19,9 +19,12 @@ logger = logging.getLogger(__name__)
 
 def close_soon(crawler: Crawler, reason: str) -> None:
     """Close the spider of *crawler* with *reason*, without waiting for that."""
-    deferred_from_coro(close_spider(crawler, reason)).addErrback(
-        lambda failure: logger.error("Could not close the spider: %s", failure.value)
-    )
+    spawn(close_spider(crawler, reason)).add_done_callback(_log_not_closed)
+
+
+def _log_not_closed(closed: Future[None]) -> None:
+    if closed.exception() is not None:
+        logger.error("Could not close the spider: %s", closed.exception())
 
 
 def close_at_start(crawler: Crawler, reason: str) -> None:

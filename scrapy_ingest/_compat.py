@@ -385,14 +385,21 @@ def thread_caller() -> Callable[..., Any]:
     return asyncio.get_running_loop().call_soon_threadsafe
 
 
-def in_thread(func: Callable[..., _T], *args: Any) -> Deferred[_T]:
-    """Run ``func(*args)`` in a thread (Twisted's thread pool, or asyncio's default executor
-    without a reactor); the Deferred fires on the crawl's thread."""
-    if reactor_installed():
-        from twisted.internet.threads import deferToThread
+def asyncio_available() -> bool:
+    """Whether coroutines run as asyncio tasks here: on a running asyncio loop (the asyncio
+    reactor's, or the loop of a crawl without a reactor), or, before it runs, under the
+    asyncio reactor. Scrapy 2.14+ has it as ``is_asyncio_available``; 2.13 decides by the
+    reactor alone, as this does before the loop runs."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        if not reactor_installed():
+            return False  # nothing runs yet: Deferreds work without a loop
+        from twisted.internet import reactor
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
-        return deferToThread(func, *args)
-    return Deferred.fromFuture(asyncio.ensure_future(asyncio.to_thread(func, *args)))
+        return isinstance(reactor, AsyncioSelectorReactor)
+    return True
 
 
 class Looping(Protocol):

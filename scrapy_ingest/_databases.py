@@ -22,10 +22,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
-
+from scrapy_ingest._aio import Event, settle, spawn
 from scrapy_ingest._compat import wake_engine
-from scrapy_ingest._event import Event
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest._stats import stat_key
 from scrapy_ingest.backends import check_driver, check_url, is_best_effort
@@ -238,7 +236,7 @@ class Databases:
             opening = self._opening.get(url)
             if opening is None:
                 self._opening[url] = opening = Event()
-                deferred_from_coro(self._open_late(url))
+                spawn(self._open_late(url))
             await opening.wait()
         known = self._unusable.get(url)
         if known is not None:
@@ -278,7 +276,7 @@ class Databases:
         else:
             host, tables = started
         try:
-            opened = await maybe_deferred_to_future(host.open())
+            opened = await host.open()
         except IngestError as exc:
             raise type(exc)(f"{exc} (the database of {source})") from None
         if opened.unavailable is not None:
@@ -425,13 +423,13 @@ class Databases:
     async def drain(self, kind: str) -> None:
         """Write every buffered row of *kind*, to whichever database it is routed."""
         for writer in [w for w in self._writers.values() if w.table.kind == kind]:
-            await maybe_deferred_to_future(writer.drain())
+            await writer.drain()
 
     async def drain_all(self) -> None:
         """Write every buffered row; dead letters last: draining the others can produce some
         (and create their writer)."""
         for writer in [w for w in self._writers.values() if w.table.kind != "dead_letters"]:
-            await maybe_deferred_to_future(writer.drain())
+            await writer.drain()
         await self.drain("dead_letters")
 
     def flush_older_than(self, seconds: float) -> None:
@@ -471,7 +469,7 @@ class Databases:
         batches: if it answers, they are written, and the spill journal is replayed."""
         for entry in list(self._open.values()):
             try:
-                replayed = await maybe_deferred_to_future(entry.host.recover())
+                replayed = await entry.host.recover()
             except Exception:
                 logger.exception("Could not reach %s again", entry.host.url)
                 continue
@@ -497,21 +495,14 @@ class Databases:
 
 async def _close_host(host: Host) -> None:
     try:
-        await maybe_deferred_to_future(host.close())
+        await host.close()
     except Exception:
         logger.exception("Could not close the connection to %s", host.url)
 
 
 async def _settle(coros: list[Coroutine[Any, Any, None]]) -> BaseException | None:
     """Run *coros* together until each has ended; return the first one's error, if any."""
-    running = [deferred_from_coro(coro) for coro in coros]
-    first: BaseException | None = None
-    for deferred in running:
-        try:
-            await maybe_deferred_to_future(deferred)
-        except BaseException as exc:
-            first = first or exc
-    return first
+    return await settle([spawn(coro) for coro in coros])
 
 
 def _where(url: str, shown: str) -> str:

@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from scrapy.utils.defer import maybe_deferred_to_future
-
 from scrapy_ingest import settings as defaults
 from scrapy_ingest._compat import scrapyd_job_id
 from scrapy_ingest._ids import format_uuid
@@ -106,7 +104,7 @@ class JobRow:
 
     async def insert(self, host: Host) -> None:
         """Insert the row at *host*; raise JobIdConflict when its job id is taken there."""
-        inserted = await maybe_deferred_to_future(host.insert_job(self.table, self.first_row()))
+        inserted = await host.insert_job(self.table, self.first_row())
         if not inserted:
             raise JobIdConflict(
                 f"a job with job_id {self.info.job_id!r} exists already in "
@@ -164,7 +162,7 @@ class JobRow:
                 self.table, self.info.job_id, values, unless_finished=unless_finished
             )
             try:
-                await maybe_deferred_to_future(update)
+                await update
             except Exception as exc:
                 failure = failure or exc
         if failure is not None:
@@ -181,9 +179,7 @@ class JobRow:
     async def mark_crashed(self, host: Host, crawl_id: str | None = None) -> None:
         """Mark the stale jobs at *host* crashed (with *crawl_id*, only that crawl's)."""
         stale_before = time.time() - STALE_HEARTBEATS * self._heartbeat
-        crashed = await maybe_deferred_to_future(
-            host.mark_crashed(self.table, stale_before, self.info.job_id, crawl_id)
-        )
+        crashed = await host.mark_crashed(self.table, stale_before, self.info.job_id, crawl_id)
         for job_id in crashed:
             logger.warning(
                 "Job %s in %s was left running by a process that stopped refreshing it: it is "

@@ -18,15 +18,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING
 
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
-from twisted.python.failure import Failure
-
+from scrapy_ingest._aio import Future, call, in_thread, settle, spawn
 from scrapy_ingest._compat import call_later
 from scrapy_ingest._shapes import Batch, WriteOutcome
 from scrapy_ingest.exceptions import NotKept
-from scrapy_ingest.hosting import run_in_thread
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,47 +52,24 @@ class DurableLog:
         self._journal = journal
         self._executor = executor
 
-    def write(self, table: TableSpec, batch: Batch) -> Deferred[Path]:
-        return run_in_thread(self._executor, self._write, table, batch)
+    def write(self, table: TableSpec, batch: Batch) -> Future[Path]:
+        return in_thread(self._write, table, batch, executor=self._executor)
 
     def _write(self, table: TableSpec, batch: Batch) -> Path:
         return self._journal.spill_file(table, batch.rows())[0]
 
     def forget(self, path: Path) -> None:
-        d = run_in_thread(self._executor, path.unlink, True)  # missing_ok: replayed already
-        d.addErrback(lambda failure: logger.error("Could not remove %s: %s", path, failure.value))
+        removed = in_thread(path.unlink, True, executor=self._executor)  # missing_ok: replayed
+        removed.add_done_callback(partial(_log_not_removed, path))
 
 
-class _Ack:
-    """The rows of one batch: journaled or stored (INGEST_DURABLE), not yet, or not kept."""
+def _log_not_removed(path: Path, removed: Future[None]) -> None:
+    if removed.exception() is not None:
+        logger.error("Could not remove %s: %s", path, removed.exception())
 
-    __slots__ = ("done", "error", "waiters")
 
-    def __init__(self) -> None:
-        self.done = False
-        self.error: NotKept | None = None
-        self.waiters: list[Deferred[None]] = []
-
-    def wait(self) -> Deferred[None]:
-        if self.error is not None:
-            return fail(self.error)
-        if self.done:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self.waiters.append(d)
-        return d
-
-    def fire(self) -> None:
-        self.done = True
-        waiters, self.waiters = self.waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def fail(self, error: NotKept) -> None:
-        self.error = error
-        waiters, self.waiters = self.waiters, []
-        for d in waiters:
-            d.errback(error)
+#: what acknowledged() gives before any row
+_SAFE: Future[None] = Future.of(None)
 
 
 class BufferBudget:
@@ -124,13 +99,13 @@ class BufferBudget:
         self.full = False
         self._on_full = on_full
         self._on_room = on_room
-        self._waiters: deque[Deferred[None]] = deque()
+        self._waiters: deque[Future[None]] = deque()
 
-    def wait(self) -> Deferred[None]:
-        """Return a Deferred that fires once the buffer is below its limit."""
-        d: Deferred[None] = Deferred()
-        self._waiters.append(d)
-        return d
+    def wait(self) -> Future[None]:
+        """A future set once the buffer is below its limit."""
+        room: Future[None] = Future()
+        self._waiters.append(room)
+        return room
 
     def reached(self) -> None:
         """The buffer holds its high-water mark or more (the caller has checked; hot path)."""
@@ -153,7 +128,7 @@ class BufferBudget:
 
     def _wake_waiters(self) -> None:
         while self._waiters and self.used < self.limit:
-            self._waiters.popleft().callback(None)
+            self._waiters.popleft().set_result(None)
 
 
 class BatchWriter:
@@ -182,11 +157,11 @@ class BatchWriter:
         self._bytes = 0
         self._first_at = 0.0
         #: batches handed over and not answered yet -> when they were handed over (monotonic)
-        self._inflight: dict[Deferred[Any], float] = {}
+        self._inflight: dict[Future[WriteOutcome], float] = {}
         self._durable = durable
         #: with INGEST_DURABLE: the buffered rows' acknowledgement, and the last row's
-        self._ack: _Ack | None = None
-        self._last_ack: _Ack | None = None
+        self._ack: Future[None] | None = None
+        self._last_ack: Future[None] | None = None
         self._commit: Cancellable | None = None
 
     def append_json(self, data: bytes) -> int:
@@ -221,13 +196,14 @@ class BatchWriter:
             self.flush()
 
     def _start_group(self) -> None:
-        self._ack = self._last_ack = _Ack()
+        self._ack = self._last_ack = Future()
         self._commit = call_later(GROUP_COMMIT, self.flush)
 
-    def acknowledged(self) -> Deferred[None]:
-        """Fires once the rows added so far are safe (INGEST_DURABLE: in the journal)."""
+    def acknowledged(self) -> Future[None]:
+        """Set once the rows added so far are safe (INGEST_DURABLE: in the journal); its
+        error, NotKept, if they could not be kept."""
         ack = self._last_ack
-        return succeed(None) if ack is None else ack.wait()
+        return _SAFE if ack is None else ack
 
     def flush(self) -> None:
         """Hand the buffered rows to the host, which writes them off the reactor thread."""
@@ -236,22 +212,22 @@ class BatchWriter:
         batch = Batch(self._rows, self._payload or None)
         size = self._bytes
         self._rows, self._payload, self._bytes = [], bytearray(), 0
-        d: Deferred[Any]
+        stored: Future[WriteOutcome]
         if self._durable is not None:
             ack, self._ack = self._ack, None
             if self._commit is not None:
                 self._commit.cancel()  # done or not
             self._commit = None
             assert ack is not None
-            d = Deferred.fromCoroutine(self._store_durably(batch, ack))
+            stored = spawn(self._store_durably(batch, ack))
         else:
-            # maybeDeferred: a hand-over that fails at once (say, /dev/shm full) is counted
-            # like any failed batch, and its bytes go back to the budget
-            d = maybeDeferred(self.host.store, self.table, batch)
-        self._inflight[d] = time.monotonic()
-        d.addBoth(self._stored, d, len(batch.packed_rows), size)
+            # call: a hand-over that fails at once (say, /dev/shm full) is counted like any
+            # failed batch, and its bytes go back to the budget
+            stored = call(self.host.store, self.table, batch)
+        self._inflight[stored] = time.monotonic()
+        stored.add_done_callback(partial(self._stored, len(batch.packed_rows), size))
 
-    async def _store_durably(self, batch: Batch, ack: _Ack) -> WriteOutcome:
+    async def _store_durably(self, batch: Batch, ack: Future[None]) -> WriteOutcome:
         """Journal the batch, acknowledge its rows, then store it. When the journal cannot
         take it (its disk is full), the rows are acknowledged only once the database (or,
         later, the journal) has them: never, if neither does."""
@@ -268,14 +244,16 @@ class BatchWriter:
                 exc,
             )
         else:
-            ack.fire()
-        outcome: WriteOutcome = await maybeDeferred(self.host.store, self.table, batch)
+            ack.set_result(None)
+        outcome = await call(self.host.store, self.table, batch)
         if path is None:
             if outcome.lost:
                 why = outcome.spill_failed or outcome.failure or outcome.refused or "not written"
-                ack.fail(NotKept(f"{outcome.lost} rows of its batch were given up on: {why}"))
+                ack.set_exception(
+                    NotKept(f"{outcome.lost} rows of its batch were given up on: {why}")
+                )
             else:
-                ack.fire()
+                ack.set_result(None)
         elif not outcome.lost:
             self._durable.forget(path)  # in the database, or spilled by the writer
         return outcome
@@ -284,26 +262,28 @@ class BatchWriter:
         if self._rows and time.monotonic() - self._first_at >= age:
             self.flush()
 
-    def drain(self) -> Deferred[Any]:
-        """Flush, and return a Deferred that fires when every batch has been written."""
+    async def drain(self) -> None:
+        """Flush, and return once every batch has been answered."""
         self.flush()
-        return DeferredList(list(self._inflight), consumeErrors=True)
+        # their errors are the outcomes' (see _stored)
+        await settle(list(self._inflight))
 
     def oldest_inflight(self) -> float | None:
         """When the oldest batch still unanswered was handed over (monotonic), if any."""
         return min(self._inflight.values(), default=None)
 
-    def _stored(
-        self, result: WriteOutcome | Failure, d: Deferred[Any], count: int, size: int
-    ) -> None:
-        seconds = time.monotonic() - self._inflight.pop(d)
+    def _stored(self, count: int, size: int, stored: Future[WriteOutcome]) -> None:
+        seconds = time.monotonic() - self._inflight.pop(stored)
         self._budget.release(size)
-        if isinstance(result, Failure):
+        error = stored.exception()
+        if error is None:
+            outcome = stored.result()
+        else:
             logger.error(
                 "Writing %d rows to %s failed unexpectedly; the rows are lost",
                 count,
                 self.table.name,
-                exc_info=result.value,
+                exc_info=error,
             )
-            result = WriteOutcome(lost=count, failure=f"writing them failed: {result.value}")
-        self._on_outcome(self.table, result, seconds)
+            outcome = WriteOutcome(lost=count, failure=f"writing them failed: {error}")
+        self._on_outcome(self.table, outcome, seconds)

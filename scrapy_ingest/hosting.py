@@ -1,7 +1,7 @@
 """Where a backend's work runs: in writer threads, or in a writer process.
 
-Both hosts offer the same asynchronous interface to the reactor thread:
-every method returns a Deferred that fires on the reactor thread.
+Both hosts offer the same asynchronous interface to the crawl's thread: coroutines, and
+:meth:`~Host.store` a :class:`~scrapy_ingest._aio.Future`, set on the crawl's thread.
 
 * :class:`ProcessHost` runs the backend in a child process
   (:mod:`scrapy_ingest.backends._process`). Every backend uses it by default: the crawl
@@ -33,12 +33,10 @@ from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
-
 import scrapy_ingest
 from scrapy_ingest import exceptions
-from scrapy_ingest._compat import in_thread, thread_caller
+from scrapy_ingest._aio import Future, in_thread
+from scrapy_ingest._compat import thread_caller
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest.backends import check_driver, check_url, local_host
 from scrapy_ingest.backends._process import HEADER, frame, receive
@@ -46,7 +44,6 @@ from scrapy_ingest.exceptions import BackendUnavailable, IngestError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
-    from concurrent.futures import Future
 
     from scrapy_ingest._shapes import OpenOutcome, ReplayOutcome
     from scrapy_ingest.backends import Batch, LocalHost, WriteOutcome
@@ -64,25 +61,28 @@ class Host(Protocol):
 
     def start(self) -> None: ...
 
-    def open(self) -> Deferred[OpenOutcome]: ...
+    async def open(self) -> OpenOutcome: ...
 
     def discard(self) -> None: ...
 
-    def close(self) -> Deferred[None]: ...
+    async def close(self) -> None: ...
 
-    def recover(self) -> Deferred[ReplayOutcome | None]: ...
+    async def recover(self) -> ReplayOutcome | None: ...
 
-    def mark_crashed(
+    async def mark_crashed(
         self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
-    ) -> Deferred[list[str]]: ...
+    ) -> list[str]: ...
 
-    def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]: ...
+    def store(self, table: TableSpec, batch: Batch) -> Future[WriteOutcome]:
+        """Hand *batch* over: a future, not a coroutine, so that the batch leaves now and
+        the caller counts it as answered the moment it is."""
+        ...
 
-    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> Deferred[bool]: ...
+    async def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool: ...
 
-    def update_job(
+    async def update_job(
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
-    ) -> Deferred[None]: ...
+    ) -> None: ...
 
 
 def create_host(
@@ -120,29 +120,6 @@ def create_host(
     return ThreadHost(local_host(url, tables, on_stuck=from_thread, **options))
 
 
-def run_in_thread(
-    executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any
-) -> Deferred[Any]:
-    """Run ``fn(*args)`` in *executor*; the returned Deferred fires on the crawl's thread (the
-    reactor's, or the asyncio loop's without a reactor). Call it on that thread."""
-    call_from_thread = thread_caller()
-    d: Deferred[Any] = Deferred()
-
-    def done(future: Future[Any]) -> None:
-        call_from_thread(_fire, d, future)
-
-    executor.submit(fn, *args).add_done_callback(done)
-    return d
-
-
-def _fire(d: Deferred[Any], future: Future[Any]) -> None:
-    exc = future.exception()
-    if exc is None:
-        d.callback(future.result())
-    else:
-        d.errback(Failure(exc))  # type: ignore[no-untyped-call]
-
-
 class ThreadHost:
     """Run a backend's blocking calls in writer threads of the crawl process."""
 
@@ -151,55 +128,59 @@ class ThreadHost:
         self.url = local.url
         self._executor: ThreadPoolExecutor | None = None
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=self._local.threads, thread_name_prefix="scrapy_ingest"
             )
-        return run_in_thread(self._executor, fn, *args)
+        return in_thread(fn, *args, executor=self._executor)
 
     def start(self) -> None:
         """Nothing to start ahead: opening in a writer thread early would take the crawl's
         thread's time (the GIL) all the same."""
 
-    def open(self) -> Deferred[OpenOutcome]:
-        d = self._run(self._local.open)
-        d.addErrback(self._shut_down)
-        return d
+    async def open(self) -> OpenOutcome:
+        try:
+            return await self._run(self._local.open)  # type: ignore[no-any-return]
+        except BaseException:
+            self._shut_down()
+            raise
 
     def discard(self) -> None:
         """Nothing was started (see start)."""
 
-    def close(self) -> Deferred[None]:
-        d = self._run(self._local.close)
-        d.addBoth(self._shut_down)
-        return d
+    async def close(self) -> None:
+        try:
+            await self._run(self._local.close)
+        finally:
+            self._shut_down()
 
-    def recover(self) -> Deferred[ReplayOutcome | None]:
-        return self._run(self._local.recover)
+    async def recover(self) -> ReplayOutcome | None:
+        return await self._run(self._local.recover)  # type: ignore[no-any-return]
 
-    def mark_crashed(
+    async def mark_crashed(
         self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
-    ) -> Deferred[list[str]]:
-        return self._run(self._local.mark_crashed, table, stale_before, alive, crawl_id)
+    ) -> list[str]:
+        return await self._run(  # type: ignore[no-any-return]
+            self._local.mark_crashed, table, stale_before, alive, crawl_id
+        )
 
-    def _shut_down(self, result: Any) -> Any:
+    def _shut_down(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
-        return result
 
-    def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]:
+    def store(self, table: TableSpec, batch: Batch) -> Future[WriteOutcome]:
         return self._run(self._local.store, table, batch)
 
-    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> Deferred[bool]:
-        return self._run(self._local.insert_job, table, row)
+    async def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
+        return await self._run(self._local.insert_job, table, row)  # type: ignore[no-any-return]
 
-    def update_job(
+    async def update_job(
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
-    ) -> Deferred[None]:
+    ) -> None:
         update = partial(self._local.update_job, unless_finished=unless_finished)
-        return self._run(update, table, job_id, values)
+        await self._run(update, table, job_id, values)
 
 
 class WriterProcessDied(BackendUnavailable):
@@ -210,7 +191,7 @@ class WriterProcessDied(BackendUnavailable):
 class _Request:
     operation: str
     args: tuple[Any, ...]
-    deferred: Deferred[Any]
+    answer: Future[Any]
 
 
 class ProcessHost:
@@ -277,7 +258,7 @@ class ProcessHost:
         self._restarts = 0
         self._closing = False
         #: the open request, from start() until open() returns it
-        self._opening: Deferred[OpenOutcome] | None = None
+        self._opening: Future[OpenOutcome] | None = None
         #: the process whose answers are read (see _listen)
         self._listening: subprocess.Popen[bytes] | None = None
         #: stops the current process if this host is dropped without close() or discard()
@@ -301,19 +282,18 @@ class ProcessHost:
         self._start()
         self._opening = self._request("open", self._backend_args)
 
-    def open(self) -> Deferred[OpenOutcome]:
+    async def open(self) -> OpenOutcome:
         """Start (unless :meth:`start` has) and return the open request's answer: call it on
         the crawl's thread, once."""
         self.start()
-        d, self._opening = self._opening, None
-        assert d is not None, "open() twice"
+        opening, self._opening = self._opening, None
+        assert opening is not None, "open() twice"
         self._listen()
-        d.addErrback(self._open_failed)
-        return d
-
-    def _open_failed(self, failure: Failure) -> Failure:
-        self._stop_process()
-        return failure
+        try:
+            return await opening
+        except BaseException:
+            self._stop_process()
+            raise
 
     def _start(self) -> None:
         env = dict(os.environ)
@@ -364,22 +344,18 @@ class ProcessHost:
         if process is not None:
             in_thread(_reap, process)  # off the crawl's thread: nobody reads its answers
 
-    def close(self) -> Deferred[None]:
+    async def close(self) -> None:
         if self._process is None:
-            return Deferred.fromCoroutine(_nothing())
+            return
         self._closing = True
-        d = self._request("close", ())
-        d.addBoth(self._closed)
-        return d
-
-    def _closed(self, result: Any) -> Any:
-        process = self._stop_process()
-        if process is None:
-            return result
-        # the child exits right after answering "close"; wait for it off the reactor
-        waited = in_thread(_wait, process)
-        waited.addCallback(lambda _: result)
-        return waited
+        try:
+            await self._request("close", ())
+        finally:
+            process = self._stop_process()
+            if process is not None:
+                # the child exits right after answering "close"; wait for it off the
+                # crawl's thread
+                await in_thread(_wait, process)
 
     def _stop_process(self) -> subprocess.Popen[bytes] | None:
         process, self._process = self._process, None
@@ -400,24 +376,26 @@ class ProcessHost:
 
     # requests (reactor thread)
 
-    def store(self, table: TableSpec, batch: Batch) -> Deferred[WriteOutcome]:
+    def store(self, table: TableSpec, batch: Batch) -> Future[WriteOutcome]:
         return self._request("store", (table, self._write_batch(batch), batch.payload is not None))
 
-    def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> Deferred[bool]:
-        return self._request("insert_job", (table, dict(row)))
+    async def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
+        return await self._request("insert_job", (table, dict(row)))  # type: ignore[no-any-return]
 
-    def recover(self) -> Deferred[ReplayOutcome | None]:
-        return self._request("recover", ())
+    async def recover(self) -> ReplayOutcome | None:
+        return await self._request("recover", ())  # type: ignore[no-any-return]
 
-    def mark_crashed(
+    async def mark_crashed(
         self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
-    ) -> Deferred[list[str]]:
-        return self._request("mark_crashed", (table, stale_before, alive, crawl_id))
+    ) -> list[str]:
+        return await self._request(  # type: ignore[no-any-return]
+            "mark_crashed", (table, stale_before, alive, crawl_id)
+        )
 
-    def update_job(
+    async def update_job(
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
-    ) -> Deferred[None]:
-        return self._request("update_job", (table, job_id, dict(values), unless_finished))
+    ) -> None:
+        await self._request("update_job", (table, job_id, dict(values), unless_finished))
 
     def _write_batch(self, batch: Batch) -> str:
         assert self._dir is not None, "store() before open()"
@@ -430,11 +408,11 @@ class ProcessHost:
                 file.write(batch.payload)
         return str(path)
 
-    def _request(self, operation: str, args: tuple[Any, ...]) -> Deferred[Any]:
-        request = _Request(operation, args, Deferred())
+    def _request(self, operation: str, args: tuple[Any, ...]) -> Future[Any]:
+        request = _Request(operation, args, Future())
         self._pending.append(request)
         self._send(request)
-        return request.deferred
+        return request.answer
 
     def _send(self, request: _Request) -> None:
         assert self._feed is not None
@@ -468,9 +446,9 @@ class ProcessHost:
     def _answered(self, message: tuple[Any, ...]) -> None:
         request = self._pending.popleft()
         if message[0] == "error":
-            request.deferred.errback(_rebuild(message[1], message[2]))
+            request.answer.set_exception(_rebuild(message[1], message[2]))
         else:
-            request.deferred.callback(message[1])
+            request.answer.set_result(message[1])
 
     def _exited(self, process: subprocess.Popen[bytes]) -> None:
         if process is not self._process or (self._closing and not self._pending):
@@ -488,7 +466,7 @@ class ProcessHost:
             self._stop_process()
             pending, self._pending = self._pending, deque()
             for request in pending:
-                request.deferred.errback(error)
+                request.answer.set_exception(error)
             return
         self._restarts += 1
         logger.error(
@@ -502,8 +480,7 @@ class ProcessHost:
         self._start()
         self._listen()
         if not any(r.operation == "open" for r in pending):
-            reopen = self._request("open", self._backend_args)
-            reopen.addErrback(lambda failure: logger.error("Reopening failed: %s", failure.value))
+            self._request("open", self._backend_args).add_done_callback(_log_reopen_failure)
         # a store's file is still there: the child removes it only once it has answered
         for request in pending:
             self._pending.append(request)
@@ -658,5 +635,6 @@ def _abandon(process: subprocess.Popen[bytes], feed: _Feed) -> None:
     _reap(process)
 
 
-async def _nothing() -> None:
-    return None
+def _log_reopen_failure(reopen: Future[Any]) -> None:
+    if reopen.exception() is not None:
+        logger.error("Reopening failed: %s", reopen.exception())

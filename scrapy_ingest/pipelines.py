@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from itemadapter import ItemAdapter
 from scrapy.exceptions import DropItem
 from scrapy.pipelines import ItemPipelineManager
-from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
+from scrapy.utils.defer import deferred_from_coro
 
 from scrapy_ingest._compat import ITEM_PROCESSOR_IS_ASYNC, drop_last_process_item, pipeline_hook
 from scrapy_ingest._redact import redact_url
@@ -207,13 +207,13 @@ class IngestPipeline:
     async def _wait_for_room(self) -> None:
         # backpressure: the crawl waits here until the writers catch up
         self._runtime.stats.inc_value(_WAITS)
-        await maybe_deferred_to_future(self._budget.wait())
+        await self._budget.wait()
 
     async def _acknowledged(self, writer: BatchWriter) -> None:
         # INGEST_DURABLE: the item is in the journal (or the database) before process_item
         # returns; one that neither could keep is dropped, never acknowledged
         try:
-            await maybe_deferred_to_future(writer.acknowledged())
+            await writer.acknowledged()
         except NotKept as exc:
             raise DropItem(f"INGEST_DURABLE: the item could not be kept: {exc}") from None
         budget = self._budget

@@ -1,12 +1,10 @@
-"""What scrapy_ingest holds for one crawler: its parts, wired, and their surface.
+"""What scrapy_ingest holds for one crawler: its parts (the job row, :mod:`._job`; the databases
+with their hosts and writers, :mod:`._databases`; the counters, :mod:`._counters`), wired.
 
-The parts: the job row (:mod:`~scrapy_ingest._job`), the databases with their hosts and
-writers (:mod:`~scrapy_ingest._databases`), the counters (:mod:`~scrapy_ingest._counters`).
-Components share the runtime through :meth:`IngestRuntime.of`, which keeps it on the
-crawler. Made as the crawl starts, it starts the writer processes; it opens on the first
-component's request (every database the settings name, at once) and closes on
-``spider_closed``, after the pipeline has drained its items: every writer is drained, the
-job row is closed with the reason, then connections are released."""
+Components share it through :meth:`IngestRuntime.of`, which keeps it on the crawler. Made as the
+crawl starts, it starts the writer processes; it opens on the first component's request (every
+database the settings name, at once) and closes on ``spider_closed``, after the pipeline has
+drained its items: every writer drains, the job row closes with the reason, connections go."""
 
 from __future__ import annotations
 
@@ -18,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
 
+from scrapy_ingest._aio import Event
 from scrapy_ingest._closing import close_at_start, close_soon
 from scrapy_ingest._compat import fail_crawl, looping_call
 from scrapy_ingest._counters import BACKEND_REFUSED, Counters
 from scrapy_ingest._databases import ROW_OVERHEAD, Databases, EngineHold, RecordSink
-from scrapy_ingest._event import Event
 from scrapy_ingest._ids import IdFactory
 from scrapy_ingest._job import JobInfo, JobRow, make_job
 from scrapy_ingest._redact import Redactor
@@ -123,8 +121,6 @@ class IngestRuntime:
             with contextlib.suppress(Exception):  # fails again at open, which says why
                 self._prepare().start()
 
-    # opening
-
     async def open(self) -> None:
         """Open every database the settings name and insert the job row; once, however
         often called (later callers wait for the first, and raise its error)."""
@@ -138,8 +134,7 @@ class IngestRuntime:
                     refused = isinstance(exc, BackendRefused)
                     close_at_start(self.crawler, BACKEND_REFUSED if refused else "ingest_error")
                 self._opened.fire(exc)
-            else:
-                self._opened.fire()
+            self._opened.fire()  # the first call counts: no error, unless one was raised
         await self._opened.wait()
 
     async def opened(self) -> Databases | None:

@@ -52,17 +52,16 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from scrapy.exceptions import NotConfigured
-from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy_redis.dupefilter import RFPDupeFilter
 from scrapy_redis.queue import FifoQueue, LifoQueue, PriorityQueue
 from scrapy_redis.scheduler import Scheduler
 
 from scrapy_ingest import settings as defaults
+from scrapy_ingest._aio import as_deferred, in_thread
 from scrapy_ingest._compat import (
     Looping,
     decode_queued_request,
     encode_queued_request,
-    in_thread,
     looping_call,
     requests_in_progress,
     wake_engine,
@@ -288,8 +287,11 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
     # leases
 
     def _refresh_later(self) -> Deferred[None]:
-        refreshed: Deferred[tuple[int, int]] = in_thread(self._refresh)
-        return refreshed.addCallback(self._refreshed)
+        """The lease loop's call (a LoopingCall waits for the Deferred it returns)."""
+        return as_deferred(self._refresh_off_thread())
+
+    async def _refresh_off_thread(self) -> None:
+        self._refreshed(await in_thread(self._refresh))
 
     def _refreshed(self, counts: tuple[int, int]) -> None:
         """Back on the reactor thread: count what was put back; wake the engine when the
@@ -331,7 +333,7 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         return int(self._requeue_script(keys=keys, args=[worker]))
 
     def _return_done(self) -> Deferred[None]:
-        return deferred_from_coro(self._give_back())
+        return as_deferred(self._give_back())
 
     async def _give_back(self) -> None:
         """Give back the leases of requests done, once their items are written."""
@@ -346,7 +348,7 @@ class RedisLeaseScheduler(Scheduler):  # type: ignore[misc]  # scrapy-redis has 
         self._released = []
         if not leases:
             return
-        returned = await maybe_deferred_to_future(in_thread(self._give_back_now, leases))
+        returned = await in_thread(self._give_back_now, leases)
         if self.stats:
             self.stats.inc_value(stat_key("redis", "leases_returned"), returned)
 

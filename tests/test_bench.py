@@ -29,6 +29,10 @@ RUNS = {
         ["items.py", "--items", "2000", "--pairs", "1", "--backends", "postgres,sqlite,chdb"],
         "ingest-chdb",
     ),
+    "items-sizes": (
+        ["items.py", "--sizes", "1000,3000", "--pairs", "1", "--backends", "postgres"],
+        "us per item",
+    ),
     "pages": (["pages.py", "--pages", "200", "--pairs", "1"], "ingest"),
     "retry": (["retry.py", "--pages", "200", "--pairs", "1"], "backoff"),
     "write-path": (["write_path.py", "--rows", "4000", "--repeat", "1"], "plain COPY"),

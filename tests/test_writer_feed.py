@@ -218,8 +218,13 @@ _WRITER_DIES_WITH_REQUESTS_QUEUED = textwrap.dedent(
                 os.kill(pid, signal.SIGKILL)
                 while host._process is not None and host._process.pid == pid:
                     await deferLater(reactor, 0.05)
-            results = await defer.DeferredList(stores, consumeErrors=True)
-        failed = sorted({{type(r.value).__name__ for ok, r in results if not ok}})
+            results = []
+            for store in stores:
+                try:
+                    results.append((True, await store))
+                except Exception as exc:
+                    results.append((False, exc))
+        failed = sorted({{type(r).__name__ for ok, r in results if not ok}})
         stored = sum(1 for ok, _ in results if ok)
         deadline = time.monotonic() + 30
         while any(t.name == "scrapy_ingest_feed" for t in threading.enumerate()):

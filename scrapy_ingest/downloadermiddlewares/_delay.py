@@ -50,9 +50,8 @@ from typing import TYPE_CHECKING
 
 from scrapy import signals
 from scrapy.exceptions import DontCloseSpider, IgnoreRequest
-from scrapy.utils.defer import maybe_deferred_to_future
-from twisted.internet.defer import Deferred
 
+from scrapy_ingest._aio import Future
 from scrapy_ingest._compat import Cancellable, call_later
 from scrapy_ingest._stats import stat_key
 
@@ -78,7 +77,7 @@ class DelayedRequests:
         #: requests defer() returned that request_scheduled has not seen (yet)
         self._handed_back: weakref.WeakSet[Request] = weakref.WeakSet()
         #: the timers of the requests that wait() inside the downloader
-        self._sleeping: dict[Deferred[None], Cancellable] = {}
+        self._sleeping: dict[Future[None], Cancellable] = {}
         self._connected = False
         crawler.signals.connect(self._idle, signal=signals.spider_idle)
         crawler.signals.connect(self._closed, signal=signals.spider_closed)
@@ -107,10 +106,10 @@ class DelayedRequests:
         :meth:`came_back`; raise IgnoreRequest if the spider closes meanwhile."""
         delay = until - time.monotonic()
         if delay > 0:
-            done: Deferred[None] = Deferred()
-            self._sleeping[done] = call_later(delay, done.callback, None)
+            done: Future[None] = Future()
+            self._sleeping[done] = call_later(delay, done.set_result, None)
             try:
-                await maybe_deferred_to_future(done)
+                await done
             finally:
                 self._sleeping.pop(done, None)
         self._handed_back.discard(request)
@@ -151,4 +150,4 @@ class DelayedRequests:
         sleeping, self._sleeping = self._sleeping, {}
         for done, call in sleeping.items():
             call.cancel()
-            done.errback(IgnoreRequest("the spider closed while the request waited"))
+            done.set_exception(IgnoreRequest("the spider closed while the request waited"))

@@ -54,9 +54,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
-from scrapy.utils.defer import maybe_deferred_to_future
 
-from scrapy_ingest._compat import Looping, in_thread, looping_call
+from scrapy_ingest._aio import as_deferred, in_thread
+from scrapy_ingest._compat import Looping, looping_call
 from scrapy_ingest._redact import redact_url
 from scrapy_ingest.runtime import IngestRuntime
 
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
     from scrapy.crawler import Crawler
     from scrapy.http import Request, Response
+    from twisted.internet.defer import Deferred
     from typing_extensions import Self
 
     from scrapy_ingest.backends import WriteOutcome
@@ -254,8 +255,16 @@ class PrometheusExtension:
         self._runtime.stats.set_value("ingest/metrics/port", self.port)
         logger.info("Prometheus metrics on http://%s:%s/metrics", host, self.port)
 
-    def _push(self) -> Any:
-        return in_thread(self._push_now).addErrback(self._push_failed)
+    def _push(self) -> Deferred[None]:
+        """The push loop's call (a LoopingCall waits for the Deferred it returns)."""
+        return as_deferred(self._push_once())
+
+    async def _push_once(self) -> None:
+        try:
+            await in_thread(self._push_now)
+        except Exception as exc:
+            gateway = redact_url(str(self._runtime.config.metrics_pushgateway))
+            logger.warning("Could not push metrics to %s: %s", gateway, exc)
 
     def _push_now(self) -> None:
         from prometheus_client import push_to_gateway
@@ -274,10 +283,6 @@ class PrometheusExtension:
             timeout=10,
         )
 
-    def _push_failed(self, failure: Any) -> None:
-        gateway = redact_url(str(self._runtime.config.metrics_pushgateway))
-        logger.warning("Could not push metrics to %s: %s", gateway, failure.value)
-
     async def _spider_closed(self) -> None:
         if self._push_loop is not None and self._push_loop.running:
             self._push_loop.stop()
@@ -287,13 +292,13 @@ class PrometheusExtension:
         await self._runtime.wait_closed()
         self.finished = True
         if self._push_loop is not None:  # one last push, for short crawls
-            await maybe_deferred_to_future(self._push())
+            await self._push_once()
         if self._server is not None:
             wait = self._final_scrape_wait()
             if wait > 0:
-                await maybe_deferred_to_future(in_thread(self._final_scrape.wait, wait))
+                await in_thread(self._final_scrape.wait, wait)
             server, self._server = self._server, None
-            await maybe_deferred_to_future(in_thread(_shut_down, server))
+            await in_thread(_shut_down, server)
 
     # scrapes
 
