@@ -546,8 +546,7 @@ class SqlAlchemyBackend:
             names = ", ".join(quote(name) for name in table.column_names)
             marks = ", ".join("?" * len(table.column_names))
             statement = self._sqlite_inserts[table.name] = (
-                f"INSERT INTO {quote(table.name)} ({names}) VALUES ({marks}) "
-                "ON CONFLICT DO NOTHING"
+                f"INSERT INTO {quote(table.name)} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING"
             )
         return statement
 
