@@ -15,6 +15,7 @@ import pytest
 from _helpers import REPO_DIR, last_json, run_python
 
 from scrapy_ingest._aio import Event, Future, call
+from scrapy_ingest._compat import _scrapy_version
 
 _BODY = textwrap.dedent(
     """
@@ -118,7 +119,14 @@ EXPECTED = {
     [
         ("asyncio reactor", _ASYNCIO_REACTOR + _BODY + _REACTOR_RUN, True),
         ("plain reactor", _PLAIN_REACTOR + _BODY + _REACTOR_RUN, False),
-        ("no reactor", _BODY + _NO_REACTOR, True),
+        pytest.param(
+            "no reactor",
+            _BODY + _NO_REACTOR,
+            True,
+            marks=pytest.mark.skipif(
+                _scrapy_version() < (2, 15), reason="Scrapy runs without a reactor from 2.15 on"
+            ),
+        ),
     ],
 )
 def test_coroutines_await_the_cores_futures_on_every_loop(
