@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 import scrapy_ingest
 from scrapy_ingest import exceptions
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from scrapy_ingest.schema import TableSpec
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 _STOP_TIMEOUT = 30
 _MAX_RESTARTS = 3
@@ -128,7 +130,7 @@ class ThreadHost:
         self.url = local.url
         self._executor: ThreadPoolExecutor | None = None
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    def _run(self, fn: Callable[..., _T], *args: Any) -> Future[_T]:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=self._local.threads, thread_name_prefix="scrapy_ingest"
@@ -141,7 +143,7 @@ class ThreadHost:
 
     async def open(self) -> OpenOutcome:
         try:
-            return await self._run(self._local.open)  # type: ignore[no-any-return]
+            return await self._run(self._local.open)
         except BaseException:
             self._shut_down()
             raise
@@ -156,14 +158,12 @@ class ThreadHost:
             self._shut_down()
 
     async def recover(self) -> ReplayOutcome | None:
-        return await self._run(self._local.recover)  # type: ignore[no-any-return]
+        return await self._run(self._local.recover)
 
     async def mark_crashed(
         self, table: TableSpec, stale_before: float, alive: str, crawl_id: str | None = None
     ) -> list[str]:
-        return await self._run(  # type: ignore[no-any-return]
-            self._local.mark_crashed, table, stale_before, alive, crawl_id
-        )
+        return await self._run(self._local.mark_crashed, table, stale_before, alive, crawl_id)
 
     def _shut_down(self) -> None:
         if self._executor is not None:
@@ -174,7 +174,7 @@ class ThreadHost:
         return self._run(self._local.store, table, batch)
 
     async def insert_job(self, table: TableSpec, row: Mapping[str, Any]) -> bool:
-        return await self._run(self._local.insert_job, table, row)  # type: ignore[no-any-return]
+        return await self._run(self._local.insert_job, table, row)
 
     async def update_job(
         self, table: TableSpec, job_id: str, values: Mapping[str, Any], *, unless_finished: bool
