@@ -425,23 +425,35 @@ class ProcessHost:
     def _read_answers(
         self, process: subprocess.Popen[bytes], call_from_thread: Callable[..., Any]
     ) -> None:
-        """Thread: pass each answer of *process* to the crawl's thread."""
+        """Thread: pass each answer of *process* to the crawl's thread.
+
+        Without a reactor, the crawl's loop may close (``asyncio.run()`` returning) between
+        the writer's last answer and the end of its stream, which this thread reads last:
+        there is nobody left to tell then, and nothing to print."""
         assert process.stdout is not None
+
+        def tell(fn: Callable[..., Any], *args: Any) -> bool:
+            try:
+                call_from_thread(fn, *args)
+            except RuntimeError:  # the asyncio loop is closed: the crawl is over
+                return False
+            return True
+
         while True:
             try:
                 message = receive(process.stdout)
             except (EOFError, OSError):
                 _reap(process)  # it closed its end: it is exiting
-                call_from_thread(self._exited, process)
+                tell(self._exited, process)
                 return
             if message[0] == "log":
                 _, name, level, text = message
                 logging.getLogger(name).log(level, "%s", text)
             elif message[0] == "stuck":
-                if self._on_stuck is not None:
-                    call_from_thread(self._on_stuck, message[1])
-            else:
-                call_from_thread(self._answered, message)
+                if self._on_stuck is not None and not tell(self._on_stuck, message[1]):
+                    return
+            elif not tell(self._answered, message):
+                return
 
     def _answered(self, message: tuple[Any, ...]) -> None:
         request = self._pending.popleft()

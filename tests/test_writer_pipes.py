@@ -6,11 +6,16 @@ lives on beside the crawl.
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from _helpers import Database, last_json, run_python
+
+from scrapy_ingest.hosting import ProcessHost
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -123,3 +128,22 @@ def test_no_pipe_left_to_the_garbage_collector(tmp_path: Path, ending: str) -> N
     if ending == "pipeline fails to open":
         # no job row left "running" (the databases may finish opening after the spider closed)
         assert Database(url).count("ingest_jobs", "status = 'running'") == 0
+
+
+def test_the_end_of_a_writers_stream_after_the_crawls_loop_closed_is_not_an_error() -> None:
+    """Without a reactor, ``asyncio.run()`` may close the crawl's loop between the writer's last
+    answer and the end of its stream, which the answer reader reads last (seen once in about 40
+    runs of tests/test_reactorless.py): the reader stops quietly, its writer reaped. It raised
+    RuntimeError there ("Event loop is closed"): a traceback at the end of a finished crawl."""
+    loop = asyncio.new_event_loop()
+    loop.close()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "pass"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    writer.stdin.close()
+    host = ProcessHost("sqlite:///unused.sqlite3", [], create_tables=False, retry_timeout=1)
+    # on this thread: what the reader thread raised would raise here
+    host._read_answers(writer, loop.call_soon_threadsafe)
+    assert writer.returncode == 0
+    assert writer.stdout.closed
