@@ -150,4 +150,6 @@ class DelayedRequests:
         sleeping, self._sleeping = self._sleeping, {}
         for done, call in sleeping.items():
             call.cancel()
-            done.set_exception(IgnoreRequest("the spider closed while the request waited"))
+            # its timer may have fired in this loop iteration, before the request resumed
+            if not done.done():
+                done.set_exception(IgnoreRequest("the spider closed while the request waited"))
